@@ -1,0 +1,3 @@
+from .backbones import DAT
+
+__all__ = ['DAT']

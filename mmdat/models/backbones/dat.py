@@ -1,0 +1,369 @@
+"""DAT: Vision Transformer with Deformable Attention (Xia et al., CVPR 2022)."""
+from collections import OrderedDict
+from typing import Dict, List, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint as cp
+from mmengine.logging import print_log
+from mmengine.model import BaseModule
+from mmengine.runner.checkpoint import CheckpointLoader
+
+from mmdat.registry import register_model
+from ..layers import DeformableAttention, WindowAttention, check_attn_impl
+
+#: Stem stride and output strides of the stages: 4, 8, 16, 32.
+STEM_STRIDE = 4
+NUM_STAGES = 4
+#: Depthwise kernel of the offset network in each stage (the official v1 values).
+OFFSET_KERNEL_SIZES = (9, 7, 5, 3)
+MLP_RATIO = 4
+OFFSET_RANGE_FACTOR = 2.0
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drops the whole residual branch of a sample with probability ``p``."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0], ) + (1, ) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f'p={self.p}'
+
+
+class ConvDownsample(nn.Module):
+    """Non-overlapping ``stride x stride`` conv followed by LayerNorm.
+
+    The input is zero-padded at the bottom and right to a multiple of ``stride``, so the output
+    size is ``ceil(size / stride)``.
+
+    Args:
+        in_channels (int): Input channels.
+        out_channels (int): Output channels.
+        stride (int): Kernel size and stride of the conv.
+        bias (bool): Whether the conv has a bias.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, bias: bool):
+        super().__init__()
+        self.stride = stride
+        self.conv = nn.Conv2d(in_channels, out_channels, stride, stride, bias=bias)
+        self.norm = nn.LayerNorm(out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Args: x (Tensor): ``(B, C, H, W)``. Returns: Tensor ``(B, H', W', C')``."""
+        height, width = x.shape[2:]
+        x = F.pad(x, (0, -width % self.stride, 0, -height % self.stride))
+        return self.norm(self.conv(x).permute(0, 2, 3, 1))
+
+
+class DATBlock(nn.Module):
+    """Pre-norm transformer block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``.
+
+    Args:
+        embed_dims (int): Channels.
+        attn (nn.Module): Token mixer mapping ``(B, H, W, C)`` to the same shape.
+        drop_path (float): Stochastic depth rate of both residual branches.
+        with_cp (bool): Recompute the block in backward instead of storing its activations.
+    """
+
+    def __init__(self, embed_dims: int, attn: nn.Module, drop_path: float = 0.0,
+                 with_cp: bool = False):
+        super().__init__()
+        self.with_cp = with_cp
+        self.norm1 = nn.LayerNorm(embed_dims)
+        self.attn = attn
+        self.norm2 = nn.LayerNorm(embed_dims)
+        self.mlp = nn.Sequential(
+            OrderedDict(fc1=nn.Linear(embed_dims, MLP_RATIO * embed_dims), act=nn.GELU(),
+                        fc2=nn.Linear(MLP_RATIO * embed_dims, embed_dims)))
+        self.drop_path = DropPath(drop_path)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.with_cp and x.requires_grad:
+            return cp.checkpoint(self._forward, x, use_reentrant=False)
+        return self._forward(x)
+
+
+class DATStage(nn.Module):
+    """A downsampling layer (except in the first stage) and a sequence of :class:`DATBlock`.
+
+    Even blocks use window attention. Odd blocks use deformable attention when
+    ``offset_groups > 0``, shifted-window attention (shift ``ceil(window_size / 2)``) otherwise.
+
+    Args:
+        in_channels (int): Channels entering the stage.
+        embed_dims (int): Channels inside the stage.
+        depth (int): Number of blocks.
+        num_heads (int): Attention heads of every block.
+        offset_groups (int): Offset groups of the deformable blocks; 0 for shifted windows.
+        window_size (int): Window side of the window blocks.
+        offset_kernel_size (int): Depthwise kernel of the offset network.
+        table_size (int): Map size the deformable position bias table is made for.
+        drop_path_rates (Sequence[float]): Stochastic depth rate of each block.
+        downsample (bool): Start with a 2x2 stride-2 conv (no bias) and LayerNorm.
+        attn_impl (str): ``'sdpa'`` or ``'reference'``.
+        with_cp (bool): Gradient checkpointing of every block.
+    """
+
+    def __init__(self, in_channels: int, embed_dims: int, depth: int, num_heads: int,
+                 offset_groups: int, window_size: int, offset_kernel_size: int, table_size: int,
+                 drop_path_rates: Sequence[float], downsample: bool, attn_impl: str,
+                 with_cp: bool):
+        super().__init__()
+        self.downsample = ConvDownsample(in_channels, embed_dims, 2, bias=False) if downsample else None
+        self.blocks = nn.ModuleList()
+        for i in range(depth):
+            if i % 2 == 0:
+                attn = WindowAttention(embed_dims, num_heads, window_size, 0, attn_impl)
+            elif offset_groups > 0:
+                attn = DeformableAttention(embed_dims, num_heads, offset_groups, offset_kernel_size,
+                                           table_size, OFFSET_RANGE_FACTOR, attn_impl)
+            else:
+                attn = WindowAttention(embed_dims, num_heads, window_size, -(-window_size // 2),
+                                       attn_impl)
+            self.blocks.append(DATBlock(embed_dims, attn, drop_path_rates[i], with_cp))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Args: x (Tensor): ``(B, H, W, C)``. Returns: Tensor ``(B, H', W', C')``."""
+        if self.downsample is not None:
+            x = self.downsample(x.permute(0, 3, 1, 2))
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+@register_model
+class DAT(BaseModule):
+    """Deformable Attention Transformer backbone (DAT, CVPR 2022).
+
+    A paper: `Vision Transformer with Deformable Attention <https://arxiv.org/abs/2201.00520>`_.
+    A hierarchical transformer with outputs at strides 4, 8, 16 and 32. Stages 1-2 alternate
+    window and shifted-window attention; stages 3-4 alternate window and deformable attention.
+    Works at any input size: maps are padded where a window or a stride needs it and the outputs
+    have ``ceil(size / stride)`` pixels a side.
+
+    Args:
+        arch (str | dict): ``'tiny'``, ``'small'``, ``'base'``, or a dict with the keys of
+            :attr:`arch_zoo` entries: ``embed_dims`` (channels of stage 1, doubled in each
+            later stage), ``depths``, ``num_heads`` and ``offset_groups`` (one per stage;
+            ``offset_groups[i] > 0`` makes stage ``i`` use deformable attention with that many
+            offset groups, 0 shifted-window attention). Defaults to ``'tiny'``.
+        in_channels (int): Channels of the input image. Defaults to 3.
+        pretrain_img_size (int): Image size of pre-training; sets the size of the deformable
+            position bias tables (``2 * size / stride - 1`` a side) so that checkpoints load
+            as they are. Defaults to 224.
+        window_size (int): Window side of the window blocks. Defaults to 7.
+        out_indices (Sequence[int]): Stages whose outputs are returned, in ``0..3``.
+            Defaults to ``(0, 1, 2, 3)``.
+        drop_path_rate (float): Stochastic depth rate, increasing linearly over the blocks from
+            0 to this value. Defaults to 0.1.
+        attn_impl (str): ``'sdpa'`` (:func:`torch.nn.functional.scaled_dot_product_attention`
+            with the bias as ``attn_mask``), ``'reference'`` (plain matmul and softmax, the
+            same function), or ``'auto'``, the fastest available. Defaults to ``'auto'``.
+        with_cp (bool): Gradient checkpointing: less memory, same results, slower backward.
+            Defaults to False.
+        frozen_stages (int): Stages to freeze (no gradients, eval mode), ``-1..4``; 0 freezes
+            the stem only, ``i > 0`` the stem and the first ``i`` stages with their output norms.
+            Defaults to -1.
+        init_cfg (dict, optional): ``None`` for the default initialisation, or
+            ``dict(type='Pretrained', checkpoint=PATH)`` to load an mmdat checkpoint (a backbone
+            or a whole model, whose ``backbone.`` weights are used). Defaults to None.
+    """
+    arch_zoo: Dict[str, dict] = {
+        'tiny': dict(embed_dims=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24),
+                     offset_groups=(0, 0, 3, 6)),
+        'small': dict(embed_dims=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24),
+                      offset_groups=(0, 0, 3, 6)),
+        'base': dict(embed_dims=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32),
+                     offset_groups=(0, 0, 4, 8)),
+    }
+
+    def __init__(self,
+                 arch: Union[str, dict] = 'tiny',
+                 in_channels: int = 3,
+                 pretrain_img_size: int = 224,
+                 window_size: int = 7,
+                 out_indices: Sequence[int] = (0, 1, 2, 3),
+                 drop_path_rate: float = 0.1,
+                 attn_impl: str = 'auto',
+                 with_cp: bool = False,
+                 frozen_stages: int = -1,
+                 init_cfg: Optional[dict] = None):
+        if init_cfg is not None and (not isinstance(init_cfg, dict) or init_cfg.get('type') != 'Pretrained'
+                                     or 'checkpoint' not in init_cfg):
+            raise ValueError("init_cfg must be None or dict(type='Pretrained', checkpoint=PATH), "
+                             f'got {init_cfg!r}')
+        super().__init__(init_cfg=init_cfg)
+        arch = self._check_arch(arch)
+        self.out_indices = self._check_out_indices(out_indices)
+        if not isinstance(frozen_stages, int) or not -1 <= frozen_stages <= NUM_STAGES:
+            raise ValueError(f'frozen_stages must be an int in [-1, {NUM_STAGES}], got {frozen_stages!r}')
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ValueError(f'drop_path_rate must be in [0, 1), got {drop_path_rate!r}')
+        if not isinstance(window_size, int) or window_size < 2:
+            raise ValueError(f'window_size must be an int >= 2, got {window_size!r}')
+        if not isinstance(in_channels, int) or in_channels < 1:
+            raise ValueError(f'in_channels must be a positive int, got {in_channels!r}')
+        if pretrain_img_size < STEM_STRIDE * 2**(NUM_STAGES - 1):
+            raise ValueError(f'pretrain_img_size must be at least {STEM_STRIDE * 2**(NUM_STAGES - 1)}, '
+                             f'got {pretrain_img_size!r}')
+        attn_impl = check_attn_impl(attn_impl)
+        self.in_channels = in_channels
+        self.frozen_stages = frozen_stages
+        self.num_features = [arch['embed_dims'] * 2**i for i in range(NUM_STAGES)]
+
+        self.patch_embed = ConvDownsample(in_channels, self.num_features[0], STEM_STRIDE, bias=True)
+        rates = torch.linspace(0, drop_path_rate, sum(arch['depths'])).tolist()
+        self.stages = nn.ModuleList()
+        for i in range(NUM_STAGES):
+            start = sum(arch['depths'][:i])
+            self.stages.append(
+                DATStage(
+                    in_channels=self.num_features[i - 1] if i else self.num_features[0],
+                    embed_dims=self.num_features[i],
+                    depth=arch['depths'][i],
+                    num_heads=arch['num_heads'][i],
+                    offset_groups=arch['offset_groups'][i],
+                    window_size=window_size,
+                    offset_kernel_size=OFFSET_KERNEL_SIZES[i],
+                    table_size=pretrain_img_size // (STEM_STRIDE * 2**i),
+                    drop_path_rates=rates[start:start + arch['depths'][i]],
+                    downsample=i > 0,
+                    attn_impl=attn_impl,
+                    with_cp=with_cp))
+        for i in self.out_indices:
+            self.add_module(f'norm{i}', nn.LayerNorm(self.num_features[i]))
+        self._freeze_stages()
+
+    @classmethod
+    def _check_arch(cls, arch: Union[str, dict]) -> dict:
+        if isinstance(arch, str):
+            if arch not in cls.arch_zoo:
+                raise ValueError(f'Unknown arch {arch!r}; choose one of {sorted(cls.arch_zoo)} '
+                                 'or pass a dict')
+            return cls.arch_zoo[arch]
+        if not isinstance(arch, dict):
+            raise TypeError(f'arch must be a str or a dict, got {type(arch).__name__}')
+        keys = {'embed_dims', 'depths', 'num_heads', 'offset_groups'}
+        if set(arch) != keys:
+            raise ValueError(f'A custom arch needs exactly the keys {sorted(keys)}, got {sorted(arch)}')
+        for key in ('depths', 'num_heads', 'offset_groups'):
+            if len(arch[key]) != NUM_STAGES:
+                raise ValueError(f'arch[{key!r}] needs {NUM_STAGES} values, got {arch[key]!r}')
+        for i in range(NUM_STAGES):
+            dims, heads, groups = arch['embed_dims'] * 2**i, arch['num_heads'][i], arch['offset_groups'][i]
+            if arch['depths'][i] < 1:
+                raise ValueError(f'arch depths must be >= 1, got {arch["depths"]!r}')
+            if heads < 1 or dims % heads:
+                raise ValueError(f'Stage {i}: embed_dims {dims} must be divisible by num_heads {heads}')
+            if groups < 0 or (groups and heads % groups):
+                raise ValueError(f'Stage {i}: num_heads {heads} must be divisible by offset_groups '
+                                 f'{groups} (or offset_groups 0 for shifted windows)')
+        return dict(arch)
+
+    @staticmethod
+    def _check_out_indices(out_indices: Sequence[int]) -> List[int]:
+        if isinstance(out_indices, int):
+            out_indices = [out_indices]
+        indices = list(out_indices)
+        if (not indices or len(set(indices)) != len(indices)
+                or any(not isinstance(i, int) or not 0 <= i < NUM_STAGES for i in indices)):
+            raise ValueError(f'out_indices must be distinct ints in [0, {NUM_STAGES - 1}], '
+                             f'got {out_indices!r}')
+        return sorted(indices)
+
+    def _freeze_stages(self) -> None:
+        frozen: List[nn.Module] = [self.patch_embed] if self.frozen_stages >= 0 else []
+        for i in range(self.frozen_stages):
+            frozen.append(self.stages[i])
+            if i in self.out_indices:
+                frozen.append(getattr(self, f'norm{i}'))
+        for module in frozen:
+            module.eval()
+            for param in module.parameters():
+                param.requires_grad = False
+
+    def train(self, mode: bool = True) -> 'DAT':
+        """Set training mode, keeping the frozen stages in eval mode."""
+        super().train(mode)
+        self._freeze_stages()
+        return self
+
+    def init_weights(self) -> None:
+        if self.init_cfg is None:
+            for module in self.modules():
+                if isinstance(module, nn.Linear):
+                    nn.init.trunc_normal_(module.weight, std=0.02)
+                    if module.bias is not None:
+                        nn.init.zeros_(module.bias)
+                elif isinstance(module, nn.LayerNorm):
+                    nn.init.ones_(module.weight)
+                    nn.init.zeros_(module.bias)
+            return
+        checkpoint = CheckpointLoader.load_checkpoint(self.init_cfg['checkpoint'], map_location='cpu',
+                                                      logger='current')
+        state_dict = self._backbone_state_dict(checkpoint)
+        missing, unexpected = self.load_state_dict(state_dict, strict=False)
+        if missing:
+            print_log(f'DAT: weights missing from the checkpoint: {", ".join(missing)}',
+                      logger='current')
+        if unexpected:
+            print_log(f'DAT: unexpected weights in the checkpoint: {", ".join(unexpected)}',
+                      logger='current')
+
+    @staticmethod
+    def _backbone_state_dict(checkpoint: dict) -> Dict[str, torch.Tensor]:
+        """The backbone's weights from a checkpoint of a backbone or of a whole model."""
+        state_dict = checkpoint
+        for key in ('state_dict', 'model'):
+            if isinstance(checkpoint, dict) and key in checkpoint:
+                state_dict = checkpoint[key]
+                break
+        state_dict = {k[len('module.'):] if k.startswith('module.') else k: v
+                      for k, v in state_dict.items()}
+        if any(k.startswith('backbone.') for k in state_dict):
+            state_dict = {k[len('backbone.'):]: v for k, v in state_dict.items()
+                          if k.startswith('backbone.')}
+        return state_dict
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f'DAT expects a 4D (N, C, H, W) tensor, got {shape}')
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f'DAT expects {self.in_channels} input channels (in_channels), '
+                             f'got {x.shape[1]} in an input of shape {tuple(x.shape)}')
+        if min(x.shape[2:]) < STEM_STRIDE:
+            raise ValueError(f'DAT needs inputs of at least {STEM_STRIDE}x{STEM_STRIDE} pixels '
+                             f'(one stem patch), got {tuple(x.shape[2:])}')
+
+    def forward(self, x: torch.Tensor) -> tuple:
+        """Args:
+            x (Tensor): Images ``(N, C, H, W)`` of any size of at least 4x4.
+
+        Returns:
+            tuple[Tensor]: For each index of ``out_indices``, the normalised output of that stage,
+            ``(N, C_i, ceil(H / s_i), ceil(W / s_i))`` with ``s_i = 4 * 2**i``.
+        """
+        self._check_input(x)
+        x = self.patch_embed(x)
+        outs = []
+        for i, stage in enumerate(self.stages[:self.out_indices[-1] + 1]):
+            x = stage(x)
+            if i in self.out_indices:
+                outs.append(getattr(self, f'norm{i}')(x).permute(0, 3, 1, 2).contiguous())
+        return tuple(outs)

@@ -1,0 +1,142 @@
+"""Deformable multi-head attention of DAT (Xia et al., CVPR 2022), v1 formulas."""
+from typing import Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import biased_attention
+
+
+def pixel_centre_grid(height: int, width: int, device: torch.device,
+                      dtype: torch.dtype) -> torch.Tensor:
+    """Normalised ``(y, x)`` coordinates of pixel centres, ``(i + 0.5) / n * 2 - 1``: ``(H, W, 2)``."""
+    ys = (torch.arange(height, device=device, dtype=dtype) + 0.5) * (2 / height) - 1
+    xs = (torch.arange(width, device=device, dtype=dtype) + 0.5) * (2 / width) - 1
+    return torch.stack(torch.meshgrid(ys, xs, indexing='ij'), dim=-1)
+
+
+class OffsetNetwork(nn.Module):
+    """Turns the queries of one channel group into a 2D offset per reference point.
+
+    Depthwise conv -> LayerNorm -> GELU -> 1x1 projection to ``(dy, dx)`` without bias.
+
+    Args:
+        channels (int): Channels of one offset group.
+        kernel_size (int): Kernel of the depthwise conv (odd, so the map size is kept).
+    """
+
+    def __init__(self, channels: int, kernel_size: int):
+        super().__init__()
+        if kernel_size % 2 != 1:
+            raise ValueError(f'offset kernel_size must be odd, got {kernel_size}')
+        self.dwconv = nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2,
+                                groups=channels)
+        self.norm = nn.LayerNorm(channels)
+        self.act = nn.GELU()
+        self.proj = nn.Linear(channels, 2, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Args: x (Tensor): ``(N, C, H, W)``. Returns: raw offsets ``(N, H, W, 2)`` as (dy, dx)."""
+        x = self.dwconv(x).permute(0, 2, 3, 1)
+        return self.proj(self.act(self.norm(x)))
+
+
+class DeformableAttention(nn.Module):
+    """Deformable multi-head attention with a deformable relative position bias.
+
+    Channels are split into ``num_groups`` groups. For each group an :class:`OffsetNetwork`
+    turns the queries into offsets that move a uniform grid of reference points (one per
+    pixel); keys and values are bilinearly sampled at the moved points and shared by all
+    queries. Each head adds a bias read by bilinear sampling from a learnable table at half
+    the normalised query-key displacement, so the same table serves any map size.
+
+    Args:
+        embed_dims (int): Channels of the input and output.
+        num_heads (int): Attention heads; must divide ``embed_dims``.
+        num_groups (int): Offset groups; must divide ``num_heads``.
+        offset_kernel_size (int): Depthwise kernel of the offset network.
+        table_size (int | tuple[int, int]): Map size the position bias table is made for
+            (the map size at pre-training resolution); the table has ``2 * size - 1`` entries a side.
+        offset_range_factor (float): Offsets are ``tanh(raw) * factor / (H, W)`` in normalised
+            coordinates, i.e. at most ``factor / 2`` pixels.
+        attn_impl (str): ``'sdpa'`` or ``'reference'``; see :func:`biased_attention`.
+    """
+
+    def __init__(self, embed_dims: int, num_heads: int, num_groups: int, offset_kernel_size: int,
+                 table_size: Union[int, Sequence[int]], offset_range_factor: float = 2.0,
+                 attn_impl: str = 'sdpa'):
+        super().__init__()
+        if embed_dims % num_heads != 0:
+            raise ValueError(f'embed_dims ({embed_dims}) must be divisible by num_heads ({num_heads})')
+        if num_groups < 1 or num_heads % num_groups != 0:
+            raise ValueError(f'num_heads ({num_heads}) must be divisible by num_groups ({num_groups})')
+        table_h, table_w = (table_size, table_size) if isinstance(table_size, int) else table_size
+        self.embed_dims = embed_dims
+        self.num_heads = num_heads
+        self.num_groups = num_groups
+        self.offset_range_factor = offset_range_factor
+        self.attn_impl = attn_impl
+
+        self.proj_q = nn.Linear(embed_dims, embed_dims)
+        self.proj_k = nn.Linear(embed_dims, embed_dims)
+        self.proj_v = nn.Linear(embed_dims, embed_dims)
+        self.proj_out = nn.Linear(embed_dims, embed_dims)
+        self.offset_net = OffsetNetwork(embed_dims // num_groups, offset_kernel_size)
+        self.rpe_table = nn.Parameter(torch.zeros(num_heads, 2 * table_h - 1, 2 * table_w - 1))
+        nn.init.trunc_normal_(self.rpe_table, std=0.01)
+
+    def _split_groups(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, H, W, C)`` -> ``(B * groups, C / groups, H, W)``."""
+        batch, height, width, _ = x.shape
+        x = x.view(batch, height, width, self.num_groups, -1).permute(0, 3, 4, 1, 2)
+        return x.reshape(batch * self.num_groups, -1, height, width)
+
+    def sampling_positions(self, query: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Reference points and the deformed sampling positions of each offset group.
+
+        Args:
+            query (Tensor): Projected queries ``(B, H, W, C)``.
+
+        Returns:
+            tuple[Tensor, Tensor]: ``reference`` ``(H, W, 2)`` and ``positions``
+            ``(B * groups, H, W, 2)``, both normalised ``(y, x)`` in ``[-1, 1]`` coordinates
+            of the map (``align_corners=True`` convention of :func:`F.grid_sample`).
+        """
+        height, width = query.shape[1:3]
+        offset = self.offset_net(self._split_groups(query)).tanh()
+        scale = offset.new_tensor([1.0 / height, 1.0 / width]) * self.offset_range_factor
+        reference = pixel_centre_grid(height, width, query.device, offset.dtype)
+        return reference, reference + offset * scale
+
+    def position_bias(self, reference: torch.Tensor, positions: torch.Tensor,
+                      batch: int) -> torch.Tensor:
+        """Bias of each head for every (query, sampled key) pair: ``(B, heads, Nq, Nk)``."""
+        num_queries = reference.shape[0] * reference.shape[1]
+        displacement = (reference.view(1, num_queries, 1, 2) -
+                        positions.view(positions.shape[0], 1, -1, 2)) * 0.5
+        table = self.rpe_table.to(displacement.dtype).expand(batch, -1, -1, -1)
+        table = table.reshape(batch * self.num_groups, -1, *self.rpe_table.shape[1:])
+        bias = F.grid_sample(table, displacement.flip(-1), mode='bilinear',
+                             padding_mode='zeros', align_corners=True)
+        return bias.view(batch, self.num_heads, num_queries, -1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Args: x (Tensor): ``(B, H, W, C)``. Returns: Tensor ``(B, H, W, C)``."""
+        batch, height, width, channels = x.shape
+        query = self.proj_q(x)
+        reference, positions = self.sampling_positions(query)
+
+        sampled = F.grid_sample(self._split_groups(x), positions.flip(-1).to(x.dtype),
+                                mode='bilinear', padding_mode='zeros', align_corners=True)
+        sampled = sampled.view(batch, channels, -1).transpose(1, 2)  # B, Nk, C
+        key = self.proj_k(sampled)
+        value = self.proj_v(sampled)
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(batch, -1, self.num_heads, channels // self.num_heads).transpose(1, 2)
+
+        bias = self.position_bias(reference, positions, batch)
+        out = biased_attention(heads(query), heads(key), heads(value), bias, self.attn_impl)
+        out = out.transpose(1, 2).reshape(batch, height, width, channels)
+        return self.proj_out(out)

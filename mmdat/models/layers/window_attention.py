@@ -1,0 +1,126 @@
+"""Window attention and shifted-window attention for maps of any size."""
+import functools
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import MASK_VALUE, biased_attention
+
+
+@functools.lru_cache(maxsize=64)
+def window_attention_mask(height: int, width: int, window_size: int, shift_size: int,
+                          device: torch.device) -> Optional[torch.Tensor]:
+    """Mask of the keys each query may attend to, per window, for one map size.
+
+    The map of ``height x width`` is padded at the bottom and right to a multiple of
+    ``window_size`` and, when ``shift_size > 0``, rolled up and left by ``shift_size``.
+    A query may attend to a key only if both lie in the same region: the same side of every
+    wrap-around seam made by the roll, and both real pixels or both padding. The result
+    therefore does not depend on how much padding there is.
+
+    Returns:
+        Tensor | None: ``(num_windows, 1, window_size**2, window_size**2)`` holding 0 where
+        attention is allowed and :data:`MASK_VALUE` elsewhere, or ``None`` when every key is
+        allowed (no shift and no padding). Cached per size; callers must not modify it.
+    """
+    pad_h = -height % window_size
+    pad_w = -width % window_size
+    if shift_size == 0 and pad_h == 0 and pad_w == 0:
+        return None
+    padded_h, padded_w = height + pad_h, width + pad_w
+    is_pad = torch.ones(padded_h, padded_w, dtype=torch.long, device=device)
+    is_pad[:height, :width] = 0
+    is_pad = torch.roll(is_pad, (-shift_size, -shift_size), dims=(0, 1))
+
+    region = torch.zeros(padded_h, padded_w, dtype=torch.long, device=device)
+    if shift_size > 0:
+        # In the rolled frame the last window row/column joins pixels from both ends of the
+        # map; the seam sits shift_size from the end.
+        bounds = ((0, -window_size), (-window_size, -shift_size), (-shift_size, None))
+        for i, (h0, h1) in enumerate(bounds):
+            for j, (w0, w1) in enumerate(bounds):
+                region[h0:h1, w0:w1] = 3 * i + j
+    label = region * 2 + is_pad
+
+    label = label.view(padded_h // window_size, window_size, padded_w // window_size, window_size)
+    label = label.permute(0, 2, 1, 3).reshape(-1, window_size * window_size)
+    blocked = label[:, :, None] != label[:, None, :]
+    mask = torch.zeros(blocked.shape, device=device).masked_fill_(blocked, MASK_VALUE)
+    return mask.unsqueeze(1)
+
+
+class WindowAttention(nn.Module):
+    """Multi-head self-attention inside non-overlapping (optionally shifted) windows.
+
+    The map is padded to a multiple of the window and cropped back; padded keys are masked, so
+    the output on real pixels is the same whatever the padding. Each head has a learnable
+    relative position bias indexed by the query-key offset inside the window.
+
+    Args:
+        embed_dims (int): Channels of the input and output.
+        num_heads (int): Attention heads; must divide ``embed_dims``.
+        window_size (int): Side of the square windows.
+        shift_size (int): Cyclic shift of the windows; 0 for plain windows, otherwise in
+            ``(0, window_size)``.
+        attn_impl (str): ``'sdpa'`` or ``'reference'``; see :func:`biased_attention`.
+    """
+
+    def __init__(self, embed_dims: int, num_heads: int, window_size: int, shift_size: int = 0,
+                 attn_impl: str = 'sdpa'):
+        super().__init__()
+        if embed_dims % num_heads != 0:
+            raise ValueError(f'embed_dims ({embed_dims}) must be divisible by num_heads ({num_heads})')
+        if not 0 <= shift_size < window_size:
+            raise ValueError(f'shift_size must be in [0, window_size={window_size}), got {shift_size}')
+        self.embed_dims = embed_dims
+        self.num_heads = num_heads
+        self.window_size = window_size
+        self.shift_size = shift_size
+        self.attn_impl = attn_impl
+
+        self.qkv = nn.Linear(embed_dims, embed_dims * 3)
+        self.proj = nn.Linear(embed_dims, embed_dims)
+        self.relative_position_bias_table = nn.Parameter(
+            torch.zeros((2 * window_size - 1)**2, num_heads))
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+
+        coords = torch.stack(torch.meshgrid(torch.arange(window_size), torch.arange(window_size),
+                                            indexing='ij')).flatten(1)
+        offsets = (coords[:, :, None] - coords[:, None, :]) + (window_size - 1)
+        index = offsets[0] * (2 * window_size - 1) + offsets[1]
+        self.register_buffer('relative_position_index', index, persistent=False)
+
+    def relative_position_bias(self) -> torch.Tensor:
+        """The bias of every query-key pair of a window: ``(num_heads, ws*ws, ws*ws)``."""
+        bias = self.relative_position_bias_table[self.relative_position_index]
+        return bias.permute(2, 0, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Args: x (Tensor): ``(B, H, W, C)``. Returns: Tensor ``(B, H, W, C)``."""
+        batch, height, width, channels = x.shape
+        ws, shift = self.window_size, self.shift_size
+        x = F.pad(x, (0, 0, 0, -width % ws, 0, -height % ws))
+        padded_h, padded_w = x.shape[1:3]
+        if shift:
+            x = torch.roll(x, (-shift, -shift), dims=(1, 2))
+
+        rows, cols = padded_h // ws, padded_w // ws
+        windows = x.view(batch, rows, ws, cols, ws, channels).permute(0, 1, 3, 2, 4, 5)
+        windows = windows.reshape(batch, rows * cols, ws * ws, channels)
+        qkv = self.qkv(windows).view(batch, rows * cols, ws * ws, 3, self.num_heads, -1)
+        query, key, value = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)  # B, nW, heads, N, d
+
+        bias = self.relative_position_bias()
+        mask = window_attention_mask(height, width, ws, shift, x.device)
+        if mask is not None:
+            bias = bias + mask
+        out = biased_attention(query, key, value, bias, self.attn_impl)
+
+        out = out.transpose(2, 3).reshape(batch, rows, cols, ws, ws, channels)
+        out = out.transpose(2, 3).reshape(batch, padded_h, padded_w, channels)
+        if shift:
+            out = torch.roll(out, (shift, shift), dims=(1, 2))
+        out = out[:, :height, :width]
+        return self.proj(out)
