@@ -1,0 +1,45 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import mmdat
+from mmdat.models import DAT
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_dat_is_registered_in_mmdet_and_mmseg():
+    from mmdet.registry import MODELS as MMDET_MODELS
+    from mmseg.registry import MODELS as MMSEG_MODELS
+    assert MMDET_MODELS.get('DAT') is DAT
+    assert MMSEG_MODELS.get('DAT') is DAT
+    assert mmdat.DAT is DAT
+    model = MMDET_MODELS.build(dict(type='DAT', arch='tiny', out_indices=(3, )))
+    assert isinstance(model, DAT) and model.out_indices == [3]
+
+
+def run_python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, '-c', code], cwd=REPO_ROOT, capture_output=True, text=True,
+                          env={'PYTHONPATH': str(REPO_ROOT), 'PATH': '/usr/bin:/bin'})
+
+
+def test_import_without_mmdet_and_mmseg():
+    """mmdat's model code needs only torch, einops and mmengine (e.g. on a GPU box without mmcv)."""
+    result = run_python(
+        'import sys\n'
+        'class NotInstalled:\n'
+        '    def find_spec(self, name, path=None, target=None):\n'
+        '        if name.partition(".")[0] in ("mmdet", "mmseg", "mmcv"):\n'
+        '            raise ModuleNotFoundError(f"No module named {name!r}", name=name)\n'
+        'sys.meta_path.insert(0, NotInstalled())\n'
+        'import torch, mmdat\n'
+        'outs = mmdat.DAT("tiny").eval()(torch.randn(1, 3, 64, 64))\n'
+        'print(len(outs), "mmdet" in sys.modules and sys.modules["mmdet"] is not None)\n')
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ['4', 'False']
+
+
+def test_a_broken_install_is_not_hidden():
+    result = run_python('import sys\nsys.modules["mmdet.registry"] = None\nimport mmdat\n')
+    assert result.returncode != 0
+    assert "ModuleNotFoundError: import of mmdet.registry halted" in result.stderr
