@@ -8,10 +8,11 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from mmengine.logging import print_log
 from mmengine.model import BaseModule
-from mmengine.runner.checkpoint import CheckpointLoader
 
 from mmdat.registry import register_model
 from ..layers import DeformableAttention, WindowAttention, check_attn_impl
+from ..utils import (dat_converter, extract_state_dict, fit_position_tables, is_official_dat,
+                     load_checkpoint_file)
 
 #: Stem stride and output strides of the stages: 4, 8, 16, 32.
 STEM_STRIDE = 4
@@ -180,8 +181,10 @@ class DAT(BaseModule):
             the stem only, ``i > 0`` the stem and the first ``i`` stages with their output norms.
             Defaults to -1.
         init_cfg (dict, optional): ``None`` for the default initialisation, or
-            ``dict(type='Pretrained', checkpoint=PATH)`` to load an mmdat checkpoint (a backbone
-            or a whole model, whose ``backbone.`` weights are used). Defaults to None.
+            ``dict(type='Pretrained', checkpoint=PATH)`` to load a checkpoint: mmdat's (a
+            backbone, or a whole model whose ``backbone.`` weights are used) or an official DAT
+            classification file, converted on the fly. Position tables of another window or
+            pre-training size are resized. Defaults to None.
     """
     arch_zoo: Dict[str, dict] = {
         'tiny': dict(embed_dims=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24),
@@ -314,9 +317,11 @@ class DAT(BaseModule):
                     nn.init.ones_(module.weight)
                     nn.init.zeros_(module.bias)
             return
-        checkpoint = CheckpointLoader.load_checkpoint(self.init_cfg['checkpoint'], map_location='cpu',
-                                                      logger='current')
-        state_dict = self._backbone_state_dict(checkpoint)
+        state_dict = extract_state_dict(load_checkpoint_file(self.init_cfg['checkpoint']),
+                                        prefix='backbone.')
+        if is_official_dat(state_dict):
+            state_dict = dat_converter(state_dict)
+        state_dict = fit_position_tables(state_dict, self.state_dict())
         missing, unexpected = self.load_state_dict(state_dict, strict=False)
         if missing:
             print_log(f'DAT: weights missing from the checkpoint: {", ".join(missing)}',
@@ -324,21 +329,6 @@ class DAT(BaseModule):
         if unexpected:
             print_log(f'DAT: unexpected weights in the checkpoint: {", ".join(unexpected)}',
                       logger='current')
-
-    @staticmethod
-    def _backbone_state_dict(checkpoint: dict) -> Dict[str, torch.Tensor]:
-        """The backbone's weights from a checkpoint of a backbone or of a whole model."""
-        state_dict = checkpoint
-        for key in ('state_dict', 'model'):
-            if isinstance(checkpoint, dict) and key in checkpoint:
-                state_dict = checkpoint[key]
-                break
-        state_dict = {k[len('module.'):] if k.startswith('module.') else k: v
-                      for k, v in state_dict.items()}
-        if any(k.startswith('backbone.') for k in state_dict):
-            state_dict = {k[len('backbone.'):]: v for k, v in state_dict.items()
-                          if k.startswith('backbone.')}
-        return state_dict
 
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor) or x.dim() != 4:

@@ -220,13 +220,29 @@ def test_init_cfg_pretrained_reports_missing_and_unexpected_keys(tmp_path, monke
     assert 'unexpected' in logged[1] and 'head.fc.weight' in logged[1]
 
 
-def test_init_cfg_pretrained_refuses_a_wrong_shape(tmp_path):
+def test_init_cfg_pretrained_refuses_a_shape_it_cannot_fit(tmp_path):
     weights = small_dat().state_dict()
-    weights['stages.2.blocks.1.attn.rpe_table'] = torch.zeros(2, 5, 5)
+    weights['stages.2.blocks.1.attn.rpe_table'] = torch.zeros(3, 5, 5)  # 3 heads, the model has 2
     torch.save(weights, tmp_path / 'bad.pth')
     target = DAT(arch=SMALL_ARCH, init_cfg=dict(type='Pretrained', checkpoint=str(tmp_path / 'bad.pth')))
-    with pytest.raises(RuntimeError, match='rpe_table'):
+    with pytest.raises(ValueError, match=r"'stages.2.blocks.1.attn.rpe_table' has shape \(3, 5, 5\)"):
         target.init_weights()
+
+
+def test_init_cfg_pretrained_resizes_position_tables(tmp_path):
+    """E.g. weights pre-trained at 384 (window 12) loaded into a 224 / window-7 model."""
+    source = small_dat(pretrain_img_size=384, window_size=12)
+    torch.save(source.state_dict(), tmp_path / 'dat384.pth')
+    target = small_dat(init_cfg=dict(type='Pretrained', checkpoint=str(tmp_path / 'dat384.pth')))
+    target.init_weights()
+    rpe = target.stages[2].blocks[1].attn.rpe_table
+    assert source.stages[2].blocks[1].attn.rpe_table.shape == (2, 47, 47) and rpe.shape == (2, 27, 27)
+    # a bicubic resize keeps the table's mean
+    table = source.stages[2].blocks[1].attn.rpe_table
+    assert rpe.mean().item() == pytest.approx(table.mean().item(), abs=2e-3)
+    bias = target.stages[0].blocks[0].attn.relative_position_bias_table
+    assert bias.shape == (13 * 13, 1)
+    assert torch.equal(target.stages[1].blocks[0].mlp.fc1.weight, source.stages[1].blocks[0].mlp.fc1.weight)
 
 
 def test_recomputable_buffers_are_not_saved():
@@ -276,3 +292,18 @@ def test_bad_inputs(x, match):
 def test_custom_in_channels():
     model = small_dat(in_channels=1)
     assert model(torch.randn(1, 1, 32, 32))[0].shape == (1, 16, 8, 8)
+
+
+@pytest.mark.parametrize('impl', ['sdpa', 'reference'])
+def test_mixed_precision(impl):
+    model = small_dat(attn_impl=impl)
+    x = torch.randn(2, 3, 57, 71)
+    full = model(x)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        mixed = model(x)
+    sum(o.float().square().sum() for o in mixed).backward()
+    for a, b in zip(mixed, full):
+        assert a.dtype == torch.bfloat16
+        assert ((a.float() - b).norm() / b.norm()).item() < 3e-2
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)

@@ -1,0 +1,65 @@
+"""Conversion of the official DAT checkpoints (LeapLabTHU/DAT) to mmdat's layout."""
+import re
+from typing import Dict
+
+import torch
+
+#: Keys that only the official layout has.
+_OFFICIAL_MARKERS = ('patch_proj.0.weight', 'stages.0.layer_norms.0.norm.weight')
+
+#: ``(pattern, replacement)`` applied in order to every official key.
+_RENAMES = [
+    (r'^patch_proj\.0\.', 'patch_embed.conv.'),
+    (r'^patch_proj\.1\.norm\.', 'patch_embed.norm.'),
+    (r'^down_projs\.(\d)\.0\.', lambda m: f'stages.{int(m[1]) + 1}.downsample.conv.'),
+    (r'^down_projs\.(\d)\.1\.norm\.', lambda m: f'stages.{int(m[1]) + 1}.downsample.norm.'),
+    (r'^cls_norm\.norm\.', 'norm3.'),
+    (r'^stages\.(\d)\.layer_norms\.(\d+)\.norm\.',
+     lambda m: f'stages.{m[1]}.blocks.{int(m[2]) // 2}.norm{int(m[2]) % 2 + 1}.'),
+    (r'^stages\.(\d)\.mlps\.(\d+)\.chunk\.linear(\d)\.', r'stages.\1.blocks.\2.mlp.fc\3.'),
+    (r'^stages\.(\d)\.attns\.(\d+)\.', r'stages.\1.blocks.\2.attn.'),
+    (r'\.attn\.proj_qkv\.', '.attn.qkv.'),
+    (r'\.attn\.conv_offset\.0\.', '.attn.offset_net.dwconv.'),
+    (r'\.attn\.conv_offset\.1\.norm\.', '.attn.offset_net.norm.'),
+    (r'\.attn\.conv_offset\.3\.', '.attn.offset_net.proj.'),
+]
+#: Official entries mmdat does not keep: the classifier and buffers it recomputes.
+_DROPPED = re.compile(r'^cls_head\.|relative_position_index$|attn_mask$')
+
+
+def is_official_dat(state_dict: Dict[str, torch.Tensor]) -> bool:
+    """Whether ``state_dict`` has the layout of the official DAT classification models."""
+    return any(key in state_dict for key in _OFFICIAL_MARKERS)
+
+
+def dat_converter(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Convert an official DAT (v1) state dict to the layout of :class:`mmdat.models.DAT`.
+
+    The classifier head is dropped and the classifier's final norm becomes ``norm3``, the norm
+    of the last output, so that the last output equals the official ``cls_norm`` features.
+    1x1 convs become linear layers. Recomputed buffers (relative position index, window masks)
+    are dropped.
+
+    Args:
+        state_dict (dict[str, Tensor]): The official model's weights.
+
+    Returns:
+        dict[str, Tensor]: Weights for ``DAT(arch=..., out_indices=(..., 3))``.
+    """
+    converted = {}
+    window_blocks = {key[:-len('.proj_qkv.weight')] for key in state_dict
+                     if key.endswith('.proj_qkv.weight')}
+    for key, value in state_dict.items():
+        if _DROPPED.search(key):
+            continue
+        new_key = key
+        block = key.rsplit('.', 2)[0]
+        if block in window_blocks and key.startswith(f'{block}.proj_out.'):
+            # the window blocks' output projection; the deformable blocks keep the name
+            new_key = f'{block}.proj.{key.rsplit(".", 1)[1]}'
+        for pattern, replacement in _RENAMES:
+            new_key = re.sub(pattern, replacement, new_key)
+        if value.dim() == 4 and value.shape[2:] == (1, 1):
+            value = value.flatten(1)
+        converted[new_key] = value
+    return converted

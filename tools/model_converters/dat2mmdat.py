@@ -1,0 +1,36 @@
+"""Convert an official DAT classification checkpoint to an mmdat backbone checkpoint.
+
+Usage: python tools/model_converters/dat2mmdat.py dat_tiny.pth dat_tiny_mmdat.pth
+"""
+import argparse
+import os.path as osp
+
+import torch
+
+from mmdat.models.utils import (dat_converter, extract_state_dict, is_official_dat,
+                                load_checkpoint_file)
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('src', help='official checkpoint (e.g. dat_tiny_in1k_224.pth)')
+    parser.add_argument('dst', help='where to save the mmdat checkpoint')
+    return parser.parse_args()
+
+
+def main():
+    args = parse_args()
+    state_dict = extract_state_dict(load_checkpoint_file(args.src))
+    if not is_official_dat(state_dict):
+        raise SystemExit(f'{args.src} does not look like an official DAT checkpoint '
+                         '(no patch_proj.0.weight or stages.0.layer_norms.0.norm.weight)')
+    converted = dat_converter(state_dict)
+    dst_dir = osp.dirname(osp.abspath(args.dst))
+    if not osp.isdir(dst_dir):
+        raise SystemExit(f'Output folder does not exist: {dst_dir}')
+    torch.save({'state_dict': converted}, args.dst)
+    print(f'Converted {len(state_dict)} official tensors into {len(converted)} mmdat tensors: {args.dst}')
+
+
+if __name__ == '__main__':
+    main()
