@@ -1,0 +1,115 @@
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmdat.models import DAT
+from mmdat.models.utils import dat_converter, is_official_dat, load_checkpoint_file
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+DATA = REPO_ROOT / 'tests' / 'data' / 'official_dat'
+_spec = importlib.util.spec_from_file_location('official_dat_seeded', DATA / 'seeded.py')
+seeded = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(seeded)
+
+
+def official_state_dict(arch):
+    layout = json.loads((DATA / f'dat_{arch}_layout.json').read_text())['parameters']
+    weights = seeded.seeded_official_weights(layout)
+    weights['cls_head.weight'] = torch.zeros(1000, weights['cls_norm.norm.weight'].shape[0])
+    weights['cls_head.bias'] = torch.zeros(1000)
+    return weights
+
+
+def relative_error(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize('arch', ['tiny', 'small', 'base'])
+def test_converted_official_weights_match_the_official_model(arch):
+    state_dict = official_state_dict(arch)
+    assert is_official_dat(state_dict)
+    converted = dat_converter(state_dict)
+    model = DAT(arch, drop_path_rate=0.0).eval()
+    missing, unexpected = model.load_state_dict(converted, strict=False)
+    assert sorted(missing) == [f'norm{i}.{p}' for i in range(3) for p in ('bias', 'weight')]
+    assert unexpected == []
+    with torch.no_grad():
+        features = model(seeded.seeded_input())[-1]
+    expected = torch.load(DATA / f'dat_{arch}_cls_norm.pth')
+    assert relative_error(features, expected) <= 1e-4
+
+
+def test_converter_drops_the_head_and_recomputed_buffers():
+    state_dict = official_state_dict('tiny')
+    state_dict['stages.0.attns.1.attn_mask'] = torch.zeros(64, 49, 49)
+    state_dict['stages.0.attns.0.relative_position_index'] = torch.zeros(49, 49, dtype=torch.long)
+    converted = dat_converter(state_dict)
+    assert not any(k.startswith('cls_head') or 'attn_mask' in k or 'index' in k for k in converted)
+    assert converted['stages.2.blocks.1.attn.proj_q.weight'].shape == (384, 384)  # 1x1 conv -> linear
+    assert converted['stages.2.blocks.1.attn.offset_net.proj.weight'].shape == (2, 128)
+    assert torch.equal(converted['norm3.weight'], state_dict['cls_norm.norm.weight'])
+    assert not is_official_dat(converted)
+
+
+class FakeConfig(dict):
+    """Stands for the yacs config the official training script pickles into its checkpoints."""
+
+
+class Payload:
+
+    def __reduce__(self):
+        return (os.system, ('touch PAYLOAD_RAN',))
+
+
+def save_official_file(path, arch='tiny'):
+    torch.save({'model': official_state_dict(arch), 'config': FakeConfig(MODEL=FakeConfig(NAME='dat')),
+                'max_accuracy': 82.0, 'payload': Payload()}, path)
+
+
+def test_official_file_is_read_without_running_its_code(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    save_official_file(tmp_path / 'official.pth')
+    checkpoint = load_checkpoint_file(str(tmp_path / 'official.pth'))
+    assert not (tmp_path / 'PAYLOAD_RAN').exists()
+    assert 'config' in checkpoint and not isinstance(checkpoint['config'], dict)
+    assert torch.equal(checkpoint['model']['cls_norm.norm.weight'],
+                       official_state_dict('tiny')['cls_norm.norm.weight'])
+
+
+def test_init_cfg_loads_an_official_file_directly(tmp_path):
+    save_official_file(tmp_path / 'official.pth')
+    model = DAT('tiny', drop_path_rate=0.0, out_indices=(3, ),
+                init_cfg=dict(type='Pretrained', checkpoint=str(tmp_path / 'official.pth')))
+    model.init_weights()
+    with torch.no_grad():
+        features = model.eval()(seeded.seeded_input())[0]
+    assert relative_error(features, torch.load(DATA / 'dat_tiny_cls_norm.pth')) <= 1e-4
+
+
+def test_missing_checkpoint_file():
+    with pytest.raises(FileNotFoundError, match='no_such.pth'):
+        load_checkpoint_file('no_such.pth')
+
+
+def run_converter(*args):
+    return subprocess.run([sys.executable, 'tools/model_converters/dat2mmdat.py', *map(str, args)],
+                          cwd=REPO_ROOT, capture_output=True, text=True,
+                          env={**os.environ, 'PYTHONPATH': str(REPO_ROOT)})
+
+
+def test_converter_cli(tmp_path):
+    save_official_file(tmp_path / 'official.pth')
+    result = run_converter(tmp_path / 'official.pth', tmp_path / 'mmdat.pth')
+    assert result.returncode == 0, result.stderr
+    converted = torch.load(tmp_path / 'mmdat.pth')['state_dict']
+    assert converted.keys() == dat_converter(official_state_dict('tiny')).keys()
+
+    torch.save({'state_dict': converted}, tmp_path / 'not_official.pth')
+    result = run_converter(tmp_path / 'not_official.pth', tmp_path / 'again.pth')
+    assert result.returncode != 0 and 'does not look like an official DAT checkpoint' in result.stderr
