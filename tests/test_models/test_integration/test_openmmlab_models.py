@@ -1,0 +1,127 @@
+"""DAT inside unchanged mmdet / mmseg configs: build, loss step, predict step on CPU."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from mmengine.config import Config
+from mmengine.registry import init_default_scope
+from mmengine.structures import InstanceData, PixelData
+
+import mmdat
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+CONFIGS = REPO_ROOT / 'tests' / 'data' / 'configs'
+# A small DAT keeps the loss steps fast; the configs' own 'tiny' is built in the subprocess tests.
+SMALL = dict(arch=dict(embed_dims=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4),
+                       offset_groups=(0, 0, 2, 2)), drop_path_rate=0.1)
+SMALL_CHANNELS = [16, 32, 64, 128]
+
+
+def build(config_name, scope, **backbone):
+    cfg = Config.fromfile(CONFIGS / config_name)  # imports mmdat through custom_imports
+    init_default_scope(scope)
+    cfg.model.backbone.update(backbone)
+    if backbone:
+        if scope == 'mmdet':
+            cfg.model.neck.in_channels = SMALL_CHANNELS
+        else:
+            cfg.model.decode_head.in_channels = SMALL_CHANNELS
+            cfg.model.auxiliary_head.in_channels = SMALL_CHANNELS[2]
+    registry = __import__(f'{scope}.registry', fromlist=['MODELS']).MODELS
+    model = registry.build(cfg.model)
+    model.init_weights()
+    assert type(model.backbone) is mmdat.DAT
+    return model
+
+
+def backbone_grads_reached(model):
+    dat = model.backbone
+    for param in (dat.patch_embed.conv.weight, dat.stages[2].blocks[1].attn.offset_net.proj.weight,
+                  dat.stages[2].blocks[1].attn.rpe_table):
+        assert param.grad is not None and torch.isfinite(param.grad).all()
+        assert param.grad.abs().sum() > 0
+
+
+def det_batch():
+    from mmdet.structures import DetDataSample
+    torch.manual_seed(0)
+    inputs, samples = [], []
+    for h, w in [(203, 261), (187, 250)]:
+        inputs.append(torch.randint(0, 256, (3, h, w), dtype=torch.uint8))
+        sample = DetDataSample(metainfo=dict(img_shape=(h, w), ori_shape=(h, w), pad_shape=(h, w),
+                                             scale_factor=(1.0, 1.0)))
+        sample.gt_instances = InstanceData(bboxes=torch.tensor([[10., 20., 120., 150.], [60., 30., 200., 90.]]),
+                                           labels=torch.tensor([3, 17]))
+        samples.append(sample)
+    return dict(inputs=inputs, data_samples=samples)
+
+
+def seg_batch():
+    from mmseg.structures import SegDataSample
+    torch.manual_seed(0)
+    inputs, samples = [], []
+    for h, w in [(131, 97), (131, 97)]:
+        inputs.append(torch.randint(0, 256, (3, h, w), dtype=torch.uint8))
+        sample = SegDataSample(metainfo=dict(img_shape=(h, w), ori_shape=(h, w), pad_shape=(h, w)))
+        sample.gt_sem_seg = PixelData(data=torch.randint(0, 150, (1, h, w)))
+        samples.append(sample)
+    return dict(inputs=inputs, data_samples=samples)
+
+
+def loss_then_predict(model, batch):
+    model.train()
+    data = model.data_preprocessor(batch, training=True)
+    loss, log_vars = model.parse_losses(model(**data, mode='loss'))
+    assert torch.isfinite(loss) and loss.item() > 0
+    loss.backward()
+    backbone_grads_reached(model)
+    model.eval()
+    with torch.no_grad():
+        data = model.data_preprocessor(batch, training=False)
+        return model(**data, mode='predict')
+
+
+def test_retinanet_loss_and_predict():
+    model = build('retinanet_dat_t_swap.py', 'mmdet', **SMALL)
+    results = loss_then_predict(model, det_batch())
+    assert len(results) == 2
+    for result in results:
+        boxes = result.pred_instances.bboxes
+        assert boxes.ndim == 2 and boxes.shape[1] == 4 and torch.isfinite(boxes).all()
+        assert len(result.pred_instances.scores) == len(result.pred_instances.labels) == len(boxes)
+
+
+def test_upernet_loss_and_predict():
+    model = build('upernet_dat_t_swap.py', 'mmseg', **SMALL)
+    results = loss_then_predict(model, seg_batch())
+    assert len(results) == 2
+    for result in results:
+        assert result.pred_sem_seg.data.shape == (1, 131, 97)
+        assert result.seg_logits.data.shape[0] == 150
+
+
+@pytest.mark.parametrize('config,scope', [('retinanet_dat_t_swap.py', 'mmdet'),
+                                          ('upernet_dat_t_swap.py', 'mmseg')])
+def test_custom_imports_alone_make_dat_buildable(config, scope):
+    """A fresh process that never imports mmdat itself builds the config's tiny DAT model."""
+    code = f'''
+import sys, torch
+from mmengine.config import Config
+from mmengine.registry import init_default_scope
+assert 'mmdat' not in sys.modules
+cfg = Config.fromfile({str(CONFIGS / config)!r})  # runs the config's custom_imports
+assert 'mmdat' in sys.modules
+init_default_scope({scope!r})
+from {scope}.registry import MODELS
+model = MODELS.build(cfg.model).eval()
+outs = model.extract_feat(torch.randn(1, 3, 96, 128))
+print(type(model.backbone).__module__, sum(p.numel() for p in model.backbone.parameters()), len(outs))
+'''
+    result = subprocess.run([sys.executable, '-c', code], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    module, params, outputs = result.stdout.split()
+    assert module == 'mmdat.models.backbones.dat'
+    assert int(params) == 27_551_482
+    assert int(outputs) == (5 if scope == 'mmdet' else 4)  # FPN levels / backbone maps
