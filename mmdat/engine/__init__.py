@@ -1,0 +1,3 @@
+from .safe_globals import MMENGINE_CHECKPOINT_GLOBALS, allow_mmengine_checkpoints
+
+__all__ = ['MMENGINE_CHECKPOINT_GLOBALS', 'allow_mmengine_checkpoints']
