@@ -1,0 +1,51 @@
+"""tools/train.py and tools/test.py stop early, with a clear message, when inputs are missing."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_tool(*args, cwd):
+    return subprocess.run([sys.executable, str(REPO_ROOT / 'tools' / args[0]), *map(str, args[1:])],
+                          cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, 'PYTHONPATH': str(REPO_ROOT)})
+
+
+@pytest.mark.parametrize('config,expected', [
+    ('retinanet_dat_t_coco.py', ['data/coco/annotations/instances_train2017.json', 'Download COCO 2017']),
+    ('upernet_dat_t_ade20k.py', ['data/ade/ADEChallengeData2016/images/training', 'Download ADE20K']),
+])
+def test_train_without_dataset(tmp_path, config, expected):
+    result = run_tool('train.py', REPO_ROOT / 'configs' / config, cwd=tmp_path)
+    assert result.returncode == 1
+    assert 'Traceback' not in result.stderr
+    for text in expected:
+        assert text in result.stderr
+    assert not (tmp_path / 'work_dirs').exists()
+
+
+def test_train_data_root_option_is_checked(tmp_path):
+    (tmp_path / 'coco' / 'annotations').mkdir(parents=True)
+    result = run_tool('train.py', REPO_ROOT / 'configs' / 'mask_rcnn_dat_t_coco.py', '--cfg-options',
+                      f'train_dataloader.dataset.data_root={tmp_path}/coco/', cwd=tmp_path)
+    assert result.returncode == 1
+    assert f'{tmp_path}/coco/annotations/instances_train2017.json' in result.stderr
+
+
+def test_test_without_checkpoint(tmp_path):
+    result = run_tool('test.py', REPO_ROOT / 'configs' / 'retinanet_dat_t_coco.py', 'missing.pth',
+                      cwd=tmp_path)
+    assert result.returncode == 1
+    assert 'Checkpoint file not found: missing.pth' in result.stderr
+
+
+def test_config_of_another_library(tmp_path):
+    config = tmp_path / 'plain.py'
+    config.write_text("default_scope = 'mmpretrain'\n")
+    result = run_tool('train.py', config, cwd=tmp_path)
+    assert result.returncode == 1
+    assert "default_scope must be one of ('mmdet', 'mmseg')" in result.stderr

@@ -1,0 +1,45 @@
+"""Evaluate a trained mmdet or mmseg model (e.g. one with a DAT backbone) on its test set."""
+import argparse
+import os.path as osp
+
+from mmengine.config import Config, DictAction
+from mmengine.runner import Runner
+
+from mmdat.utils import check_dataset_files, register_scope, use_cpu_backend_without_cuda
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument('config', help='config file')
+    parser.add_argument('checkpoint', help='checkpoint file')
+    parser.add_argument('--work-dir', help='where the evaluation logs go '
+                        '(default: work_dirs/<config name>)')
+    parser.add_argument('--amp', action='store_true', help='mixed precision inference')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help='override config entries, e.g. test_dataloader.batch_size=2')
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none')
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    return parser.parse_args()
+
+
+def main():
+    args = parse_args()
+    cfg = Config.fromfile(args.config)
+    cfg.launcher = args.launcher
+    if args.cfg_options:
+        cfg.merge_from_dict(args.cfg_options)
+    register_scope(cfg)
+    if not osp.isfile(args.checkpoint):
+        raise SystemExit(f'Checkpoint file not found: {args.checkpoint}')
+    cfg.work_dir = args.work_dir or cfg.get('work_dir') or osp.join(
+        'work_dirs', osp.splitext(osp.basename(args.config))[0])
+    cfg.load_from = args.checkpoint
+    if args.amp:
+        cfg.test_cfg.fp16 = True
+    use_cpu_backend_without_cuda(cfg)
+    check_dataset_files(cfg, ['test_dataloader'])
+    Runner.from_cfg(cfg).test()
+
+
+if __name__ == '__main__':
+    main()
