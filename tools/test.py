@@ -2,10 +2,11 @@
 import argparse
 import os.path as osp
 
+import torch
 from mmengine.config import Config, DictAction
 from mmengine.runner import Runner
 
-from mmdat.utils import check_dataset_files, register_scope, use_cpu_backend_without_cuda
+from mmdat.utils import adapt_to_cpu, check_dataset_files, register_scope
 
 
 def parse_args():
@@ -36,9 +37,12 @@ def main():
     cfg.load_from = args.checkpoint
     if args.amp:
         cfg.test_cfg.fp16 = True
-    use_cpu_backend_without_cuda(cfg)
+    adapt_to_cpu(cfg)
     check_dataset_files(cfg, ['test_dataloader'])
     Runner.from_cfg(cfg).test()
+    if torch.distributed.is_initialized():
+        # without this, gloo workers can abort at interpreter exit
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == '__main__':

@@ -2,10 +2,11 @@
 import argparse
 import os.path as osp
 
+import torch
 from mmengine.config import Config, DictAction
 from mmengine.runner import Runner
 
-from mmdat.utils import check_dataset_files, register_scope, use_cpu_backend_without_cuda
+from mmdat.utils import adapt_to_cpu, check_dataset_files, register_scope
 
 
 def parse_args():
@@ -46,9 +47,12 @@ def main():
         cfg.resume, cfg.load_from = True, None
     elif args.resume:
         cfg.resume, cfg.load_from = True, args.resume
-    use_cpu_backend_without_cuda(cfg)
+    adapt_to_cpu(cfg)
     check_dataset_files(cfg, ['train_dataloader', 'val_dataloader'])
     Runner.from_cfg(cfg).train()
+    if torch.distributed.is_initialized():
+        # without this, gloo workers can abort at interpreter exit
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == '__main__':

@@ -1,3 +1,3 @@
-from .setup_cfg import check_dataset_files, register_scope, use_cpu_backend_without_cuda
+from .setup_cfg import adapt_to_cpu, check_dataset_files, register_scope
 
-__all__ = ['check_dataset_files', 'register_scope', 'use_cpu_backend_without_cuda']
+__all__ = ['adapt_to_cpu', 'check_dataset_files', 'register_scope']

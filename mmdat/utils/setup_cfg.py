@@ -1,10 +1,12 @@
 """What tools/train.py and tools/test.py do to a config before handing it to mmengine."""
 import importlib
+import logging
 import os.path as osp
 from typing import Iterable, List
 
 import torch
 from mmengine.config import Config
+from mmengine.logging import print_log
 
 #: The libraries whose configs the tools run, by ``default_scope``.
 SCOPES = ('mmdet', 'mmseg')
@@ -55,7 +57,30 @@ def check_dataset_files(cfg: Config, dataloaders: Iterable[str]) -> None:
         raise SystemExit(f'Dataset files not found:\n  {listed}\n{_DATA_HELP[cfg.default_scope]}.')
 
 
-def use_cpu_backend_without_cuda(cfg: Config) -> None:
-    """Distributed training on CPU needs the gloo backend instead of the configs' nccl."""
-    if cfg.get('launcher', 'none') != 'none' and not torch.cuda.is_available():
+def adapt_to_cpu(cfg: Config) -> None:
+    """Let a GPU config run on a machine without CUDA.
+
+    Distributed runs use the gloo backend instead of nccl and CPU DDP, and mixed precision, which mmengine's
+    ``AmpOptimWrapper`` supports on accelerators only, is turned off with a message. For the
+    ``pytorch`` launcher (torchrun) the process group is started here, because mmengine's
+    ``init_dist`` would select a CUDA device; the runner then uses the existing group.
+    """
+    if torch.cuda.is_available():
+        return
+    launcher = cfg.get('launcher', 'none')
+    if launcher != 'none':
         cfg.setdefault('env_cfg', {}).setdefault('dist_cfg', {})['backend'] = 'gloo'
+        # mmengine would give DDP the local rank as a CUDA device id; CPU modules take none.
+        wrapper = cfg.get('model_wrapper_cfg') or dict(
+            type='MMDistributedDataParallel', broadcast_buffers=False,
+            find_unused_parameters=cfg.get('find_unused_parameters', False))
+        wrapper['device_ids'] = None
+        cfg.model_wrapper_cfg = wrapper
+    if launcher == 'pytorch' and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend='gloo')
+    optim_wrapper = cfg.get('optim_wrapper')
+    if optim_wrapper and optim_wrapper.get('type') == 'AmpOptimWrapper':
+        print_log('No CUDA device: training in float32 (AmpOptimWrapper needs a GPU).',
+                  logger='current', level=logging.WARNING)
+        optim_wrapper.type = 'OptimWrapper'
+        optim_wrapper.pop('loss_scale', None)
