@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # train on a Slurm cluster: bash tools/slurm_train.sh PARTITION JOB_NAME CONFIG [tools/train.py options]
-# GPUS (default 8), GPUS_PER_NODE (8), CPUS_PER_TASK (5) and SRUN_ARGS are read from the environment.
+# GPUS (default 8), GPUS_PER_NODE (8), CPUS_PER_TASK (5), SRUN_ARGS and PYTHON (default: python)
+# are read from the environment.
 set -euo pipefail
 PARTITION=$1
 JOB_NAME=$2
@@ -16,4 +17,4 @@ PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" \
 srun -p "$PARTITION" --job-name="$JOB_NAME" --gres=gpu:"$GPUS_PER_NODE" \
     --ntasks="$GPUS" --ntasks-per-node="$GPUS_PER_NODE" --cpus-per-task="$CPUS_PER_TASK" \
     --kill-on-bad-exit=1 $SRUN_ARGS \
-    python -u "$ROOT/tools/train.py" "$CONFIG" --launcher slurm "$@"
+    "${PYTHON:-python}" -u "$ROOT/tools/train.py" "$CONFIG" --launcher slurm "$@"

@@ -23,7 +23,7 @@ def shapes_root(tmp_path_factory):
 
 def run(command, shapes_root, cwd):
     env = {**os.environ, 'PYTHONPATH': str(REPO_ROOT), 'SHAPES_ROOT': f'{shapes_root}/',
-           'OMP_NUM_THREADS': '1', 'PORT': '29613'}
+           'OMP_NUM_THREADS': '1', 'PORT': '29613', 'PYTHON': sys.executable}
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result.stdout + result.stderr
