@@ -3,10 +3,10 @@ import argparse
 import os.path as osp
 
 import torch
-from mmengine.config import Config, DictAction
+from mmengine.config import DictAction
 from mmengine.runner import Runner
 
-from mmdat.utils import adapt_to_cpu, check_dataset_files, register_scope
+from mmdat.utils import adapt_to_cpu, check_dataset_files, load_tool_config
 
 
 def parse_args():
@@ -25,15 +25,9 @@ def parse_args():
 
 def main():
     args = parse_args()
-    cfg = Config.fromfile(args.config)
-    cfg.launcher = args.launcher
-    if args.cfg_options:
-        cfg.merge_from_dict(args.cfg_options)
-    register_scope(cfg)
+    cfg = load_tool_config(args.config, args.cfg_options, args.launcher, args.work_dir)
     if not osp.isfile(args.checkpoint):
         raise SystemExit(f'Checkpoint file not found: {args.checkpoint}')
-    cfg.work_dir = args.work_dir or cfg.get('work_dir') or osp.join(
-        'work_dirs', osp.splitext(osp.basename(args.config))[0])
     cfg.load_from = args.checkpoint
     if args.amp:
         cfg.test_cfg.fp16 = True

@@ -2,7 +2,7 @@
 import importlib
 import logging
 import os.path as osp
-from typing import Iterable, List
+from typing import Iterable, List, Optional
 
 import torch
 from mmengine.config import Config
@@ -17,6 +17,23 @@ _DATA_HELP = {
     'mmseg': 'Download ADE20K (ADEChallengeData2016) and unpack it to data/ade/ADEChallengeData2016 '
              '(or set data_root with --cfg-options)',
 }
+
+
+def load_tool_config(config: str, cfg_options: Optional[dict], launcher: str,
+                     work_dir: Optional[str]) -> Config:
+    """Load a config as tools/train.py and tools/test.py do.
+
+    Applies ``--cfg-options`` and the launcher, registers the modules of its library and sets the
+    work dir: ``work_dir`` if given, else the config's, else ``work_dirs/<config name>``.
+    """
+    cfg = Config.fromfile(config)
+    cfg.launcher = launcher
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    register_scope(cfg)
+    cfg.work_dir = work_dir or cfg.get('work_dir') or osp.join(
+        'work_dirs', osp.splitext(osp.basename(config))[0])
+    return cfg
 
 
 def register_scope(cfg: Config) -> str:
@@ -60,8 +77,9 @@ def check_dataset_files(cfg: Config, dataloaders: Iterable[str]) -> None:
 def adapt_to_cpu(cfg: Config) -> None:
     """Let a GPU config run on a machine without CUDA.
 
-    Distributed runs use the gloo backend instead of nccl and CPU DDP, and mixed precision, which mmengine's
-    ``AmpOptimWrapper`` supports on accelerators only, is turned off with a message. For the
+    Distributed runs use the gloo backend and DDP without device ids. Mixed precision (mmengine's
+    ``AmpOptimWrapper`` needs an accelerator; CPU autocast gives bfloat16 results that numpy-based
+    evaluators cannot read) is turned off, with a message, for training and testing. For the
     ``pytorch`` launcher (torchrun) the process group is started here, because mmengine's
     ``init_dist`` would select a CUDA device; the runner then uses the existing group.
     """
@@ -84,3 +102,7 @@ def adapt_to_cpu(cfg: Config) -> None:
                   logger='current', level=logging.WARNING)
         optim_wrapper.type = 'OptimWrapper'
         optim_wrapper.pop('loss_scale', None)
+    test_cfg = cfg.get('test_cfg')
+    if test_cfg and test_cfg.get('fp16'):
+        print_log('No CUDA device: testing in float32.', logger='current', level=logging.WARNING)
+        test_cfg.fp16 = False
