@@ -20,7 +20,10 @@ def parse_args():
 
 def main():
     args = parse_args()
-    state_dict = extract_state_dict(load_checkpoint_file(args.src))
+    try:
+        state_dict = extract_state_dict(load_checkpoint_file(args.src))
+    except FileNotFoundError as error:
+        raise SystemExit(str(error))
     if not is_official_dat(state_dict):
         raise SystemExit(f'{args.src} does not look like an official DAT checkpoint '
                          '(no patch_proj.0.weight or stages.0.layer_norms.0.norm.weight)')

@@ -113,3 +113,7 @@ def test_converter_cli(tmp_path):
     torch.save({'state_dict': converted}, tmp_path / 'not_official.pth')
     result = run_converter(tmp_path / 'not_official.pth', tmp_path / 'again.pth')
     assert result.returncode != 0 and 'does not look like an official DAT checkpoint' in result.stderr
+
+    result = run_converter(tmp_path / 'missing.pth', tmp_path / 'again.pth')
+    assert result.returncode == 1 and 'Traceback' not in result.stderr
+    assert f'Checkpoint file not found: {tmp_path / "missing.pth"}' in result.stderr
