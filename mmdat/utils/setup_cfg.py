@@ -71,7 +71,9 @@ def check_dataset_files(cfg: Config, dataloaders: Iterable[str]) -> None:
             missing += [p for p in _dataset_paths(loader['dataset']) if not osp.exists(p)]
     if missing:
         listed = '\n  '.join(dict.fromkeys(missing))
-        raise SystemExit(f'Dataset files not found:\n  {listed}\n{_DATA_HELP[cfg.default_scope]}.')
+        # A config may say how to get its own data (the demo configs do).
+        help_text = cfg.get('dataset_help') or _DATA_HELP[cfg.default_scope]
+        raise SystemExit(f'Dataset files not found:\n  {listed}\n{help_text}.')
 
 
 def adapt_to_cpu(cfg: Config) -> None:

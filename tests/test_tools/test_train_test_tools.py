@@ -18,8 +18,11 @@ def run_tool(*args, cwd):
 @pytest.mark.parametrize('config,expected', [
     ('retinanet_dat_t_coco.py', ['data/coco/annotations/instances_train2017.json', 'Download COCO 2017']),
     ('upernet_dat_t_ade20k.py', ['data/ade/ADEChallengeData2016/images/training', 'Download ADE20K']),
+    ('demo/fpn_dat_demo_shapes.py', ['data/shapes/train/images',
+                                     'python tools/dataset_converters/make_shapes.py data/shapes']),
 ])
-def test_train_without_dataset(tmp_path, config, expected):
+def test_train_without_dataset(tmp_path, config, expected, monkeypatch):
+    monkeypatch.delenv('SHAPES_ROOT', raising=False)
     result = run_tool('train.py', REPO_ROOT / 'configs' / config, cwd=tmp_path)
     assert result.returncode == 1
     assert 'Traceback' not in result.stderr

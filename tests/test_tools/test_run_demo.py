@@ -1,0 +1,36 @@
+"""tools/run_demo.py end to end with a shortened schedule: data, untrained and trained
+evaluation of both models, results.json and the picture."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_run_demo_short(tmp_path):
+    data_root, work_dir = tmp_path / 'shapes', tmp_path / 'work'
+    env = {**os.environ, 'PYTHONPATH': str(REPO_ROOT), 'OMP_NUM_THREADS': '1'}
+    result = subprocess.run(
+        [sys.executable, 'tools/run_demo.py', '--data-root', str(data_root), '--work-dir', str(work_dir),
+         '--det-epochs', '1', '--seg-iters', '60', '--num-pictures', '2'],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert (data_root / 'annotations' / 'instances_val.json').is_file()
+
+    results = json.loads((work_dir / 'results.json').read_text())
+    det, seg = results['detection'], results['segmentation']
+    for key in ('coco/bbox_mAP', 'coco/bbox_mAP_50'):
+        assert 0.0 <= det['untrained'][key] <= 1.0 and 0.0 <= det['trained'][key] <= 1.0
+    assert 0.0 <= seg['untrained']['mIoU'] <= 100.0 and 0.0 <= seg['trained']['mIoU'] <= 100.0
+    for model in (det, seg):
+        assert Path(model['checkpoint']).is_file()
+    assert f'bbox mAP@[.5:.95] {det["trained"]["coco/bbox_mAP"]:.3f}' in result.stdout
+    assert f'mIoU {seg["trained"]["mIoU"]:.1f}' in result.stdout
+
+    picture = cv2.imread(str(work_dir / 'predictions.png'))
+    assert picture.shape == (2 * 192, 2 * 256, 3)  # a detection row and a segmentation row
+    assert picture.std() > 10  # images were drawn, not a blank canvas
