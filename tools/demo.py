@@ -28,6 +28,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('checkpoint', nargs='?', help='weights (random initialisation without)')
     parser.add_argument('--out', required=True, help='output image, e.g. demo.png')
     parser.add_argument('--device', default='cpu', help='e.g. cpu or cuda:0')
+    parser.add_argument('--seed', type=int, default=0,
+                        help='seed of the random initialisation (without a checkpoint)')
     parser.add_argument('--score-thr', type=float, default=0.3,
                         help='detections below this score are not drawn (detectors)')
     parser.add_argument('--opacity', type=float, default=0.5,
@@ -50,6 +52,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if kind == 'backbone':
         raise SystemExit(f'{args.config} is a backbone-only config: the demo needs a detector or '
                          'segmenter (tools/visualize_deformable.py draws what a backbone does)')
+    torch.manual_seed(args.seed)
     inferencer = build_inferencer(cfg, kind, args.checkpoint, args.device)
     with torch.no_grad():
         if kind == 'mmdet':

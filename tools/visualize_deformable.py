@@ -56,6 +56,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help='draw every N-th reference point (default: about 16 a side)')
     parser.add_argument('--out', required=True, help='output image, e.g. deformable.png')
     parser.add_argument('--device', default='cpu', help='e.g. cpu or cuda:0')
+    parser.add_argument('--seed', type=int, default=0,
+                        help='seed of the random initialisation (without a checkpoint)')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override config entries, e.g. model.backbone.attn_impl=reference')
     return parser.parse_args(argv)
@@ -134,6 +136,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     check_file(args.config, 'Config')
     check_file(args.checkpoint, 'Checkpoint')
     image = read_image(args.image)
+    torch.manual_seed(args.seed)
     backbone, inputs, scale_factor = backbone_and_input(args, image)
     stage, block = choose_block(backbone, args.stage, args.block)
     stride = STAGE_STRIDES[stage]

@@ -137,7 +137,10 @@ def draw_deformable_attention(image: np.ndarray,
     # Panels at least 480 pixels wide so that small images stay readable.
     zoom = max(1.0, 480 / image_w)
     dpi = 100
-    figure = Figure(figsize=(2 * image_w * zoom / dpi, image_h * zoom / dpi + 0.6), dpi=dpi)
+    # room for the title and the legends below the panels (one line per query)
+    legend_lines = max(1, len(record.query_indices))
+    figure = Figure(figsize=(2 * image_w * zoom / dpi, image_h * zoom / dpi + 0.5 + 0.22 * legend_lines),
+                    dpi=dpi, layout='constrained')
     FigureCanvasAgg(figure)
     left, right = figure.subplots(1, 2)
     for axes in (left, right):
@@ -161,7 +164,8 @@ def draw_deformable_attention(image: np.ndarray,
                      linewidths=0.3, label=f'group {group + 1}', zorder=3)
     left.scatter(reference[:, 0], reference[:, 1], s=marker / 2, color='white',
                  edgecolors='black', linewidths=0.3, label='reference', zorder=2)
-    left.legend(loc='lower right', fontsize=7, framealpha=0.7)
+    left.legend(loc='upper center', bbox_to_anchor=(0.5, 0.0), ncol=len(record.positions[0]) + 1,
+                fontsize=8, frameon=False)
     left.set_title('sampling points by offset group', fontsize=9)
 
     for row, query in enumerate(record.query_indices):
@@ -175,9 +179,8 @@ def draw_deformable_attention(image: np.ndarray,
                       edgecolors='black', linewidths=0.8, zorder=4,
                       label=f'query ({point[0]:.0f}, {point[1]:.0f}): top keys '
                       f'{weights.sum():.0%} of weight')
-    right.legend(loc='lower right', fontsize=7, framealpha=0.7)
+    right.legend(loc='upper center', bbox_to_anchor=(0.5, 0.0), fontsize=8, frameon=False)
     right.set_title(f'top {top_k} keys per query (area = attention weight)', fontsize=9)
     if title:
         figure.suptitle(title, fontsize=10)
-    figure.tight_layout()
     return figure
