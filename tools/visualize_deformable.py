@@ -99,6 +99,10 @@ def choose_block(backbone: DAT, stage: int, block: Optional[int]) -> Tuple[int, 
     if stage not in stages:
         raise SystemExit(f'--stage {stage} has no deformable blocks in this model; stages '
                          f'(1-based) with deformable blocks: {stages}')
+    if stage - 1 > backbone.out_indices[-1]:
+        raise SystemExit(f'--stage {stage} does not run in this model: its backbone stops after '
+                         f'stage {backbone.out_indices[-1] + 1} (out_indices '
+                         f'{backbone.out_indices}, 0-based)')
     blocks = [b for s, b in available if s == stage - 1]
     if block is None:
         return stage - 1, blocks[-1]

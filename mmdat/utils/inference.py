@@ -61,7 +61,8 @@ def load_dat_config(config: str, cfg_options: Optional[dict] = None) -> Tuple[Co
     if _is_dat(model):
         return cfg, 'backbone'
     if not _is_dat(model.get('backbone')):
-        found = model.get('backbone', {}).get('type') if isinstance(model.get('backbone'), dict) else None
+        backbone = model.get('backbone')
+        found = backbone.get('type') if isinstance(backbone, dict) else None
         raise SystemExit(f'{config} has no DAT backbone: model.type is {model.get("type")!r} and '
                          f'model.backbone.type is {found!r}; expected {DAT_TYPES[0]!r}')
     return cfg, register_scope(cfg)
@@ -85,7 +86,8 @@ def build_inferencer(cfg: Config, scope: str, checkpoint: Optional[str], device:
     """
     if scope == 'mmdet':
         from mmdet.apis import DetInferencer
-        inferencer = DetInferencer(model=cfg, weights=checkpoint, device=device, show_progress=False)
+        inferencer = DetInferencer(model=cfg, weights=checkpoint, device=device,
+                                   show_progress=False)
     else:
         from mmseg.apis import MMSegInferencer
         inferencer = MMSegInferencer(model=cfg, weights=checkpoint, device=device)

@@ -30,7 +30,7 @@ def to_image_pixels(points: torch.Tensor, map_size: Sequence[int], stride: int,
     """Normalised ``(y, x)`` map points -> ``(x, y)`` pixel coordinates of the original image.
 
     Args:
-        points (Tensor): ``(..., 2)`` normalised ``(y, x)`` in the ``align_corners=True`` convention.
+        points (Tensor): ``(..., 2)`` normalised ``(y, x)``, ``align_corners=True`` convention.
         map_size (Sequence[int]): ``(H, W)`` of the stage's map.
         stride (int): Input pixels per feature pixel.
         scale_factor (Sequence[float]): ``(w_scale, h_scale)`` by which the image was resized
@@ -104,9 +104,10 @@ def draw_deformable_attention(image: np.ndarray,
     the recorded queries.
 
     Left: reference points (white) of every ``grid_step``-th map pixel, arrows to the sampled
-    points, one colour per offset group. Right: each query (star, at the centre of its feature pixel) and its ``top_k`` keys with
-    the highest attention weights over all heads, circles with area proportional to the weight,
-    one colour per query. Only the first image of the batch is drawn.
+    points, one colour per offset group. Right: each query (star, at the centre of its feature
+    pixel) and its ``top_k`` keys with the highest attention weights over all heads, circles with
+    area proportional to the weight, one colour per query. Only the first image of the batch is
+    drawn.
 
     Args:
         image (ndarray): The original image, ``(H, W, 3)`` RGB uint8.
@@ -139,7 +140,8 @@ def draw_deformable_attention(image: np.ndarray,
     dpi = 100
     # room for the title and the legends below the panels (one line per query)
     legend_lines = max(1, len(record.query_indices))
-    figure = Figure(figsize=(2 * image_w * zoom / dpi, image_h * zoom / dpi + 0.5 + 0.22 * legend_lines),
+    figure = Figure(figsize=(2 * image_w * zoom / dpi,
+                             image_h * zoom / dpi + 0.5 + 0.22 * legend_lines),
                     dpi=dpi, layout='constrained')
     FigureCanvasAgg(figure)
     left, right = figure.subplots(1, 2)

@@ -124,6 +124,10 @@ def test_visualize_errors(image_file, backbone_config, tmp_path):
     resnet = tmp_path / 'resnet.py'
     resnet.write_text("default_scope = 'mmdet'\nmodel = dict(type='RetinaNet', backbone=dict(type='ResNet', depth=18))\n")
     cases.append(([image_file, '--config', str(resnet)], "no DAT backbone.*'ResNet'"))
+    short = tmp_path / 'short.py'  # a backbone whose last stage never runs
+    short.write_text(f'model = dict(type="DAT", arch={BACKBONE_ARCH!r}, out_indices=(0, 1, 2))\n')
+    cases.append(([image_file, '--config', str(short), '--stage', '4'],
+                  r'stops after stage 3 \(out_indices \[0, 1, 2\]'))
     for argv, message in cases:
         with pytest.raises(SystemExit, match=message):
             visualize.main(argv + ['--out', out])

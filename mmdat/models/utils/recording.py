@@ -107,7 +107,9 @@ def record_deformable_attention(
 
     Inside the ``with`` block every forward pass of a chosen block appends a
     :class:`DeformableAttentionRecord` to the yielded list; on leaving it the blocks are back
-    to their normal forward pass. Recording does not change the backbone's outputs.
+    to their normal forward pass. Recording does not change the backbone's outputs. Run the
+    backbone under ``torch.no_grad()``: with gradient checkpointing (``with_cp``) a block
+    recomputed in the backward pass would record a second time.
 
     Example:
         >>> with record_deformable_attention(backbone, blocks=[(2, 1)]) as records:
@@ -150,8 +152,8 @@ def record_deformable_attention(
         raise RuntimeError(f'Blocks {busy} are already being recorded')
     try:
         for (stage, block), module in zip(blocks, modules):
-            module.recorder = _BlockRecorder(module.num_groups, stage, block, records, with_attention,
-                                             query_indices)
+            module.recorder = _BlockRecorder(module.num_groups, stage, block, records,
+                                             with_attention, query_indices)
         yield records
     finally:
         for module in modules:
