@@ -117,7 +117,7 @@ def draw_deformable_attention(image: np.ndarray,
         scale_factor (Sequence[float]): ``(w_scale, h_scale)`` of the resize before the network.
         top_k (int): Keys drawn per query.
         grid_step (int, optional): Draw every ``grid_step``-th reference point in each direction;
-            ``None`` picks one that draws about 16 a side.
+            ``None`` picks one that draws about ``24 / sqrt(groups)`` (at least 4) a side.
         title (str): Figure title.
 
     Returns:
@@ -129,8 +129,10 @@ def draw_deformable_attention(image: np.ndarray,
     if top_k < 1:
         raise ValueError(f'top_k must be >= 1, got {top_k}')
     height, width = record.map_size
-    if grid_step is None:
-        grid_step = max(1, math.ceil(max(height, width) / 16))
+    num_groups = record.positions.shape[1]
+    if grid_step is None:  # fewer points where more groups share them
+        per_side = max(4, round(24 / math.sqrt(num_groups)))
+        grid_step = max(1, math.ceil(max(height, width) / per_side))
     if grid_step < 1:
         raise ValueError(f'grid_step must be >= 1, got {grid_step}')
     image_h, image_w = image.shape[:2]
@@ -139,9 +141,10 @@ def draw_deformable_attention(image: np.ndarray,
     zoom = max(1.0, 480 / image_w)
     dpi = 100
     # room for the title and the legends below the panels (one line per query)
-    legend_lines = max(1, len(record.query_indices))
+    group_columns = min(num_groups + 1, 4)
+    legend_lines = max(math.ceil((num_groups + 1) / group_columns), len(record.query_indices))
     figure = Figure(figsize=(2 * image_w * zoom / dpi,
-                             image_h * zoom / dpi + 0.5 + 0.22 * legend_lines),
+                             image_h * zoom / dpi + 0.6 + 0.25 * legend_lines),
                     dpi=dpi, layout='constrained')
     FigureCanvasAgg(figure)
     left, right = figure.subplots(1, 2)
@@ -166,7 +169,7 @@ def draw_deformable_attention(image: np.ndarray,
                      linewidths=0.3, label=f'group {group + 1}', zorder=3)
     left.scatter(reference[:, 0], reference[:, 1], s=marker / 2, color='white',
                  edgecolors='black', linewidths=0.3, label='reference', zorder=2)
-    left.legend(loc='upper center', bbox_to_anchor=(0.5, 0.0), ncol=len(record.positions[0]) + 1,
+    left.legend(loc='upper center', bbox_to_anchor=(0.5, 0.0), ncol=group_columns,
                 fontsize=8, frameon=False)
     left.set_title('sampling points by offset group', fontsize=9)
 
@@ -180,9 +183,9 @@ def draw_deformable_attention(image: np.ndarray,
         right.scatter(point[:1], point[1:], s=10 * marker, marker='*', color=colour,
                       edgecolors='black', linewidths=0.8, zorder=4,
                       label=f'query ({point[0]:.0f}, {point[1]:.0f}): top keys '
-                      f'{weights.sum():.0%} of weight')
+                      f'{weights.sum():.1%} of weight')
     right.legend(loc='upper center', bbox_to_anchor=(0.5, 0.0), fontsize=8, frameon=False)
-    right.set_title(f'top {top_k} keys per query (area = attention weight)', fontsize=9)
+    right.set_title(f'top {top_k} keys per query (area ~ attention weight)', fontsize=9)
     if title:
         figure.suptitle(title, fontsize=10)
     return figure
