@@ -50,10 +50,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help='a query, as pixel coordinates of the image; repeat for more '
                         '(default: --num-queries queries along the image diagonal)')
     parser.add_argument('--num-queries', type=int, default=3,
-                        help='queries picked along the diagonal when no --query is given')
-    parser.add_argument('--top-k', type=int, default=16, help='keys drawn per query')
+                        help='queries picked along the diagonal when no --query is given '
+                        '(default: 3)')
+    parser.add_argument('--top-k', type=int, default=16, help='keys drawn per query (default: 16)')
     parser.add_argument('--grid-step', type=int,
-                        help='draw every N-th reference point (default: about 16 a side)')
+                        help='draw every N-th reference point (default: about 24 / sqrt(offset groups) '
+                        'a side)')
     parser.add_argument('--out', required=True, help='output image, e.g. deformable.png')
     parser.add_argument('--device', default='cpu', help='e.g. cpu or cuda:0')
     parser.add_argument('--seed', type=int, default=0,

@@ -153,7 +153,8 @@ def draw_deformable_attention(image: np.ndarray,
         axes.set_xlim(-0.5, image_w - 0.5)
         axes.set_ylim(image_h - 0.5, -0.5)
         axes.set_axis_off()
-    marker = 12 * zoom
+    # marker areas in points^2: constant up to 480-pixel panels, growing with larger ones
+    marker = 18 * image_w * zoom / 480
 
     rows, columns = _grid_rows(height, grid_step), _grid_rows(width, grid_step)
     reference = to_image_pixels(record.reference[rows][:, columns], (height, width), stride,
