@@ -85,6 +85,9 @@ class DeformableAttention(nn.Module):
         self.offset_net = OffsetNetwork(embed_dims // num_groups, offset_kernel_size)
         self.rpe_table = nn.Parameter(torch.zeros(num_heads, 2 * table_h - 1, 2 * table_w - 1))
         nn.init.trunc_normal_(self.rpe_table, std=0.01)
+        #: Set by :func:`mmdat.models.utils.record_deformable_attention` while recording; the
+        #: forward pass calls it with what it computed. ``None`` (the default) costs one check.
+        self.recorder = None
 
     def _split_groups(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, H, W, C)`` -> ``(B * groups, C / groups, H, W)``."""
@@ -137,6 +140,8 @@ class DeformableAttention(nn.Module):
             return t.reshape(batch, -1, self.num_heads, channels // self.num_heads).transpose(1, 2)
 
         bias = self.position_bias(reference, positions, batch)
+        if self.recorder is not None:
+            self.recorder(reference, positions, heads(query), heads(key), bias)
         out = biased_attention(heads(query), heads(key), heads(value), bias, self.attn_impl)
         out = out.transpose(1, 2).reshape(batch, height, width, channels)
         return self.proj_out(out)

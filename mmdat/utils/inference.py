@@ -1,0 +1,104 @@
+"""What tools/demo.py and tools/visualize_deformable.py do to their inputs: check the files, read
+the image, load a config with a DAT backbone and build mmdet's or mmseg's inferencer for it."""
+import copy
+import importlib
+import os.path as osp
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+from mmengine.config import Config
+
+from .setup_cfg import register_scope
+
+#: ``type`` names under which a config may refer to mmdat's backbone.
+DAT_TYPES = ('DAT', 'mmdet.DAT', 'mmseg.DAT')
+
+
+def check_file(path: Optional[str], what: str) -> None:
+    """Stop with a one-line message when ``path`` is given but is not a file."""
+    if path is not None and not osp.isfile(path):
+        raise SystemExit(f'{what} not found: {path}')
+
+
+def read_image(path: str) -> np.ndarray:
+    """Read an image file as ``(H, W, 3)`` RGB uint8, or stop with a one-line message."""
+    import mmcv  # only the tools need mmcv
+    check_file(path, 'Image')
+    try:
+        image = mmcv.imread(path, channel_order='rgb')
+    except Exception as error:  # mmcv raises various errors for files it cannot decode
+        raise SystemExit(f'Cannot read image {path}: {error}') from None
+    if image is None or image.ndim != 3 or min(image.shape[:2]) < 1:
+        raise SystemExit(f'Cannot read image {path}: not an image file of a known format')
+    return image
+
+
+def _is_dat(model_cfg) -> bool:
+    return isinstance(model_cfg, dict) and (model_cfg.get('type') in DAT_TYPES or getattr(
+        model_cfg.get('type'), '__name__', None) == 'DAT')
+
+
+def load_dat_config(config: str, cfg_options: Optional[dict] = None) -> Tuple[Config, str]:
+    """Load a config whose model is a DAT backbone or has one.
+
+    Args:
+        config (str): Config file.
+        cfg_options (dict, optional): Overrides, as ``--cfg-options`` gives them.
+
+    Returns:
+        tuple[Config, str]: The config and its kind: ``'backbone'`` for ``model = dict(type='DAT',
+        ...)``, otherwise the library of its detector or segmenter, ``'mmdet'`` or ``'mmseg'``
+        (whose modules are then registered).
+    """
+    check_file(config, 'Config')
+    cfg = Config.fromfile(config)
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    model = cfg.get('model')
+    if not isinstance(model, dict):
+        raise SystemExit(f'{config} has no model dict')
+    if _is_dat(model):
+        return cfg, 'backbone'
+    if not _is_dat(model.get('backbone')):
+        backbone = model.get('backbone')
+        found = backbone.get('type') if isinstance(backbone, dict) else None
+        raise SystemExit(f'{config} has no DAT backbone: model.type is {model.get("type")!r} and '
+                         f'model.backbone.type is {found!r}; expected {DAT_TYPES[0]!r}')
+    return cfg, register_scope(cfg)
+
+
+def _config_dataset_meta(cfg: Config) -> dict:
+    """Classes and palette of the config's test dataset, without reading its files."""
+    datasets = importlib.import_module(f'{cfg.default_scope}.registry').DATASETS
+    dataset_cfg = copy.deepcopy(cfg.test_dataloader.dataset)
+    dataset_cfg['lazy_init'] = True
+    metainfo = datasets.build(dataset_cfg).metainfo
+    return dict(classes=metainfo['classes'], palette=metainfo.get('palette'))
+
+
+def build_inferencer(cfg: Config, scope: str, checkpoint: Optional[str], device: str):
+    """mmdet's ``DetInferencer`` or mmseg's ``MMSegInferencer`` for ``cfg``.
+
+    Without a checkpoint (random weights) or with one that does not store the class names, the
+    classes and palette come from the config's test dataset rather than the inferencers' default
+    (COCO or Cityscapes names, wrong for any other dataset).
+    """
+    if scope == 'mmdet':
+        from mmdet.apis import DetInferencer
+        inferencer = DetInferencer(model=cfg, weights=checkpoint, device=device,
+                                   show_progress=False)
+    else:
+        from mmseg.apis import MMSegInferencer
+        inferencer = MMSegInferencer(model=cfg, weights=checkpoint, device=device)
+    saved_meta = {}
+    if checkpoint is not None:
+        # The inferencer keeps no record of where its class names came from: read them again.
+        # Safe loading is enough: mmdat allow-lists what mmengine checkpoints hold.
+        saved = torch.load(checkpoint, map_location='cpu', weights_only=True)
+        saved_meta = (saved.get('meta') or {}).get('dataset_meta') or {}
+    if 'classes' not in saved_meta:
+        inferencer.model.dataset_meta = _config_dataset_meta(cfg)
+        if scope == 'mmdet':
+            inferencer.visualizer.dataset_meta = inferencer.model.dataset_meta
+    return inferencer

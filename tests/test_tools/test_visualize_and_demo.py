@@ -1,0 +1,187 @@
+"""tools/visualize_deformable.py and tools/demo.py end to end on a CPU, with tiny random models."""
+import importlib.util
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from mmdat.datasets import make_synthetic_dataset
+from mmdat.models import DAT
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = REPO_ROOT / 'tests' / 'data' / 'configs'
+DETECTOR = str(CONFIGS / 'retinanet_dat_shapes_tiny.py')
+SEGMENTER = str(CONFIGS / 'upernet_dat_shapes_tiny.py')
+BACKBONE_ARCH = dict(embed_dims=16, depths=(1, 1, 4, 2), num_heads=(1, 2, 4, 4), offset_groups=(0, 0, 2, 4))
+
+
+def load_tool(name):
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / 'tools' / f'{name}.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+visualize = load_tool('visualize_deformable')
+demo = load_tool('demo')
+
+
+@pytest.fixture(scope='module')
+def image_file(tmp_path_factory):
+    """A synthetic image of an odd size (150 x 205), unlike the configs' 256 x 320 resize."""
+    root = tmp_path_factory.mktemp('shapes')
+    make_synthetic_dataset(str(root), {'val': 1}, image_size=(150, 205), seed=1)
+    return str(root / 'val' / 'images' / '00000.png')
+
+
+@pytest.fixture(scope='module')
+def backbone_config(tmp_path_factory):
+    """A backbone-only config and a checkpoint of that backbone with non-trivial offsets."""
+    root = tmp_path_factory.mktemp('backbone')
+    config = root / 'dat_backbone.py'
+    config.write_text(f'model = dict(type="DAT", arch={BACKBONE_ARCH!r}, drop_path_rate=0.0)\n')
+    torch.manual_seed(0)
+    model = DAT(arch=BACKBONE_ARCH, drop_path_rate=0.0)
+    model.init_weights()
+    for name, param in model.named_parameters():
+        if name.endswith('offset_net.proj.weight'):
+            param.data.normal_(0, 1.0)
+    torch.save({'state_dict': model.state_dict()}, root / 'dat_backbone.pth')
+    return str(config), str(root / 'dat_backbone.pth'), model.eval()
+
+
+def spy_on_drawing(monkeypatch):
+    """Keep what the tool hands to the drawing function."""
+    calls = []
+    real = visualize.draw_deformable_attention
+
+    def spy(image, record, *args):
+        calls.append((image, record, args))
+        return real(image, record, *args)
+
+    monkeypatch.setattr(visualize, 'draw_deformable_attention', spy)
+    return calls
+
+
+def test_visualize_backbone_draws_what_the_model_computed(image_file, backbone_config, tmp_path,
+                                                          monkeypatch):
+    config, checkpoint, model = backbone_config
+    calls = spy_on_drawing(monkeypatch)
+    out = tmp_path / 'deformable.png'
+    visualize.main([image_file, '--config', config, '--checkpoint', checkpoint, '--stage', '3',
+                    '--block', '1', '--query', '10', '20', '--query', '200', '149', '--out', str(out)])
+    assert cv2.imread(str(out)) is not None
+    (image, record, (stride, scale_factor, *_)), = calls
+    assert image.shape == (150, 205, 3) and (stride, scale_factor) == (16, (1.0, 1.0))
+    assert (record.stage, record.block, record.map_size) == (2, 1, (10, 13))
+    assert record.query_indices == [1 * 13 + 0, 9 * 13 + 12]  # pixel (10, 20) is in map pixel (0, 1)
+
+    # The same backbone run here: the tool drew the positions this block computed for this image.
+    pixels = torch.from_numpy(cv2.imread(image_file)[..., ::-1].copy()).float()
+    inputs = ((pixels - torch.tensor(visualize.IMAGENET_MEAN)) / torch.tensor(visualize.IMAGENET_STD))
+    attn = model.stages[2].blocks[1].attn
+    queries = []
+    handle = attn.proj_q.register_forward_hook(lambda m, i, o: queries.append(o))
+    with torch.no_grad():
+        model(inputs.permute(2, 0, 1)[None])
+    handle.remove()
+    _, positions = attn.sampling_positions(queries[0])
+    torch.testing.assert_close(record.positions.flatten(0, 1), positions, rtol=0, atol=1e-6)
+    assert (positions - record.reference).abs().max() > 0.05
+
+
+@pytest.mark.parametrize('config', [DETECTOR, SEGMENTER], ids=['detector', 'segmenter'])
+def test_visualize_through_the_test_pipeline(config, image_file, tmp_path, monkeypatch):
+    calls = spy_on_drawing(monkeypatch)
+    out = tmp_path / 'deformable.png'
+    visualize.main([image_file, '--config', config, '--stage', '4', '--num-queries', '2',
+                    '--out', str(out)])
+    assert cv2.imread(str(out)) is not None
+    (image, record, (stride, scale_factor, *_)), = calls
+    # keep_ratio resize of 150x205 to fit 320x256: x 1.5609..., then DAT's ceil(size / 32) maps
+    assert stride == 32 and scale_factor == pytest.approx((320 / 205, 234 / 150), abs=1e-3)
+    assert (record.stage, record.block, record.map_size) == (3, 1, (8, 10))
+    assert len(record.query_indices) == 2 and record.attention.shape == (1, 4, 2, 80)
+
+
+def test_visualize_errors(image_file, backbone_config, tmp_path):
+    config, _, _ = backbone_config
+    out = str(tmp_path / 'x.png')
+    cases = [
+        ([str(tmp_path / 'missing.png'), '--config', config], 'Image not found'),
+        ([image_file, '--config', str(tmp_path / 'missing.py')], 'Config not found'),
+        ([image_file, '--config', config, '--checkpoint', str(tmp_path / 'w.pth')], 'Checkpoint not found'),
+        ([image_file, '--config', config, '--stage', '2'], r'stages \(1-based\) with deformable blocks: \[3, 4\]'),
+        ([image_file, '--config', config, '--block', '2'], r'--block 2 .* stage 3; choose one of \[1, 3\]'),
+        ([image_file, '--config', config, '--query', '205', '10'], 'outside the 205x150 image'),
+        ([image_file, '--config', config, '--top-k', '0'], '--top-k must be >= 1'),
+    ]
+    not_an_image = tmp_path / 'notes.png'
+    not_an_image.write_text('not an image')
+    cases.append(([str(not_an_image), '--config', config], 'Cannot read image'))
+    resnet = tmp_path / 'resnet.py'
+    resnet.write_text("default_scope = 'mmdet'\nmodel = dict(type='RetinaNet', backbone=dict(type='ResNet', depth=18))\n")
+    cases.append(([image_file, '--config', str(resnet)], "no DAT backbone.*'ResNet'"))
+    short = tmp_path / 'short.py'  # a backbone whose last stage never runs
+    short.write_text(f'model = dict(type="DAT", arch={BACKBONE_ARCH!r}, out_indices=(0, 1, 2))\n')
+    cases.append(([image_file, '--config', str(short), '--stage', '4'],
+                  r'stops after stage 3 \(out_indices \[0, 1, 2\]'))
+    for argv, message in cases:
+        with pytest.raises(SystemExit, match=message):
+            visualize.main(argv + ['--out', out])
+
+
+@pytest.mark.parametrize('config', [DETECTOR, SEGMENTER], ids=['detector', 'segmenter'])
+def test_demo_draws_over_the_image(config, image_file, tmp_path, capsys):
+    out = tmp_path / 'demo.png'
+    demo.main([image_file, config, '--out', str(out)])
+    drawing = cv2.imread(str(out))
+    assert drawing.shape == (150, 205, 3)
+    assert np.abs(drawing.astype(int) - cv2.imread(image_file)).mean() > 1  # something was drawn
+    printed = capsys.readouterr().out
+    if config == SEGMENTER:  # class names of the config, not mmseg's Cityscapes default
+        assert 'classes present:' in printed and 'road' not in printed
+    else:
+        assert 'detections with score >= 0.3' in printed and 'person' not in printed
+
+
+def test_demo_with_a_checkpoint(image_file, tmp_path, capsys):
+    """A checkpoint as the runner saves it: weights and class names are taken from it."""
+    from mmengine.config import Config
+    from mmseg.registry import MODELS
+    from mmseg.utils import register_all_modules
+    register_all_modules()
+    model = MODELS.build(Config.fromfile(SEGMENTER).model)
+    # weights that make every pixel class 1, whatever the image
+    model.decode_head.conv_seg.bias.data = torch.tensor([0.0, 1e4, 0.0, 0.0])
+    classes = ('sky', 'disc', 'box', 'wedge')
+    palette = [[0, 0, 0], [255, 0, 0], [0, 255, 0], [0, 0, 255]]
+    torch.save({'state_dict': model.state_dict(),
+                'meta': {'dataset_meta': {'classes': classes, 'palette': palette}}}, tmp_path / 'seg.pth')
+    out = tmp_path / 'demo.png'
+    demo.main([image_file, SEGMENTER, str(tmp_path / 'seg.pth'), '--out', str(out), '--opacity', '1'])
+    assert 'classes present: disc\n' in capsys.readouterr().out
+    drawing = cv2.imread(str(out))
+    assert drawing.shape == (150, 205, 3)
+    # opacity 1: the class colour (red, BGR here) everywhere but under the class name label
+    assert (drawing == [0, 0, 255]).all(-1).mean() > 0.9
+
+
+def test_demo_errors(image_file, backbone_config, tmp_path):
+    config, _, _ = backbone_config
+    out = str(tmp_path / 'x.png')
+    not_an_image = tmp_path / 'notes.jpg'
+    not_an_image.write_bytes(b'\x00' * 10)
+    cases = [
+        ([str(tmp_path / 'missing.png'), DETECTOR], 'Image not found'),
+        ([str(not_an_image), DETECTOR], 'Cannot read image'),
+        ([image_file, str(tmp_path / 'missing.py')], 'Config not found'),
+        ([image_file, DETECTOR, str(tmp_path / 'missing.pth')], 'Checkpoint not found'),
+        ([image_file, config], 'backbone-only config'),
+        ([image_file, DETECTOR, '--score-thr', '2'], r'--score-thr must be in \[0, 1\]'),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit, match=message):
+            demo.main(argv + ['--out', out])
