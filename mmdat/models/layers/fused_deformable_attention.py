@@ -15,7 +15,7 @@ without a GPU. This module imports without Triton; :data:`TRITON_AVAILABLE` says
 kernels exist.
 """
 import os
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 
@@ -474,28 +474,30 @@ def fused_deformable_attention(query: torch.Tensor, key: torch.Tensor, value: to
     return FusedDeformableAttentionFunction.apply(query, key, value, reference, positions, table)
 
 
-def reference_deformable_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                                   reference: torch.Tensor, positions: torch.Tensor,
-                                   table: torch.Tensor,
-                                   bias_out: Optional[list] = None) -> torch.Tensor:
-    """The same computation materialised with ``grid_sample`` and matmuls (for tests, benchmarks).
+def sampled_position_bias(reference: torch.Tensor, positions: torch.Tensor, table: torch.Tensor,
+                          batch: int) -> torch.Tensor:
+    """The bias of :func:`fused_deformable_attention` materialised: ``(B, heads, Nq, Nk)``.
 
     Args:
-        query, key, value, reference, positions, table: As in :func:`fused_deformable_attention`.
-        bias_out (list, optional): If given, the materialised bias is appended to it.
-
-    Returns:
-        Tensor: ``(B, heads, Nq, head_dims)``.
+        reference, positions, table: As in :func:`fused_deformable_attention`.
+        batch (int): ``B``; ``positions`` holds ``B * groups`` sets of key positions.
     """
-    batch, num_heads, num_queries, head_dims = query.shape
+    num_heads = table.shape[0]
     num_groups = positions.shape[0] // batch
     displacement = (reference.view(1, -1, 1, 2) - positions.unsqueeze(1)) * 0.5
     grouped_table = table.to(displacement.dtype).expand(batch, -1, -1, -1)
     grouped_table = grouped_table.reshape(batch * num_groups, num_heads // num_groups, *table.shape[1:])
     bias = torch.nn.functional.grid_sample(grouped_table, displacement.flip(-1), mode='bilinear',
                                            padding_mode='zeros', align_corners=True)
-    bias = bias.view(batch, num_heads, num_queries, -1)
-    if bias_out is not None:
-        bias_out.append(bias)
-    scores = (query * head_dims**-0.5) @ key.transpose(-2, -1) + bias
+    return bias.view(batch, num_heads, reference.shape[0], -1)
+
+
+def reference_deformable_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                                   reference: torch.Tensor, positions: torch.Tensor,
+                                   table: torch.Tensor) -> torch.Tensor:
+    """:func:`fused_deformable_attention` materialised with ``grid_sample`` and matmuls (the
+    plain path of :class:`DeformableAttention`, written for these arguments; for tests and
+    benchmarks). Takes any float dtype, float64 included."""
+    bias = sampled_position_bias(reference, positions, table, query.shape[0])
+    scores = (query * query.shape[-1]**-0.5) @ key.transpose(-2, -1) + bias
     return scores.softmax(dim=-1).to(value.dtype) @ value
