@@ -14,7 +14,6 @@ The kernels run on CUDA tensors, or on CPU tensors through Triton's interpreter
 without a GPU. This module imports without Triton; :data:`TRITON_AVAILABLE` says whether the
 kernels exist.
 """
-import os
 from typing import Tuple
 
 import torch
@@ -32,8 +31,9 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def interpreter_enabled() -> bool:
-    """Whether Triton kernels run in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get('TRITON_INTERPRET', '0') == '1'
+    """Whether the kernels were defined for Triton's CPU interpreter (``TRITON_INTERPRET=1`` when
+    this module was imported): then they take CPU tensors."""
+    return TRITON_AVAILABLE and not isinstance(_forward_kernel, triton.runtime.JITFunction)
 
 
 def fused_available(device: torch.device, dtype: torch.dtype) -> bool:
@@ -232,11 +232,12 @@ if TRITON_AVAILABLE:
             # d(bias)/d(iy), d(bias)/d(ix); the chain to the positions is applied once at the end.
             dpos_y += tl.sum(dscores * (wx0 * (v10 - v00) + wx1 * (v11 - v01)), 0)
             dpos_x += tl.sum(dscores * (wy0 * (v01 - v00) + wy1 * (v11 - v10)), 0)
+            # Relaxed ordering: the adds are only summed, never read back in this kernel.
             corner = dtable + y0 * TABLE_W + x0
-            tl.atomic_add(corner, dscores * wy0 * wx0, mask=valid & in_y0 & in_x0)
-            tl.atomic_add(corner + 1, dscores * wy0 * wx1, mask=valid & in_y0 & in_x1)
-            tl.atomic_add(corner + TABLE_W, dscores * wy1 * wx0, mask=valid & in_y1 & in_x0)
-            tl.atomic_add(corner + TABLE_W + 1, dscores * wy1 * wx1, mask=valid & in_y1 & in_x1)
+            tl.atomic_add(corner, dscores * wy0 * wx0, mask=valid & in_y0 & in_x0, sem='relaxed')
+            tl.atomic_add(corner + 1, dscores * wy0 * wx1, mask=valid & in_y0 & in_x1, sem='relaxed')
+            tl.atomic_add(corner + TABLE_W, dscores * wy1 * wx0, mask=valid & in_y1 & in_x0, sem='relaxed')
+            tl.atomic_add(corner + TABLE_W + 1, dscores * wy1 * wx1, mask=valid & in_y1 & in_x1, sem='relaxed')
 
         tl.store(DK + batch_head * NUM_KEYS * HEAD_DIMS + offs_n[:, None] * HEAD_DIMS + offs_d[None, :],
                  (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
