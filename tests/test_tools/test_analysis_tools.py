@@ -50,9 +50,18 @@ def test_flops_of_a_whole_config():
         get_flops.main(['tiny.yaml'])
 
 
-def test_backbone_benchmark_table_on_cpu():
+@pytest.fixture
+def keep_num_threads():
+    """--threads sets torch's thread count of the process that runs a cell: restore it."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_backbone_benchmark_table_on_cpu(keep_num_threads):
     rows, table = benchmark.main(['--archs', 'tiny', '--sizes', '32', '--batch', '1', '--warmup', '0',
-                                  '--repeats', '1', '--no-isolate', '--paths', 'reference', 'sdpa', 'fused'])
+                                  '--repeats', '1', '--no-isolate', '--threads', '1',
+                                  '--paths', 'reference', 'sdpa', 'fused'])
     assert [(r['mode'], r['path']) for r in rows] == [
         (m, p) for m in ('infer', 'train') for p in ('reference', 'sdpa', 'fused')]
     for row in rows:
@@ -61,6 +70,15 @@ def test_backbone_benchmark_table_on_cpu():
         else:
             assert row['seconds'] > 0 and 'error' not in row
     assert 'Device: ' in table and '| tiny | 32x32 | train | fused | skipped' in table
+
+
+def test_interleaved_timing(keep_num_threads):
+    rows, table = benchmark.main(['--archs', 'tiny', '--sizes', '32', '--batch', '1', '--warmup', '0',
+                                  '--repeats', '2', '--no-isolate', '--threads', '1', '--interleave',
+                                  '--modes', 'infer', '--paths', 'reference', 'auto', 'fused'])
+    assert [r['path'] for r in rows] == ['reference', 'auto', 'fused']
+    assert rows[0]['seconds'] > 0 and rows[1]['seconds'] > 0 and rows[1]['peak_bytes'] is None
+    assert 'skipped' in rows[2]['error'] and 'paths in turns' in table
 
 
 def test_op_benchmark_on_cpu():
@@ -80,7 +98,7 @@ def test_op_inputs_have_the_stage3_shapes():
 
 def test_a_cell_runs_in_a_fresh_process():
     cell = dict(kind='op', arch='tiny', size=(32, 32), mode='infer', path='sdpa-no-bias', device='cpu',
-                amp='none', batch=1, warmup=0, repeats=1, isolated=True)
+                amp='none', batch=1, warmup=0, repeats=1, isolated=True, threads=1)
     result = benchmark.run_cell(cell)
     assert result['seconds'] > 0 and result['peak_bytes'] >= 0
 
@@ -112,6 +130,8 @@ def test_max_size_search():
     (['--op', '--paths', 'auto'], 'unknown paths'),
     (['--min-height', '100'], 'multiples of 32'),
     (['--batch', '0'], '--batch'),
+    (['--threads', '0'], '--threads'),
+    (['--op', '--interleave'], 'backbone table only'),
 ])
 def test_bad_benchmark_arguments(argv, match, capsys):
     with pytest.raises(SystemExit):

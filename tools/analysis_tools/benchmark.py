@@ -74,7 +74,7 @@ def parse_size(text: str) -> Tuple[int, int]:
     return sides
 
 
-def device_name(device: str) -> str:
+def device_name(device: str, threads: Optional[int] = None) -> str:
     if device == 'cuda':
         return torch.cuda.get_device_name()
     model = platform.processor() or 'CPU'
@@ -83,7 +83,7 @@ def device_name(device: str) -> str:
             model = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
     except (OSError, StopIteration):
         pass
-    return f'{model}, {torch.get_num_threads()} threads'
+    return f'{model}, {os.cpu_count()} cores, torch using {threads or torch.get_num_threads()} threads'
 
 
 def _rss_bytes() -> int:
@@ -128,12 +128,12 @@ def _autocast(device: str, amp: str):
     return torch.autocast(device, dtype=dtype, enabled=dtype is not None)
 
 
-def backbone_cell(cell: dict) -> dict:
-    """One (arch, size, path, mode) measurement of the backbone."""
-    device, amp, batch = cell['device'], cell['amp'], cell['batch']
+def backbone_step(cell: dict, path: str) -> Callable[[], None]:
+    """One inference or training step of a freshly built backbone (the same weights for every path)."""
+    device, amp = cell['device'], cell['amp']
     torch.manual_seed(0)
-    model = DAT(arch=cell['arch'], attn_impl=cell['path'], drop_path_rate=0.0).to(device)
-    images = torch.randn(batch, 3, *cell['size'], device=device)
+    model = DAT(arch=cell['arch'], attn_impl=path, drop_path_rate=0.0).to(device)
+    images = torch.randn(cell['batch'], 3, *cell['size'], device=device)
     if cell['mode'] == 'infer':
         model.eval()
 
@@ -149,7 +149,33 @@ def backbone_cell(cell: dict) -> dict:
             loss.backward()
             model.zero_grad(set_to_none=True)
 
-    return time_steps(step, device, cell['warmup'], cell['repeats'], cell['isolated'])
+    return step
+
+
+def backbone_cell(cell: dict) -> dict:
+    """One (arch, size, path, mode) measurement of the backbone."""
+    step = backbone_step(cell, cell['path'])
+    return time_steps(step, cell['device'], cell['warmup'], cell['repeats'], cell['isolated'])
+
+
+def interleaved_cell(cell: dict) -> dict:
+    """Several paths timed in turns, one step each per round (rotating the order), so that the
+    load of a shared machine weighs on all of them alike. Median seconds per path; no memory."""
+    paths = cell['paths']
+    steps = {path: backbone_step(cell, path) for path in paths}
+    for _ in range(cell['warmup']):
+        for step in steps.values():
+            step()
+    times = {path: [] for path in paths}
+    for round_index in range(cell['repeats']):
+        for i in range(len(paths)):
+            path = paths[(round_index + i) % len(paths)]
+            _synchronize(cell['device'])
+            start = time.perf_counter()
+            steps[path]()
+            _synchronize(cell['device'])
+            times[path].append(time.perf_counter() - start)
+    return {path: statistics.median(t) for path, t in times.items()}
 
 
 def op_inputs(arch: str, size: Tuple[int, int], batch: int, dtype: torch.dtype,
@@ -212,10 +238,12 @@ def probe_cell(cell: dict) -> dict:
     return backbone_cell(dict(cell, mode='train', warmup=0, repeats=1))
 
 
-CELL_FUNCTIONS = dict(backbone=backbone_cell, op=op_cell, probe=probe_cell)
+CELL_FUNCTIONS = dict(backbone=backbone_cell, interleaved=interleaved_cell, op=op_cell, probe=probe_cell)
 
 
 def _run_here(cell: dict) -> dict:
+    if cell['threads']:
+        torch.set_num_threads(cell['threads'])
     try:
         return CELL_FUNCTIONS[cell['kind']](cell)
     except torch.cuda.OutOfMemoryError:
@@ -269,10 +297,13 @@ def header(args: argparse.Namespace) -> str:
     versions = f'torch {torch.__version__}'
     if fused_module.TRITON_AVAILABLE:
         versions += f', triton {fused_module.triton.__version__}'
-    memory = ('peak allocated (torch.cuda.max_memory_allocated)' if args.device == 'cuda' else
+    memory = ('not measured (--interleave)' if args.interleave else
+              'peak allocated (torch.cuda.max_memory_allocated)' if args.device == 'cuda' else
               'peak RSS growth of the process' if args.isolated else 'not measured (--no-isolate)')
-    return (f'Device: {device_name(args.device)} ({args.device}); {versions}; amp: {args.amp}; '
-            f'batch {args.batch}; warm-up {args.warmup}, median of {args.repeats}; memory: {memory}.')
+    timing = 'paths in turns, ' if args.interleave else ''
+
+    return (f'Device: {device_name(args.device, args.threads)} ({args.device}); {versions}; amp: {args.amp}; '
+            f'batch {args.batch}; {timing}warm-up {args.warmup}, median of {args.repeats}; memory: {memory}.')
 
 
 def benchmark_backbone(args: argparse.Namespace) -> Tuple[List[dict], List[str]]:
@@ -280,16 +311,25 @@ def benchmark_backbone(args: argparse.Namespace) -> Tuple[List[dict], List[str]]
     for arch in args.archs:
         for size in args.sizes:
             for mode in args.modes:
-                for path in args.paths:
-                    row = dict(arch=arch, size=size, mode=mode, path=path)
-                    reason = skip_reason(path, args.device)
+                group = [dict(arch=arch, size=size, mode=mode, path=path) for path in args.paths]
+                for row in group:
+                    reason = skip_reason(row['path'], args.device)
                     if reason:
                         row['error'] = reason
-                    else:
+                runnable = [row for row in group if 'error' not in row]
+                if args.interleave and runnable:
+                    result = run_cell(dict(kind='interleaved', arch=arch, size=size, mode=mode,
+                                           paths=[row['path'] for row in runnable], **_common(args)))
+                    for row in runnable:
+                        row.update(dict(error=result['error']) if 'error' in result else
+                                   dict(seconds=result[row['path']], peak_bytes=None))
+                else:
+                    for row in runnable:
                         row.update(run_cell(dict(kind='backbone', arch=arch, size=size, mode=mode,
-                                                 path=path, **_common(args))))
-                    rows.append(row)
+                                                 path=row['path'], **_common(args))))
+                for row in group:
                     _progress(row)
+                rows += group
     lines = ['| arch | input | mode | path | images/s | ms/iter | peak MiB | speed vs reference | memory vs reference |',
              '|---|---|---|---|---:|---:|---:|---:|---:|']
     for row in rows:
@@ -414,7 +454,7 @@ def benchmark_max_size(args: argparse.Namespace) -> Tuple[List[dict], List[str]]
 
 def _common(args: argparse.Namespace) -> dict:
     return dict(device=args.device, amp=args.amp, batch=args.batch, warmup=args.warmup,
-                repeats=args.repeats, isolated=args.isolated)
+                repeats=args.repeats, isolated=args.isolated, threads=args.threads)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -438,6 +478,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--repeats', type=int, default=10)
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
                         choices=['cuda', 'cpu'])
+    parser.add_argument('--interleave', action='store_true',
+                        help='time the paths of each arch/size/mode in turns in one process (steadier '
+                             'on a shared machine; no memory column)')
+    parser.add_argument('--threads', type=int, default=None,
+                        help='CPU threads of torch (default: torch\'s choice); 1 avoids the large '
+                             'slowdown of busy-waiting OpenMP threads on a machine shared with other jobs')
     parser.add_argument('--no-isolate', dest='isolated', action='store_false',
                         help='run every cell in this process (no per-cell CPU memory)')
     parser.add_argument('--min-height', type=int, default=224, help='--max-size: smallest height tried')
@@ -454,6 +500,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error('--device cuda: CUDA is not available')
     if args.max_size and args.device != 'cuda':
         parser.error('--max-size searches GPU memory; it needs --device cuda')
+    if args.interleave and (args.op or args.max_size):
+        parser.error('--interleave applies to the backbone table only')
+    if args.threads is not None and args.threads < 1:
+        parser.error('--threads must be >= 1')
     if args.batch < 1 or args.repeats < 1 or args.warmup < 0:
         parser.error('--batch and --repeats must be >= 1, --warmup >= 0')
     if not 32 <= args.min_height <= args.max_height or args.min_height % 32 or args.max_height % 32:
