@@ -358,6 +358,7 @@ class FusedDeformableAttentionFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
         query, key, value, reference, positions, table, out, lse = ctx.saved_tensors
         batch, num_heads, num_queries, head_dims = query.shape

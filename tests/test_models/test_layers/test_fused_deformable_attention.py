@@ -222,6 +222,14 @@ def test_auto_uses_the_fused_kernel_only_on_cuda(monkeypatch):
         assert calls[-1].type == 'cuda'
 
 
+def test_double_backward_is_refused():
+    inputs = [t.float().to(DEVICE) for t in make_inputs(1, 2, 1, 5, 5, 8, (3, 3))]
+    inputs[0].requires_grad_(True)
+    (grad, ) = torch.autograd.grad(fused_deformable_attention(*inputs).sum(), inputs[0], create_graph=True)
+    with pytest.raises(RuntimeError, match='once_differentiable|does not require grad'):
+        grad.sum().backward()
+
+
 def test_fused_available():
     assert not fused_available(torch.device('cpu'), torch.float64)
     assert fused_available(torch.device(DEVICE), torch.bfloat16)
