@@ -304,6 +304,13 @@ if TRITON_AVAILABLE:
                  (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
 
 
+#: Launch options of the kernels (not tuned on a GPU yet). One pipeline stage: with more, Triton
+#: also stages the four bias gathers of every tile through shared memory (about 90 KB per program
+#: at 64 x 64 tiles with 2 stages, 157 KB with 3, against 25-41 KB with 1, compiled for sm_90),
+#: which would leave one or two programs per SM for a kernel that needs many to hide the gathers.
+LAUNCH_OPTIONS = dict(num_warps=4, num_stages=1)
+
+
 def _block_sizes(num_queries: int, num_keys: int, head_dims: int) -> Tuple[int, int, int]:
     """Tile sizes: 64 x 64 on a GPU (16 at least, as ``tl.dot`` needs), smaller for tiny inputs."""
     block_d = max(16, triton.next_power_of_2(head_dims))
@@ -352,7 +359,7 @@ class FusedDeformableAttentionFunction(torch.autograd.Function):
             *_strides(query), *_strides(key), *_strides(value), *_strides(out),
             num_heads, num_heads // num_groups, num_groups, num_queries, num_keys, head_dims,
             table.shape[1], table.shape[2], scale,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=precision)
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=precision, **LAUNCH_OPTIONS)
         ctx.save_for_backward(query, key, value, reference, positions, table, out, lse)
         ctx.positions_dtype = positions.dtype
         return out
@@ -383,7 +390,8 @@ class FusedDeformableAttentionFunction(torch.autograd.Function):
         common = (*_strides(query), *_strides(key), *_strides(value), *_strides(grad_out),
                   num_heads, num_heads // num_groups, num_groups, num_queries, num_keys, head_dims,
                   table_h, table_w, scale)
-        blocks = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=precision)
+        blocks = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=precision,
+                      **LAUNCH_OPTIONS)
         _backward_key_kernel[(num_key_tiles, batch * num_heads)](
             query, key, value, reference, positions, table, grad_out, lse, delta,
             dk, dv, dpos, dtable, *common, **blocks)

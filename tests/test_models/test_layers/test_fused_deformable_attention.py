@@ -4,6 +4,7 @@ Without a GPU the kernels run in Triton's CPU interpreter (tests/conftest.py set
 ``TRITON_INTERPRET=1``), so the sizes here are tiny; the tests marked ``cuda`` run at the size
 of DAT-T's stage 3 at 800x1333 when a GPU is present.
 """
+import os
 import subprocess
 import sys
 
@@ -311,3 +312,47 @@ def test_peak_memory_is_linear_on_gpu():
     quadratic = 2 * 12 * 4200 * 4200 * 4
     assert peaks['fused'] < quadratic / 4, peaks
     assert peaks['reference'] > quadratic, peaks
+
+
+COMPILE_SCRIPT = '''
+import triton
+from triton.backends.compiler import GPUTarget
+from mmdat.models.layers import fused_deformable_attention as fused
+
+def signature(kernel, pointers, constexprs):
+    types = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            types[name] = 'constexpr'
+        elif name in pointers:
+            types[name] = '*' + pointers[name]
+        else:
+            types[name] = 'fp32' if name == 'scale' else 'i32'
+    return types
+
+for dtype, precision in (('bf16', 'tf32'), ):  # the dtype of mixed-precision training
+    constexprs = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=32, PRECISION=precision)
+    inputs = dict(Q=dtype, K=dtype, V=dtype, REF='fp32', POS='fp32', TABLE='fp32')
+    grads = dict(inputs, DOUT=dtype, LSE='fp32', DELTA='fp32')
+    kernels = ((fused._forward_kernel, dict(inputs, OUT=dtype, LSE='fp32')),
+               (fused._backward_key_kernel, dict(grads, DK=dtype, DV=dtype, DPOS='fp32', DTABLE='fp32')),
+               (fused._backward_query_kernel, dict(grads, DQ=dtype)))
+    for kernel, pointers in kernels:
+        source = triton.compiler.ASTSource(kernel, signature(kernel, pointers, constexprs), constexprs)
+        compiled = triton.compile(source, target=GPUTarget('cuda', 90, 32), options=fused.LAUNCH_OPTIONS)
+        assert compiled.asm['cubin'], kernel.__name__
+        print(dtype, kernel.__name__, compiled.metadata.shared)
+'''
+
+
+def test_kernels_compile_for_hopper():
+    """The kernels compile to sm_90 machine code (Triton's bundled ptxas, no GPU needed): the
+    interpreter accepts some programs the compiler rejects."""
+    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
+    env['TRITON_DEFAULT_FP_FUSION'] = '1'
+    result = subprocess.run([sys.executable, '-c', COMPILE_SCRIPT], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.split('\n')
+    assert len([line for line in lines if line]) == 3
+    for line in filter(None, lines):
+        assert int(line.split()[-1]) <= 48 * 1024, line  # shared memory per program (bytes)
