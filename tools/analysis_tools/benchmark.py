@@ -330,8 +330,8 @@ def benchmark_backbone(args: argparse.Namespace) -> Tuple[List[dict], List[str]]
                 for row in group:
                     _progress(row)
                 rows += group
-    lines = ['| arch | input | mode | path | images/s | ms/iter | peak MiB | speed vs reference | memory vs reference |',
-             '|---|---|---|---|---:|---:|---:|---:|---:|']
+    lines = ['| arch | input | mode | path | images/s | ms/iter | peak MiB | speed vs reference '
+             '| memory vs reference |', '|---|---|---|---|---:|---:|---:|---:|---:|']
     for row in rows:
         base = next((r for r in rows if r['path'] == 'reference' and 'seconds' in r
                      and (r['arch'], r['size'], r['mode']) == (row['arch'], row['size'], row['mode'])), None)
