@@ -116,7 +116,7 @@ class DATStage(nn.Module):
         table_size (int): Map size the deformable position bias table is made for.
         drop_path_rates (Sequence[float]): Stochastic depth rate of each block.
         downsample (bool): Start with a 2x2 stride-2 conv (no bias) and LayerNorm.
-        attn_impl (str): ``'sdpa'`` or ``'reference'``.
+        attn_impl (str): ``'auto'``, ``'sdpa'``, ``'reference'`` or ``'fused'``.
         with_cp (bool): Gradient checkpointing of every block.
     """
 
@@ -174,7 +174,10 @@ class DAT(BaseModule):
             0 to this value. Defaults to 0.1.
         attn_impl (str): ``'sdpa'`` (:func:`torch.nn.functional.scaled_dot_product_attention`
             with the bias as ``attn_mask``), ``'reference'`` (plain matmul and softmax, the
-            same function), or ``'auto'``, the fastest available. Defaults to ``'auto'``.
+            same function), ``'fused'`` (deformable blocks run a Triton kernel that samples the
+            position bias on the fly and never stores an ``N x N`` tensor; needs CUDA and
+            Triton; window blocks use SDPA), or ``'auto'``: fused on CUDA when Triton is
+            installed, SDPA otherwise, chosen per call from the input. Defaults to ``'auto'``.
         with_cp (bool): Gradient checkpointing: less memory, same results, slower backward.
             Defaults to False.
         frozen_stages (int): Stages to freeze (no gradients, eval mode), ``-1..4``; 0 freezes

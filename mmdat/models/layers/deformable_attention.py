@@ -5,7 +5,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import biased_attention
+from .attention import biased_attention, check_attn_impl
+from .fused_deformable_attention import fused_available, fused_deformable_attention
 
 
 def pixel_centre_grid(height: int, width: int, device: torch.device,
@@ -60,7 +61,10 @@ class DeformableAttention(nn.Module):
             (the map size at pre-training resolution); the table has ``2 * size - 1`` entries a side.
         offset_range_factor (float): Offsets are ``tanh(raw) * factor / (H, W)`` in normalised
             coordinates, i.e. at most ``factor / 2`` pixels.
-        attn_impl (str): ``'sdpa'`` or ``'reference'``; see :func:`biased_attention`.
+        attn_impl (str): ``'sdpa'`` or ``'reference'`` (see :func:`biased_attention`), ``'fused'``
+            (:func:`fused_deformable_attention`: the bias is sampled inside the attention kernel
+            and no ``N x N`` tensor is stored; CUDA, or CPU under ``TRITON_INTERPRET=1``), or
+            ``'auto'``: fused for CUDA inputs when Triton is installed, SDPA otherwise.
     """
 
     def __init__(self, embed_dims: int, num_heads: int, num_groups: int, offset_kernel_size: int,
@@ -76,7 +80,7 @@ class DeformableAttention(nn.Module):
         self.num_heads = num_heads
         self.num_groups = num_groups
         self.offset_range_factor = offset_range_factor
-        self.attn_impl = attn_impl
+        self.attn_impl = check_attn_impl(attn_impl)
 
         self.proj_q = nn.Linear(embed_dims, embed_dims)
         self.proj_k = nn.Linear(embed_dims, embed_dims)
@@ -139,9 +143,18 @@ class DeformableAttention(nn.Module):
         def heads(t: torch.Tensor) -> torch.Tensor:
             return t.reshape(batch, -1, self.num_heads, channels // self.num_heads).transpose(1, 2)
 
-        bias = self.position_bias(reference, positions, batch)
+        fused = self.attn_impl == 'fused' or (self.attn_impl == 'auto' and query.is_cuda
+                                              and fused_available(query.device, query.dtype))
         if self.recorder is not None:
-            self.recorder(reference, positions, heads(query), heads(key), bias)
-        out = biased_attention(heads(query), heads(key), heads(value), bias, self.attn_impl)
+            # recording needs the materialised bias, whichever path computes the output
+            self.recorder(reference, positions, heads(query), heads(key),
+                          self.position_bias(reference, positions, batch))
+        if fused:
+            out = fused_deformable_attention(heads(query), heads(key), heads(value),
+                                             reference.flatten(0, 1), positions.flatten(1, 2),
+                                             self.rpe_table)
+        else:
+            bias = self.position_bias(reference, positions, batch)
+            out = biased_attention(heads(query), heads(key), heads(value), bias, self.attn_impl)
         out = out.transpose(1, 2).reshape(batch, height, width, channels)
         return self.proj_out(out)

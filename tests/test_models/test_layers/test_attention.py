@@ -41,10 +41,18 @@ def test_sdpa_casts_a_float32_bias_to_the_query_dtype():
 
 
 def test_check_attn_impl():
-    assert check_attn_impl('auto') in ATTN_IMPLS
-    assert check_attn_impl('auto') != 'auto'
-    assert check_attn_impl('reference') == 'reference'
+    for impl in ATTN_IMPLS:
+        assert check_attn_impl(impl) == impl  # 'auto' is resolved per call, from the input
     with pytest.raises(ValueError, match='attn_impl must be one of'):
         check_attn_impl('flash')
-    with pytest.raises(ValueError, match='attn_impl'):
-        biased_attention(*(torch.randn(1, 1, 2, 2) for _ in range(3)), None, 'auto')
+    with pytest.raises(ValueError, match='attn_impl must be one of'):
+        biased_attention(*(torch.randn(1, 1, 2, 2) for _ in range(3)), None, 'flash')
+
+
+@pytest.mark.parametrize('impl', ['auto', 'fused'])
+def test_dense_attention_without_a_fused_kernel_is_sdpa(impl):
+    """A materialised bias (window attention) has no fused kernel: 'auto' and 'fused' run SDPA."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 6, 4) for _ in range(3))
+    bias = torch.randn(2, 6, 6)
+    assert torch.equal(biased_attention(q, k, v, bias, impl), biased_attention(q, k, v, bias, 'sdpa'))

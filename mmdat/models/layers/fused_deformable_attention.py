@@ -1,0 +1,513 @@
+"""Fused deformable attention (Triton): the sampled position bias without an N x N tensor.
+
+DAT's deformable attention adds to every (query, key) score of head ``h`` a bias read from a
+small per-head table by bilinear sampling at half the normalised displacement between the
+query's reference point and the key's sampled position (``F.grid_sample``, ``align_corners=True``,
+zero padding). The plain path materialises that bias and the attention matrix, both
+``(B, heads, Nq, Nk)``. The kernels here compute the bias on the fly inside a flash-attention
+loop (online softmax over key tiles), so forward and backward memory grow linearly with the
+number of tokens. Backward recomputes the probabilities from the saved log-sum-exp and gives
+gradients for the queries, keys, values, the key positions and the table.
+
+The kernels run on CUDA tensors, or on CPU tensors through Triton's interpreter
+(``TRITON_INTERPRET=1`` set before this module is imported), which is how the tests run
+without a GPU. This module imports without Triton; :data:`TRITON_AVAILABLE` says whether the
+kernels exist.
+"""
+from typing import Tuple
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the model works without Triton, through the SDPA and reference paths
+    triton = None
+
+#: Whether Triton is importable, i.e. whether the fused path can run at all.
+TRITON_AVAILABLE = triton is not None
+#: Input dtypes the kernels take; accumulation is always in float32.
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def interpreter_enabled() -> bool:
+    """Whether the kernels were defined for Triton's CPU interpreter (``TRITON_INTERPRET=1`` when
+    this module was imported): then they take CPU tensors."""
+    return TRITON_AVAILABLE and not isinstance(_forward_kernel, triton.runtime.JITFunction)
+
+
+def fused_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the fused kernels can run on tensors of this device and dtype."""
+    if not TRITON_AVAILABLE or dtype not in SUPPORTED_DTYPES:
+        return False
+    return device.type == 'cuda' or (device.type == 'cpu' and interpreter_enabled())
+
+
+if TRITON_AVAILABLE:
+
+    @triton.jit
+    def _dot(a, b, PRECISION: tl.constexpr):
+        """``tl.dot`` with float32 accumulation; ``'upcast'`` multiplies in float32."""
+        if PRECISION == 'upcast':
+            result = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision='ieee')
+        else:
+            result = tl.dot(a, b, input_precision=PRECISION)
+        return result
+
+    @triton.jit
+    def _table_coords(ref_y, ref_x, pos_y, pos_x, TABLE_H, TABLE_W):
+        """Table pixel coordinates of every (query, key) pair, as ``grid_sample`` computes them.
+
+        The sampling point is ``(ref - pos) * 0.5`` in normalised coordinates;
+        ``align_corners=True`` maps ``[-1, 1]`` onto ``[0, size - 1]``. Clamping to
+        ``[-2, size + 1]`` changes neither values nor gradients (all four corners are outside
+        the table beyond ``-1`` and ``size``) but keeps the integer conversion in range.
+        """
+        iy = (((ref_y[:, None] - pos_y[None, :]) * 0.5 + 1.0) * 0.5) * (TABLE_H - 1)
+        ix = (((ref_x[:, None] - pos_x[None, :]) * 0.5 + 1.0) * 0.5) * (TABLE_W - 1)
+        iy = tl.minimum(tl.maximum(iy, -2.0), TABLE_H + 1.0)
+        ix = tl.minimum(tl.maximum(ix, -2.0), TABLE_W + 1.0)
+        return iy, ix
+
+    @triton.jit
+    def _table_corners(table, iy, ix, TABLE_H, TABLE_W):
+        """The four neighbouring table values (zero outside) and the corner indices and masks."""
+        y0f = tl.floor(iy)
+        x0f = tl.floor(ix)
+        y0 = y0f.to(tl.int32)
+        x0 = x0f.to(tl.int32)
+        y1 = y0 + 1
+        x1 = x0 + 1
+        in_y0 = (y0 >= 0) & (y0 < TABLE_H)
+        in_y1 = (y1 >= 0) & (y1 < TABLE_H)
+        in_x0 = (x0 >= 0) & (x0 < TABLE_W)
+        in_x1 = (x1 >= 0) & (x1 < TABLE_W)
+        v00 = tl.load(table + y0 * TABLE_W + x0, mask=in_y0 & in_x0, other=0.0).to(tl.float32)
+        v01 = tl.load(table + y0 * TABLE_W + x1, mask=in_y0 & in_x1, other=0.0).to(tl.float32)
+        v10 = tl.load(table + y1 * TABLE_W + x0, mask=in_y1 & in_x0, other=0.0).to(tl.float32)
+        v11 = tl.load(table + y1 * TABLE_W + x1, mask=in_y1 & in_x1, other=0.0).to(tl.float32)
+        return y0, x0, y0f, x0f, in_y0, in_y1, in_x0, in_x1, v00, v01, v10, v11
+
+    @triton.jit
+    def _sampled_bias(table, ref_y, ref_x, pos_y, pos_x, TABLE_H, TABLE_W):
+        """Bilinearly sampled bias ``(BLOCK_M, BLOCK_N)``."""
+        iy, ix = _table_coords(ref_y, ref_x, pos_y, pos_x, TABLE_H, TABLE_W)
+        _, _, y0f, x0f, _, _, _, _, v00, v01, v10, v11 = _table_corners(table, iy, ix, TABLE_H, TABLE_W)
+        wy1 = iy - y0f
+        wx1 = ix - x0f
+        wy0 = 1.0 - wy1
+        wx0 = 1.0 - wx1
+        return wy0 * (wx0 * v00 + wx1 * v01) + wy1 * (wx0 * v10 + wx1 * v11)
+
+    @triton.jit
+    def _forward_kernel(Q, K, V, REF, POS, TABLE, OUT, LSE,
+                        stride_qb, stride_qh, stride_qn,
+                        stride_kb, stride_kh, stride_kn,
+                        stride_vb, stride_vh, stride_vn,
+                        stride_ob, stride_oh, stride_on,
+                        NUM_HEADS, HEADS_PER_GROUP, NUM_GROUPS, NUM_QUERIES, NUM_KEYS, HEAD_DIMS,
+                        TABLE_H, TABLE_W, scale,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                        PRECISION: tl.constexpr):
+        pid_m = tl.program_id(0)
+        batch_head = tl.program_id(1)
+        batch = batch_head // NUM_HEADS
+        head = batch_head % NUM_HEADS
+        group = batch * NUM_GROUPS + head // HEADS_PER_GROUP
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_m = offs_m < NUM_QUERIES
+        mask_d = offs_d < HEAD_DIMS
+        q = tl.load(Q + batch * stride_qb + head * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
+                    mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+        ref_y = tl.load(REF + offs_m * 2, mask=mask_m, other=0.0).to(tl.float32)
+        ref_x = tl.load(REF + offs_m * 2 + 1, mask=mask_m, other=0.0).to(tl.float32)
+        table = TABLE + head * TABLE_H * TABLE_W
+        k_base = K + batch * stride_kb + head * stride_kh
+        v_base = V + batch * stride_vb + head * stride_vh
+        pos_base = POS + group * NUM_KEYS * 2
+
+        row_max = tl.full((BLOCK_M, ), float('-inf'), dtype=tl.float32)
+        row_sum = tl.zeros((BLOCK_M, ), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+        for start_n in range(0, NUM_KEYS, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < NUM_KEYS
+            kv_mask = mask_n[:, None] & mask_d[None, :]
+            k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+            pos_y = tl.load(pos_base + offs_n * 2, mask=mask_n, other=0.0).to(tl.float32)
+            pos_x = tl.load(pos_base + offs_n * 2 + 1, mask=mask_n, other=0.0).to(tl.float32)
+
+            scores = _dot(q, tl.trans(k), PRECISION) * scale
+            scores += _sampled_bias(table, ref_y, ref_x, pos_y, pos_x, TABLE_H, TABLE_W)
+            scores = tl.where(mask_n[None, :], scores, float('-inf'))
+            # Every key tile holds at least one real key, so the running max is finite.
+            new_max = tl.maximum(row_max, tl.max(scores, 1))
+            rescale = tl.exp(row_max - new_max)
+            probs = tl.exp(scores - new_max[:, None])
+            row_sum = row_sum * rescale + tl.sum(probs, 1)
+            acc = acc * rescale[:, None] + _dot(probs.to(v.dtype), v, PRECISION)
+            row_max = new_max
+
+        out = acc / row_sum[:, None]
+        tl.store(OUT + batch * stride_ob + head * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
+                 out.to(OUT.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+        tl.store(LSE + batch_head * NUM_QUERIES + offs_m, row_max + tl.log(row_sum), mask=mask_m)
+
+    @triton.jit
+    def _backward_key_kernel(Q, K, V, REF, POS, TABLE, DOUT, LSE, DELTA,
+                             DK, DV, DPOS, DTABLE,
+                             stride_qb, stride_qh, stride_qn,
+                             stride_kb, stride_kh, stride_kn,
+                             stride_vb, stride_vh, stride_vn,
+                             stride_ob, stride_oh, stride_on,
+                             NUM_HEADS, HEADS_PER_GROUP, NUM_GROUPS, NUM_QUERIES, NUM_KEYS, HEAD_DIMS,
+                             TABLE_H, TABLE_W, scale,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                             PRECISION: tl.constexpr):
+        """One key tile against all queries: dK, dV, d(positions) per head and d(table).
+
+        With ``P = softmax(S)``, ``dS = P * (dO V^T - rowsum(dO * O))``; the bias enters ``S``
+        additively, so ``d(bias) = dS``. It reaches the table through the bilinear weights
+        (scatter-added into this program's own table slice, reduced outside) and the key
+        positions through the derivative of the bilinear sample w.r.t. its coordinates.
+        """
+        pid_n = tl.program_id(0)
+        batch_head = tl.program_id(1)
+        batch = batch_head // NUM_HEADS
+        head = batch_head % NUM_HEADS
+        group = batch * NUM_GROUPS + head // HEADS_PER_GROUP
+
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_n = offs_n < NUM_KEYS
+        mask_d = offs_d < HEAD_DIMS
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(K + batch * stride_kb + head * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        v = tl.load(V + batch * stride_vb + head * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        pos_base = POS + group * NUM_KEYS * 2
+        pos_y = tl.load(pos_base + offs_n * 2, mask=mask_n, other=0.0).to(tl.float32)
+        pos_x = tl.load(pos_base + offs_n * 2 + 1, mask=mask_n, other=0.0).to(tl.float32)
+        table = TABLE + head * TABLE_H * TABLE_W
+        dtable = DTABLE + (pid_n * tl.num_programs(1) + batch_head) * TABLE_H * TABLE_W
+        q_base = Q + batch * stride_qb + head * stride_qh
+        do_base = DOUT + batch * stride_ob + head * stride_oh
+
+        dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+        dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+        dpos_y = tl.zeros((BLOCK_N, ), dtype=tl.float32)
+        dpos_x = tl.zeros((BLOCK_N, ), dtype=tl.float32)
+        for start_m in range(0, NUM_QUERIES, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            mask_m = offs_m < NUM_QUERIES
+            q_mask = mask_m[:, None] & mask_d[None, :]
+            q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=q_mask, other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * stride_on + offs_d[None, :], mask=q_mask, other=0.0)
+            ref_y = tl.load(REF + offs_m * 2, mask=mask_m, other=0.0).to(tl.float32)
+            ref_x = tl.load(REF + offs_m * 2 + 1, mask=mask_m, other=0.0).to(tl.float32)
+            lse = tl.load(LSE + batch_head * NUM_QUERIES + offs_m, mask=mask_m, other=0.0)
+            delta = tl.load(DELTA + batch_head * NUM_QUERIES + offs_m, mask=mask_m, other=0.0)
+
+            iy, ix = _table_coords(ref_y, ref_x, pos_y, pos_x, TABLE_H, TABLE_W)
+            y0, x0, y0f, x0f, in_y0, in_y1, in_x0, in_x1, v00, v01, v10, v11 = _table_corners(
+                table, iy, ix, TABLE_H, TABLE_W)
+            wy1 = iy - y0f
+            wx1 = ix - x0f
+            wy0 = 1.0 - wy1
+            wx0 = 1.0 - wx1
+            bias = wy0 * (wx0 * v00 + wx1 * v01) + wy1 * (wx0 * v10 + wx1 * v11)
+
+            scores = _dot(q, tl.trans(k), PRECISION) * scale + bias
+            valid = mask_m[:, None] & mask_n[None, :]
+            probs = tl.where(valid, tl.exp(scores - lse[:, None]), 0.0)
+            dv += _dot(tl.trans(probs.to(do.dtype)), do, PRECISION)
+            dprobs = _dot(do, tl.trans(v), PRECISION)
+            dscores = probs * (dprobs - delta[:, None])
+            dk += _dot(tl.trans(dscores.to(q.dtype)), q, PRECISION)
+
+            # d(bias)/d(iy), d(bias)/d(ix); the chain to the positions is applied once at the end.
+            dpos_y += tl.sum(dscores * (wx0 * (v10 - v00) + wx1 * (v11 - v01)), 0)
+            dpos_x += tl.sum(dscores * (wy0 * (v01 - v00) + wy1 * (v11 - v10)), 0)
+            # Relaxed ordering: the adds are only summed, never read back in this kernel.
+            corner = dtable + y0 * TABLE_W + x0
+            tl.atomic_add(corner, dscores * wy0 * wx0, mask=valid & in_y0 & in_x0, sem='relaxed')
+            tl.atomic_add(corner + 1, dscores * wy0 * wx1, mask=valid & in_y0 & in_x1, sem='relaxed')
+            tl.atomic_add(corner + TABLE_W, dscores * wy1 * wx0, mask=valid & in_y1 & in_x0, sem='relaxed')
+            tl.atomic_add(corner + TABLE_W + 1, dscores * wy1 * wx1, mask=valid & in_y1 & in_x1, sem='relaxed')
+
+        tl.store(DK + batch_head * NUM_KEYS * HEAD_DIMS + offs_n[:, None] * HEAD_DIMS + offs_d[None, :],
+                 (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
+        tl.store(DV + batch_head * NUM_KEYS * HEAD_DIMS + offs_n[:, None] * HEAD_DIMS + offs_d[None, :],
+                 dv.to(DV.dtype.element_ty), mask=kv_mask)
+        # iy = ((ref - pos) / 2 + 1) / 2 * (size - 1), so d(iy)/d(pos) = -(size - 1) / 4.
+        dpos = DPOS + batch_head * NUM_KEYS * 2 + offs_n * 2
+        tl.store(dpos, dpos_y * (-0.25 * (TABLE_H - 1)), mask=mask_n)
+        tl.store(dpos + 1, dpos_x * (-0.25 * (TABLE_W - 1)), mask=mask_n)
+
+    @triton.jit
+    def _backward_query_kernel(Q, K, V, REF, POS, TABLE, DOUT, LSE, DELTA, DQ,
+                               stride_qb, stride_qh, stride_qn,
+                               stride_kb, stride_kh, stride_kn,
+                               stride_vb, stride_vh, stride_vn,
+                               stride_ob, stride_oh, stride_on,
+                               NUM_HEADS, HEADS_PER_GROUP, NUM_GROUPS, NUM_QUERIES, NUM_KEYS, HEAD_DIMS,
+                               TABLE_H, TABLE_W, scale,
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                               PRECISION: tl.constexpr):
+        """One query tile against all keys: dQ = scale * dS K."""
+        pid_m = tl.program_id(0)
+        batch_head = tl.program_id(1)
+        batch = batch_head // NUM_HEADS
+        head = batch_head % NUM_HEADS
+        group = batch * NUM_GROUPS + head // HEADS_PER_GROUP
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_m = offs_m < NUM_QUERIES
+        mask_d = offs_d < HEAD_DIMS
+        q_mask = mask_m[:, None] & mask_d[None, :]
+        q = tl.load(Q + batch * stride_qb + head * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
+                    mask=q_mask, other=0.0)
+        do = tl.load(DOUT + batch * stride_ob + head * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
+                     mask=q_mask, other=0.0)
+        ref_y = tl.load(REF + offs_m * 2, mask=mask_m, other=0.0).to(tl.float32)
+        ref_x = tl.load(REF + offs_m * 2 + 1, mask=mask_m, other=0.0).to(tl.float32)
+        lse = tl.load(LSE + batch_head * NUM_QUERIES + offs_m, mask=mask_m, other=0.0)
+        delta = tl.load(DELTA + batch_head * NUM_QUERIES + offs_m, mask=mask_m, other=0.0)
+        table = TABLE + head * TABLE_H * TABLE_W
+        k_base = K + batch * stride_kb + head * stride_kh
+        v_base = V + batch * stride_vb + head * stride_vh
+        pos_base = POS + group * NUM_KEYS * 2
+
+        dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+        for start_n in range(0, NUM_KEYS, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < NUM_KEYS
+            kv_mask = mask_n[:, None] & mask_d[None, :]
+            k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+            pos_y = tl.load(pos_base + offs_n * 2, mask=mask_n, other=0.0).to(tl.float32)
+            pos_x = tl.load(pos_base + offs_n * 2 + 1, mask=mask_n, other=0.0).to(tl.float32)
+
+            scores = _dot(q, tl.trans(k), PRECISION) * scale
+            scores += _sampled_bias(table, ref_y, ref_x, pos_y, pos_x, TABLE_H, TABLE_W)
+            probs = tl.where(mask_n[None, :], tl.exp(scores - lse[:, None]), 0.0)
+            dprobs = _dot(do, tl.trans(v), PRECISION)
+            dscores = probs * (dprobs - delta[:, None])
+            dq += _dot(dscores.to(k.dtype), k, PRECISION)
+
+        tl.store(DQ + batch_head * NUM_QUERIES * HEAD_DIMS + offs_m[:, None] * HEAD_DIMS + offs_d[None, :],
+                 (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
+
+
+#: Launch options of the kernels (not tuned on a GPU yet). One pipeline stage: with more, Triton
+#: also stages the four bias gathers of every tile through shared memory (about 90 KB per program
+#: at 64 x 64 tiles with 2 stages, 157 KB with 3, against 25-41 KB with 1, compiled for sm_90),
+#: which would leave one or two programs per SM for a kernel that needs many to hide the gathers.
+LAUNCH_OPTIONS = dict(num_warps=4, num_stages=1)
+
+
+def _block_sizes(num_queries: int, num_keys: int, head_dims: int) -> Tuple[int, int, int]:
+    """Tile sizes: 64 x 64 on a GPU (16 at least, as ``tl.dot`` needs), smaller for tiny inputs."""
+    block_d = max(16, triton.next_power_of_2(head_dims))
+    largest = 64 if block_d <= 64 else 32  # keep the register tiles of wide heads in bounds
+    block_m = min(largest, max(16, triton.next_power_of_2(num_queries)))
+    block_n = min(largest, max(16, triton.next_power_of_2(num_keys)))
+    return block_m, block_n, block_d
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """How the kernels multiply: exact float32 for float32 inputs (TF32 would miss the 1e-4
+    accuracy of the float32 path), tensor cores for half types. Triton's interpreter multiplies
+    bfloat16 wrongly (as of 3.9), so there bfloat16 operands, exact in float32, are upcast."""
+    if dtype == torch.float32:
+        return 'ieee'
+    if dtype == torch.bfloat16 and interpreter_enabled():
+        return 'upcast'
+    return 'tf32'  # ignored by tl.dot for float16/bfloat16 operands
+
+
+def _strides(t: torch.Tensor) -> Tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+class FusedDeformableAttentionFunction(torch.autograd.Function):
+    """Autograd function of :func:`fused_deformable_attention` (inputs already validated)."""
+
+    @staticmethod
+    def forward(ctx, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                reference: torch.Tensor, positions: torch.Tensor,
+                table: torch.Tensor) -> torch.Tensor:
+        batch, num_heads, num_queries, head_dims = query.shape
+        num_keys = key.shape[2]
+        num_groups = positions.shape[0] // batch
+        reference = reference.contiguous()
+        positions = positions.contiguous()
+        table = table.contiguous()
+        precision = _dot_precision(query.dtype)
+        block_m, block_n, block_d = _block_sizes(num_queries, num_keys, head_dims)
+        out = torch.empty_like(query, memory_format=torch.contiguous_format)
+        lse = torch.empty(batch, num_heads, num_queries, device=query.device, dtype=torch.float32)
+        scale = head_dims**-0.5
+        grid = (triton.cdiv(num_queries, block_m), batch * num_heads)
+        _forward_kernel[grid](
+            query, key, value, reference, positions, table, out, lse,
+            *_strides(query), *_strides(key), *_strides(value), *_strides(out),
+            num_heads, num_heads // num_groups, num_groups, num_queries, num_keys, head_dims,
+            table.shape[1], table.shape[2], scale,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=precision, **LAUNCH_OPTIONS)
+        ctx.save_for_backward(query, key, value, reference, positions, table, out, lse)
+        ctx.positions_dtype = positions.dtype
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        query, key, value, reference, positions, table, out, lse = ctx.saved_tensors
+        batch, num_heads, num_queries, head_dims = query.shape
+        num_keys = key.shape[2]
+        num_groups = positions.shape[0] // batch
+        table_h, table_w = table.shape[1:]
+        grad_out = grad_out.contiguous()
+        if grad_out.dtype != out.dtype:
+            grad_out = grad_out.to(out.dtype)
+        delta = (out.float() * grad_out.float()).sum(-1)  # rowsum(dO * O): (B, heads, Nq)
+        precision = _dot_precision(query.dtype)
+        block_m, block_n, block_d = _block_sizes(num_queries, num_keys, head_dims)
+        scale = head_dims**-0.5
+        dq = torch.empty_like(query, memory_format=torch.contiguous_format)
+        dk = torch.empty_like(key, memory_format=torch.contiguous_format)
+        dv = torch.empty_like(value, memory_format=torch.contiguous_format)
+        dpos = torch.empty(batch, num_heads, num_keys, 2, device=query.device, dtype=torch.float32)
+        num_key_tiles = triton.cdiv(num_keys, block_n)
+        # One table slice per program keeps the atomic adds of different programs apart.
+        dtable = torch.zeros(num_key_tiles, batch, num_heads, table_h, table_w, device=query.device,
+                             dtype=torch.float32)
+        common = (*_strides(query), *_strides(key), *_strides(value), *_strides(grad_out),
+                  num_heads, num_heads // num_groups, num_groups, num_queries, num_keys, head_dims,
+                  table_h, table_w, scale)
+        blocks = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=precision,
+                      **LAUNCH_OPTIONS)
+        _backward_key_kernel[(num_key_tiles, batch * num_heads)](
+            query, key, value, reference, positions, table, grad_out, lse, delta,
+            dk, dv, dpos, dtable, *common, **blocks)
+        _backward_query_kernel[(triton.cdiv(num_queries, block_m), batch * num_heads)](
+            query, key, value, reference, positions, table, grad_out, lse, delta, dq,
+            *common, **blocks)
+        # Heads of one offset group share its positions.
+        dpos = dpos.view(batch, num_groups, num_heads // num_groups, num_keys, 2).sum(2)
+        dpos = dpos.view(batch * num_groups, num_keys, 2).to(ctx.positions_dtype)
+        dtable = dtable.sum(dim=(0, 1)).to(table.dtype)
+        return dq, dk, dv, None, dpos, dtable
+
+
+def _check_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  reference: torch.Tensor, positions: torch.Tensor, table: torch.Tensor) -> None:
+    if not TRITON_AVAILABLE:
+        raise RuntimeError("attn_impl='fused' needs Triton (pip install triton); "
+                           "use attn_impl='sdpa' or 'auto' without it")
+    names = ('query', 'key', 'value', 'reference', 'positions', 'table')
+    tensors = (query, key, value, reference, positions, table)
+    for name, t in zip(names, tensors):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f'{name} must be a Tensor, got {type(t).__name__}')
+    devices = {t.device for t in tensors}
+    if len(devices) != 1:
+        raise ValueError(f'All inputs must be on one device, got {sorted(map(str, devices))}')
+    device = query.device
+    if device.type != 'cuda' and not (device.type == 'cpu' and interpreter_enabled()):
+        raise ValueError(f'The fused kernels run on CUDA tensors (or on CPU with TRITON_INTERPRET=1 '
+                         f'set before import), got tensors on {device}')
+    if query.dtype not in SUPPORTED_DTYPES or key.dtype != query.dtype or value.dtype != query.dtype:
+        raise TypeError(f'query, key and value must share one dtype of {SUPPORTED_DTYPES}, got '
+                        f'{query.dtype}, {key.dtype}, {value.dtype}')
+    for name, t in zip(names[3:], tensors[3:]):
+        if not t.is_floating_point() or t.dtype == torch.float64:
+            raise TypeError(f'{name} must be float16, bfloat16 or float32, got {t.dtype}')
+    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
+        raise ValueError('query, key and value must be (B, heads, N, head_dims), got shapes '
+                         f'{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}')
+    batch, num_heads, num_queries, head_dims = query.shape
+    if key.shape != value.shape or key.shape[:2] != (batch, num_heads) or key.shape[3] != head_dims:
+        raise ValueError(f'key and value must be (B, heads, Nk, head_dims) matching query '
+                         f'{tuple(query.shape)}, got {tuple(key.shape)} and {tuple(value.shape)}')
+    num_keys = key.shape[2]
+    if min(batch, num_heads, num_queries, num_keys, head_dims) == 0:
+        raise ValueError(f'Empty attention inputs: query {tuple(query.shape)}, key {tuple(key.shape)}')
+    if tuple(reference.shape) != (num_queries, 2):
+        raise ValueError(f'reference must be (Nq, 2) = ({num_queries}, 2), got {tuple(reference.shape)}')
+    if reference.requires_grad:
+        raise ValueError('The fused kernels give no gradient for the reference points (a fixed '
+                         'grid in DAT); pass a tensor that does not require grad')
+    if (positions.dim() != 3 or positions.shape[0] % batch or positions.shape[1:] != (num_keys, 2)
+            or num_heads % (positions.shape[0] // batch)):
+        raise ValueError(f'positions must be (B * groups, Nk, 2) with groups dividing heads '
+                         f'({num_heads}), B = {batch}, Nk = {num_keys}; got {tuple(positions.shape)}')
+    if table.dim() != 3 or table.shape[0] != num_heads or min(table.shape[1:]) < 1:
+        raise ValueError(f'table must be (heads, Th, Tw) with heads = {num_heads}, got {tuple(table.shape)}')
+    for name, t in zip(names[:3], tensors[:3]):
+        if t.stride(-1) != 1:
+            raise ValueError(f'{name} must have a unit stride in its last dimension')
+
+
+def fused_deformable_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                               reference: torch.Tensor, positions: torch.Tensor,
+                               table: torch.Tensor) -> torch.Tensor:
+    """Deformable attention with the sampled relative position bias, fused.
+
+    Computes ``softmax(q k^T / sqrt(d) + bias) v`` per head, where for batch ``b``, head ``h``
+    of offset group ``g = h // (heads / groups)``, query ``i`` and key ``j``::
+
+        bias = grid_sample(table[h], (reference[i] - positions[b * groups + g, j]) * 0.5,
+                           mode='bilinear', padding_mode='zeros', align_corners=True)
+
+    with the points given as normalised ``(y, x)`` (flipped to grid_sample's ``(x, y)``). No
+    ``(Nq, Nk)`` tensor is formed in forward or backward. Gradients flow to ``query``, ``key``,
+    ``value``, ``positions`` and ``table``; ``reference`` must not require grad.
+
+    Args:
+        query (Tensor): ``(B, heads, Nq, head_dims)``, float16, bfloat16 or float32.
+        key (Tensor): ``(B, heads, Nk, head_dims)``, the dtype of ``query``.
+        value (Tensor): ``(B, heads, Nk, head_dims)``, the dtype of ``query``.
+        reference (Tensor): Query reference points ``(Nq, 2)``, normalised ``(y, x)``.
+        positions (Tensor): Key positions ``(B * groups, Nk, 2)``, normalised ``(y, x)``.
+        table (Tensor): Per-head bias table ``(heads, Th, Tw)``.
+
+    Returns:
+        Tensor: ``(B, heads, Nq, head_dims)`` in the dtype of ``query``.
+    """
+    _check_inputs(query, key, value, reference, positions, table)
+    return FusedDeformableAttentionFunction.apply(query, key, value, reference, positions, table)
+
+
+def sampled_position_bias(reference: torch.Tensor, positions: torch.Tensor, table: torch.Tensor,
+                          batch: int) -> torch.Tensor:
+    """The bias of :func:`fused_deformable_attention` materialised: ``(B, heads, Nq, Nk)``.
+
+    Args:
+        reference, positions, table: As in :func:`fused_deformable_attention`.
+        batch (int): ``B``; ``positions`` holds ``B * groups`` sets of key positions.
+    """
+    num_heads = table.shape[0]
+    num_groups = positions.shape[0] // batch
+    displacement = (reference.view(1, -1, 1, 2) - positions.unsqueeze(1)) * 0.5
+    grouped_table = table.to(displacement.dtype).expand(batch, -1, -1, -1)
+    grouped_table = grouped_table.reshape(batch * num_groups, num_heads // num_groups, *table.shape[1:])
+    bias = torch.nn.functional.grid_sample(grouped_table, displacement.flip(-1), mode='bilinear',
+                                           padding_mode='zeros', align_corners=True)
+    return bias.view(batch, num_heads, reference.shape[0], -1)
+
+
+def reference_deformable_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                                   reference: torch.Tensor, positions: torch.Tensor,
+                                   table: torch.Tensor) -> torch.Tensor:
+    """:func:`fused_deformable_attention` materialised with ``grid_sample`` and matmuls (the
+    plain path of :class:`DeformableAttention`, written for these arguments; for tests and
+    benchmarks). Takes any float dtype, float64 included."""
+    bias = sampled_position_bias(reference, positions, table, query.shape[0])
+    scores = (query * query.shape[-1]**-0.5) @ key.transpose(-2, -1) + bias
+    return scores.softmax(dim=-1).to(value.dtype) @ value

@@ -1,0 +1,146 @@
+"""tools/analysis_tools: get_flops.py and benchmark.py at tiny sizes on CPU."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from mmengine.analysis import FlopAnalyzer
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def load_tool(name):
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / 'tools' / 'analysis_tools' / f'{name}.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+get_flops = load_tool('get_flops')
+benchmark = load_tool('benchmark')
+
+
+def test_sdpa_flop_handle_counts_both_matmuls():
+    class Attention(nn.Module):
+        def forward(self, q, k, v):
+            return F.scaled_dot_product_attention(q, k, v)
+
+    q, k, v = torch.randn(3, 2, 5, 8), torch.randn(3, 2, 7, 8), torch.randn(3, 2, 7, 4)
+    analyzer = FlopAnalyzer(Attention(), (q, k, v))
+    analyzer.set_op_handle('aten::scaled_dot_product_attention', get_flops.sdpa_flop_jit)
+    assert analyzer.total() == 3 * 2 * 5 * 7 * (8 + 4)  # q k^T and P v, one multiply-add each
+
+
+def test_dat_tiny_flops_match_the_paper(capsys):
+    result = get_flops.main(['tiny'])
+    assert 4.5e9 < result['flops'] < 4.7e9  # paper: 4.6 G at 224x224
+    assert result['by_op']['scaled_dot_product_attention'] > 0.1e9
+    assert result['by_op']['grid_sampler'] > 0  # sampled keys and the sampled position bias
+    assert 27e6 < result['params'] < 28e6
+    assert 'FLOPs (multiply-adds): 4.59 G' in capsys.readouterr().out
+
+
+def test_flops_of_a_whole_config():
+    config = str(REPO_ROOT / 'tests' / 'data' / 'configs' / 'retinanet_dat_shapes_tiny.py')
+    whole = get_flops.main([config, '--shape', '64', '96'])
+    assert whole['flops'] > 0 and whole['by_op']['conv'] > 0 and whole['params'] > 0
+    with pytest.raises(SystemExit, match='target must be one of'):
+        get_flops.main(['tiny.yaml'])
+
+
+@pytest.fixture
+def keep_num_threads():
+    """--threads sets torch's thread count of the process that runs a cell: restore it."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_backbone_benchmark_table_on_cpu(keep_num_threads):
+    rows, table = benchmark.main(['--archs', 'tiny', '--sizes', '32', '--batch', '1', '--warmup', '0',
+                                  '--repeats', '1', '--no-isolate', '--threads', '1',
+                                  '--paths', 'reference', 'sdpa', 'fused'])
+    assert [(r['mode'], r['path']) for r in rows] == [
+        (m, p) for m in ('infer', 'train') for p in ('reference', 'sdpa', 'fused')]
+    for row in rows:
+        if row['path'] == 'fused':
+            assert row['error'] == 'skipped: the fused kernel needs CUDA'
+        else:
+            assert row['seconds'] > 0 and 'error' not in row
+    assert 'Device: ' in table and '| tiny | 32x32 | train | fused | skipped' in table
+
+
+def test_interleaved_timing(keep_num_threads):
+    rows, table = benchmark.main(['--archs', 'tiny', '--sizes', '32', '--batch', '1', '--warmup', '0',
+                                  '--repeats', '2', '--no-isolate', '--threads', '1', '--interleave',
+                                  '--modes', 'infer', '--paths', 'reference', 'auto', 'fused'])
+    assert [r['path'] for r in rows] == ['reference', 'auto', 'fused']
+    assert rows[0]['seconds'] > 0 and rows[1]['seconds'] > 0 and rows[1]['peak_bytes'] is None
+    assert 'skipped' in rows[2]['error'] and 'paths in turns' in table
+
+
+def test_op_benchmark_on_cpu():
+    rows, table = benchmark.main(['--op', '--archs', 'tiny', '--sizes', '64', '--batch', '1', '--warmup', '0',
+                                  '--repeats', '1', '--no-isolate', '--modes', 'train'])
+    assert {r['path'] for r in rows if 'seconds' in r} == {'reference', 'sdpa', 'sdpa-no-bias'}
+    assert '| tiny | 64x64 | 16 | fwd+bwd | sdpa-no-bias |' in table
+
+
+def test_op_inputs_have_the_stage3_shapes():
+    q, k, v, reference, positions, table = benchmark.op_inputs('tiny', (800, 1333), 2, torch.float32, 'cpu')
+    assert q.shape == k.shape == v.shape == (2, 12, 50 * 84, 32)
+    assert reference.shape == (4200, 2) and positions.shape == (2 * 3, 4200, 2)
+    assert table.shape == (12, 27, 27)
+    assert (positions - reference).abs().amax() <= 2 / 50 + 1e-6
+
+
+def test_a_cell_runs_in_a_fresh_process():
+    cell = dict(kind='op', arch='tiny', size=(32, 32), mode='infer', path='sdpa-no-bias', device='cpu',
+                amp='none', batch=1, warmup=0, repeats=1, isolated=True, threads=1)
+    result = benchmark.run_cell(cell)
+    assert result['seconds'] > 0 and result['peak_bytes'] >= 0
+
+
+def test_max_size_search():
+    def size_of(height):
+        return height, height
+
+    tried = []
+
+    def fits_below(limit):
+        def fits(size):
+            tried.append(size[0])
+            return size[0] <= limit
+        return fits
+
+    assert benchmark.max_size_height(size_of, fits_below(1000), 224, 4096, 32) == 992
+    assert len(tried) < 12
+    assert benchmark.max_size_height(size_of, fits_below(10**6), 224, 4096, 32) == 4096
+    assert benchmark.max_size_height(size_of, fits_below(100), 224, 4096, 32) is None
+    assert benchmark.max_size_height(size_of, fits_below(300), 224, 4096, 32) == 288
+    assert benchmark._aspect_size(800) == (800, 1344)
+
+
+@pytest.mark.parametrize('argv,match', [
+    (['--sizes', '16'], 'sides >= 32'),
+    (['--sizes', '8x9x10'], 'H or HxW'),
+    (['--paths', 'sdpa-no-bias'], 'unknown paths'),
+    (['--op', '--paths', 'auto'], 'unknown paths'),
+    (['--min-height', '100'], 'multiples of 32'),
+    (['--batch', '0'], '--batch'),
+    (['--threads', '0'], '--threads'),
+    (['--op', '--interleave'], 'backbone table only'),
+])
+def test_bad_benchmark_arguments(argv, match, capsys):
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(argv)
+    assert match in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='checks the CPU refusal')
+def test_max_size_needs_cuda(capsys):
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(['--max-size'])
+    assert 'needs --device cuda' in capsys.readouterr().err
