@@ -1,7 +1,7 @@
 from .checkpoint import extract_state_dict, fit_position_tables, load_checkpoint_file
-from .ckpt_convert import dat_converter, is_official_dat
+from .ckpt_convert import dat_converter, is_official_dat, is_official_datpp
 
 __all__ = [
     'dat_converter', 'extract_state_dict', 'fit_position_tables', 'is_official_dat',
-    'load_checkpoint_file'
+    'is_official_datpp', 'load_checkpoint_file'
 ]
