@@ -13,7 +13,7 @@ from mmdat.registry import register_model
 from ..layers import (ATTN_IMPLS, DeformableAttention, DeformableAttentionPP, NeighborhoodAttention,
                       WindowAttention, check_attn_impl, natten_available)
 from ..utils import (dat_converter, extract_state_dict, fit_position_tables, is_official_dat,
-                     load_checkpoint_file)
+                     is_official_datpp, load_checkpoint_file)
 
 #: Stem stride and output strides of the stages: 4, 8, 16, 32.
 STEM_STRIDE = 4
@@ -485,10 +485,18 @@ class DAT(BaseModule):
                     nn.init.ones_(module.weight)
                     nn.init.zeros_(module.bias)
             return
-        state_dict = extract_state_dict(load_checkpoint_file(self.init_cfg['checkpoint']),
-                                        prefix='backbone.')
+        checkpoint = self.init_cfg['checkpoint']
+        state_dict = extract_state_dict(load_checkpoint_file(checkpoint), prefix='backbone.')
         if is_official_dat(state_dict):
+            file_version = 2 if is_official_datpp(state_dict) else 1
+            if file_version != self.arch['version']:
+                names = {1: 'DAT (v1)', 2: 'DAT++'}
+                raise ValueError(f'{checkpoint} is an official {names[file_version]} checkpoint, but '
+                                 f'this backbone is {names[self.arch["version"]]}; choose a matching arch')
             state_dict = dat_converter(state_dict)
+        if not state_dict.keys() & self.state_dict().keys():
+            raise ValueError(f'No weight of {checkpoint} belongs to this DAT backbone (neither an '
+                             'mmdat nor an official DAT/DAT++ layout)')
         state_dict = fit_position_tables(state_dict, self.state_dict())
         missing, unexpected = self.load_state_dict(state_dict, strict=False)
         if missing:
