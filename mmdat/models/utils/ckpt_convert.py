@@ -89,3 +89,30 @@ def dat_converter(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor
             value = value.flatten(1)
         converted[new_key] = value
     return converted
+
+
+def is_official_dat_det_seg(state_dict: Dict[str, torch.Tensor]) -> bool:
+    """Whether ``state_dict`` is a whole official DAT/DAT++ detector or segmentor (mmdet 2.x /
+    mmseg 0.x, from LeapLabTHU/DAT-Detection or DAT-Segmentation)."""
+    return any(f'backbone.{key}' in state_dict for key in _OFFICIAL_MARKERS)
+
+
+def dat_det_seg_converter(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Convert an official DAT/DAT++ detector or segmentor to mmdet 3.x / mmseg 1.x with mmdat.
+
+    ``backbone.`` weights are converted with :func:`dat_converter` (the official per-output norms
+    ``norms.i`` become ``norm{i}``). The necks and heads these models use (FPN; RetinaNet, RPN,
+    standard and cascade RoI heads with their mask heads; UperNet, FCN and FPN decode heads) kept
+    their parameter names from mmdet 2.x to 3.x and mmseg 0.x to 1.x, so their weights are
+    copied as they are.
+
+    Args:
+        state_dict (dict[str, Tensor]): The official model's ``state_dict``.
+
+    Returns:
+        dict[str, Tensor]: Weights for the matching mmdet/mmseg model with a ``DAT`` backbone.
+    """
+    backbone = {k[len('backbone.'):]: v for k, v in state_dict.items() if k.startswith('backbone.')}
+    converted = {f'backbone.{k}': v for k, v in dat_converter(backbone).items()}
+    converted.update((k, v) for k, v in state_dict.items() if not k.startswith('backbone.'))
+    return converted
