@@ -284,7 +284,8 @@ class DAT(BaseModule):
             with the bias as ``attn_mask``), ``'reference'`` (plain matmul and softmax, the
             same function), ``'natten'`` (DAT++: the neighborhood blocks run natten's kernels,
             the others SDPA), or ``'auto'``: SDPA, with natten for the neighborhood blocks
-            when a compatible natten is installed. Defaults to ``'auto'``.
+            when a compatible natten is installed and ``with_cp`` is off (natten 0.14's
+            backward does not work under non-reentrant checkpointing). Defaults to ``'auto'``.
         with_cp (bool): Gradient checkpointing: less memory, same results, slower backward.
             Defaults to False.
         frozen_stages (int): Stages to freeze (no gradients, eval mode), ``-1..4``; 0 freezes
@@ -344,7 +345,7 @@ class DAT(BaseModule):
         if pretrain_img_size < STEM_STRIDE * 2**(NUM_STAGES - 1):
             raise ValueError(f'pretrain_img_size must be at least {STEM_STRIDE * 2**(NUM_STAGES - 1)}, '
                              f'got {pretrain_img_size!r}')
-        attn_impl, na_impl = self._resolve_attn_impl(attn_impl, datpp)
+        attn_impl, na_impl = self._resolve_attn_impl(attn_impl, datpp, with_cp)
         self.arch = arch
         self.in_channels = in_channels
         self.frozen_stages = frozen_stages
@@ -381,7 +382,7 @@ class DAT(BaseModule):
         self._freeze_stages()
 
     @staticmethod
-    def _resolve_attn_impl(attn_impl: str, datpp: bool) -> Tuple[str, str]:
+    def _resolve_attn_impl(attn_impl: str, datpp: bool, with_cp: bool) -> Tuple[str, str]:
         """``attn_impl`` of the window and deformable blocks, and of the neighborhood blocks."""
         if attn_impl == 'natten':
             if not datpp:
@@ -389,7 +390,9 @@ class DAT(BaseModule):
             if not natten_available():
                 raise RuntimeError("attn_impl='natten' needs a compatible natten package")
             return 'sdpa', 'natten'
-        if attn_impl == 'auto' and datpp and natten_available():
+        # natten 0.14's backward reads its saved tensors twice, which the non-reentrant
+        # checkpointing of with_cp refuses; 'auto' then keeps the pure PyTorch path
+        if attn_impl == 'auto' and datpp and not with_cp and natten_available():
             return check_attn_impl(attn_impl), 'natten'
         if attn_impl not in ATTN_IMPLS:
             raise ValueError(f"attn_impl must be one of {ATTN_IMPLS + ('natten', )}, got {attn_impl!r}")

@@ -117,6 +117,7 @@ def test_every_block_has_a_local_perception_unit():
 def test_auto_uses_natten_when_available():
     assert small_datpp().stages[0].blocks[0].attn.attn_impl == 'natten'
     assert small_datpp(attn_impl='sdpa').stages[0].blocks[0].attn.attn_impl == 'sdpa'
+    assert small_datpp(with_cp=True).stages[0].blocks[0].attn.attn_impl == 'sdpa'
 
 
 @pytest.mark.skipif(natten_available(), reason='natten is installed')
