@@ -131,3 +131,15 @@ def test_converter_cli_converts_datpp(tmp_path):
     assert 'DAT++' in result.stdout
     converted = torch.load(tmp_path / 'mmdat.pth')['state_dict']
     DAT('tiny++', out_indices=(3, )).load_state_dict(converted, strict=True)
+
+
+def test_init_cfg_resizes_the_neighborhood_bias_for_another_kernel(tmp_path):
+    save_official_file(tmp_path / 'official.pth')
+    model = DAT('tiny++', window_size=9, out_indices=(3, ),
+                init_cfg=dict(type='Pretrained', checkpoint=str(tmp_path / 'official.pth')))
+    model.init_weights()
+    rpb = model.stages[0].blocks[0].attn.rpb
+    assert rpb.shape == (2, 17, 17)
+    official = official_state_dict('tiny')['stages.0.attns.0.rpb']
+    expected = torch.nn.functional.interpolate(official[None], size=(17, 17), mode='bicubic')[0]
+    torch.testing.assert_close(rpb.detach(), expected)
