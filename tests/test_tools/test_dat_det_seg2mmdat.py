@@ -118,6 +118,14 @@ def test_cli_refuses_other_checkpoints(tmp_path):
     assert 'does not look like an official DAT detection or segmentation checkpoint' in result.stderr
 
 
+def test_backbone_converter_points_whole_models_to_this_tool(tmp_path):
+    torch.save({'state_dict': {'backbone.patch_proj.0.weight': torch.zeros(1)}}, tmp_path / 'det.pth')
+    result = subprocess.run([sys.executable, 'tools/model_converters/dat2mmdat.py', tmp_path / 'det.pth',
+                             tmp_path / 'out.pth'], cwd=REPO_ROOT, capture_output=True, text=True,
+                            env={**os.environ, 'PYTHONPATH': str(REPO_ROOT)})
+    assert result.returncode == 1 and 'convert it with tools/model_converters/dat_det_seg2mmdat.py' in result.stderr
+
+
 @pytest.mark.parametrize('config', ['retinanet_datpp_t_coco.py', 'cascade_mask_rcnn_datpp_t_3x_coco.py',
                                     'fpn_datpp_t_ade20k.py'])
 def test_other_models_convert_to_their_configs(config):

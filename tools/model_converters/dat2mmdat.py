@@ -11,7 +11,7 @@ import os.path as osp
 import torch
 
 from mmdat.models.utils import (dat_converter, extract_state_dict, is_official_dat,
-                                is_official_datpp, load_checkpoint_file)
+                                is_official_dat_det_seg, is_official_datpp, load_checkpoint_file)
 
 
 def parse_args():
@@ -27,6 +27,9 @@ def main():
         state_dict = extract_state_dict(load_checkpoint_file(args.src))
     except FileNotFoundError as error:
         raise SystemExit(str(error))
+    if is_official_dat_det_seg(state_dict):
+        raise SystemExit(f'{args.src} is a whole official detection/segmentation model; convert it '
+                         'with tools/model_converters/dat_det_seg2mmdat.py')
     if not is_official_dat(state_dict):
         raise SystemExit(f'{args.src} does not look like an official DAT checkpoint '
                          '(no patch_proj.0.weight or stages.0.layer_norms.0.norm.weight)')
