@@ -94,6 +94,11 @@ class DeformableAttentionPP(DeformableAttention):
     def __init__(self, embed_dims: int, num_heads: int, num_groups: int, offset_kernel_size: int,
                  offset_stride: int, table_size: Union[int, Sequence[int]],
                  attn_impl: str = 'sdpa'):
+        if attn_impl not in ('sdpa', 'reference'):
+            # the queries are not at the reference points here, so paths that derive the
+            # bias from the reference points (v1's layout) do not apply
+            raise ValueError("DAT++ deformable attention supports attn_impl 'sdpa' and "
+                             f"'reference', got {attn_impl!r}")
         super().__init__(embed_dims, num_heads, num_groups, offset_kernel_size, table_size,
                          attn_impl=attn_impl)
         self.offset_stride = offset_stride

@@ -161,3 +161,18 @@ def test_v1_dict_may_name_its_version():
     assert a.arch['block_types'] == b.arch['block_types'] == ('WS', 'WS', 'WD', 'WD')
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(x, y), name
+
+
+@pytest.mark.parametrize('impl', ['sdpa', 'reference'])
+def test_mixed_precision(impl):
+    model = small_datpp(attn_impl=impl)
+    x = torch.randn(2, 3, 57, 71)
+    full = model(x)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        mixed = model(x)
+    sum(o.float().square().sum() for o in mixed).backward()
+    for a, b in zip(mixed, full):
+        assert a.dtype == torch.bfloat16
+        assert ((a.float() - b).norm() / b.norm()).item() < 3e-2
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)

@@ -109,6 +109,8 @@ def test_gradients_reach_offsets_and_table():
     assert module.rpe_table.grad.abs().sum() > 0 and x.grad.abs().sum() > 0
 
 
-def test_bad_stride():
+def test_bad_arguments():
     with pytest.raises(ValueError, match='offset stride must be a positive int'):
         DeformableAttentionPP(8, 2, 1, 3, 0, table_size=4)
+    with pytest.raises(ValueError, match="supports attn_impl 'sdpa' and 'reference', got 'fused'"):
+        DeformableAttentionPP(8, 2, 1, 3, 1, table_size=4, attn_impl='fused')
