@@ -11,7 +11,7 @@ projection (the padded tokens take part as keys, unmasked) and crops the output.
 """
 import functools
 import inspect
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -24,12 +24,12 @@ NA_IMPLS = ('sdpa', 'reference', 'natten')
 
 
 @functools.lru_cache(maxsize=1)
-def natten_functions() -> Optional[Tuple[callable, callable]]:
+def natten_functions() -> Optional[Tuple[Callable, Callable]]:
     """NATTEN's ``(qk_rpb, av)`` ops taking ``(B, heads, H, W, d)`` tensors, or ``None``.
 
-    ``None`` when natten is not installed or has none of the known APIs with a relative
-    position bias (``natten2dqkrpb``/``natten2dav`` up to 0.17, ``na2d_qk(rpb=)``/``na2d_av``
-    from 0.15 on; natten 0.20 dropped the bias and is not usable).
+    Uses the ``natten2dqkrpb``/``natten2dav`` API of natten 0.14 (tested with 0.14.6) or, where
+    that is gone, ``na2d_qk``/``na2d_av`` if ``na2d_qk`` takes an ``rpb``. ``None`` when natten
+    is not installed, does not load, or has neither (recent versions dropped the bias).
     """
     try:
         import natten.functional as natten_functional
