@@ -1,5 +1,6 @@
 """Every config under configs/ builds its model with a DAT backbone that fits its neck/head; one
 loss step per model type; the training pipelines run on real (generated) images."""
+import re
 from pathlib import Path
 
 import pytest
@@ -30,8 +31,14 @@ def build_model(cfg):
     return registry.build(cfg.model)
 
 
+#: DAT++ configs that follow official float32 recipes (the others train in mixed precision).
+FP32_CONFIGS = {'cascade_mask_rcnn_datpp_s_3x_coco.py', 'cascade_mask_rcnn_datpp_b_3x_coco.py',
+                'upernet_datpp_b_ade20k.py', 'fpn_datpp_t_ade20k.py', 'fpn_datpp_s_ade20k.py',
+                'fpn_datpp_b_ade20k.py'}
+
+
 def test_all_configs_are_found():
-    assert len(CONFIGS) == 17, CONFIGS
+    assert len(CONFIGS) == 17 + 18, CONFIGS  # DAT v1 and DAT++
     assert DEMO_CONFIGS == ['fpn_dat_demo_shapes.py', 'retinanet_dat_demo_shapes.py']
 
 
@@ -40,21 +47,27 @@ def test_config_builds_its_model(name):
     cfg = load(CONFIG_DIR / name)
     model = build_model(cfg)
     assert type(model.backbone) is mmdat.DAT
-    size = name.split('_dat_')[1][0]
-    assert model.backbone.num_features[0] == (128 if size == 'b' else 96)
+    version, size = re.search(r'_(dat|datpp)_([tsb])_', name).groups()
+    first_dims = dict(t=96, s=96, b=128) if version == 'dat' else dict(t=64, s=96, b=128)
+    assert model.backbone.num_features[0] == first_dims[size]
+    assert model.backbone.arch['version'] == (1 if version == 'dat' else 2)
     assert model.backbone.init_cfg is None  # `pretrained = None` until the user sets it
-    assert cfg.optim_wrapper.type == 'AmpOptimWrapper'
+    assert cfg.optim_wrapper.type == ('OptimWrapper' if name in FP32_CONFIGS else 'AmpOptimWrapper')
     assert cfg.optim_wrapper.optimizer.type == 'AdamW'
     for key in ('rpe_table', 'relative_position_bias_table', 'norm'):
         assert cfg.optim_wrapper.paramwise_cfg.custom_keys[key] == dict(decay_mult=0.)
-    assert cfg.auto_scale_lr == dict(enable=True, base_batch_size=16)
+    # the total batch the learning rate is given for: 16 for v1 (Swin's recipe); DAT++ as in
+    # the official configs (detection 4 nodes x 8 GPUs x 2, FPN 8 x 4, UperNet 8 x 2)
+    expected_batch = 16 if version == 'dat' or name.startswith('upernet') else \
+        32 if name.startswith('fpn') else 64
+    assert cfg.auto_scale_lr == dict(enable=True, base_batch_size=expected_batch)
     if '_3x_' in name:
         assert cfg.train_cfg.max_epochs == 36
         assert cfg.param_scheduler[-1].milestones == [27, 33]
     elif cfg.default_scope == 'mmdet':
         assert cfg.train_cfg.max_epochs == 12
         assert cfg.param_scheduler[-1].milestones == [8, 11]
-    else:
+    elif version == 'dat':
         assert cfg.train_cfg.max_iters == (160000 if name.startswith('upernet') else 80000)
     # the neck/head takes exactly what the backbone returns
     model.eval()

@@ -1,6 +1,9 @@
-"""Convert an official DAT classification checkpoint to an mmdat backbone checkpoint.
+"""Convert an official DAT or DAT++ classification checkpoint to an mmdat backbone checkpoint.
 
-Usage: python tools/model_converters/dat2mmdat.py dat_tiny.pth dat_tiny_mmdat.pth
+Usage: python tools/model_converters/dat2mmdat.py dat_pp_tiny_in1k_224.pth dat_tiny_pp_mmdat.pth
+
+The result loads into ``DAT(arch='tiny'|'small'|'base')`` for a DAT (v1) file and
+``DAT(arch='tiny++'|'small++'|'base++')`` for a DAT++ file.
 """
 import argparse
 import os.path as osp
@@ -8,7 +11,7 @@ import os.path as osp
 import torch
 
 from mmdat.models.utils import (dat_converter, extract_state_dict, is_official_dat,
-                                load_checkpoint_file)
+                                is_official_dat_det_seg, is_official_datpp, load_checkpoint_file)
 
 
 def parse_args():
@@ -24,6 +27,9 @@ def main():
         state_dict = extract_state_dict(load_checkpoint_file(args.src))
     except FileNotFoundError as error:
         raise SystemExit(str(error))
+    if is_official_dat_det_seg(state_dict):
+        raise SystemExit(f'{args.src} is a whole official detection/segmentation model; convert it '
+                         'with tools/model_converters/dat_det_seg2mmdat.py')
     if not is_official_dat(state_dict):
         raise SystemExit(f'{args.src} does not look like an official DAT checkpoint '
                          '(no patch_proj.0.weight or stages.0.layer_norms.0.norm.weight)')
@@ -32,7 +38,9 @@ def main():
     if not osp.isdir(dst_dir):
         raise SystemExit(f'Output folder does not exist: {dst_dir}')
     torch.save({'state_dict': converted}, args.dst)
-    print(f'Converted {len(state_dict)} official tensors into {len(converted)} mmdat tensors: {args.dst}')
+    version = 'DAT++' if is_official_datpp(state_dict) else 'DAT (v1)'
+    print(f'Converted {len(state_dict)} official {version} tensors into {len(converted)} mmdat '
+          f'tensors: {args.dst}')
 
 
 if __name__ == '__main__':

@@ -1,6 +1,6 @@
-"""DAT: Vision Transformer with Deformable Attention (Xia et al., CVPR 2022)."""
+"""DAT (Xia et al., CVPR 2022) and DAT++ (arXiv 2309.01430) backbones."""
 from collections import OrderedDict
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -10,15 +10,18 @@ from mmengine.logging import print_log
 from mmengine.model import BaseModule
 
 from mmdat.registry import register_model
-from ..layers import DeformableAttention, WindowAttention, check_attn_impl
+from ..layers import (ATTN_IMPLS, DeformableAttention, DeformableAttentionPP, NeighborhoodAttention,
+                      WindowAttention, check_attn_impl, natten_available)
 from ..utils import (dat_converter, extract_state_dict, fit_position_tables, is_official_dat,
-                     load_checkpoint_file)
+                     is_official_datpp, load_checkpoint_file)
 
 #: Stem stride and output strides of the stages: 4, 8, 16, 32.
 STEM_STRIDE = 4
 NUM_STAGES = 4
-#: Depthwise kernel of the offset network in each stage (the official v1 values).
+#: Depthwise kernel of the offset network in each stage (the official v1 and DAT++ values).
 OFFSET_KERNEL_SIZES = (9, 7, 5, 3)
+#: DAT++: stride of the offset network, i.e. spacing of the reference points, in each stage.
+OFFSET_STRIDES = (8, 4, 2, 1)
 MLP_RATIO = 4
 OFFSET_RANGE_FACTOR = 2.0
 
@@ -67,29 +70,101 @@ class ConvDownsample(nn.Module):
         return self.norm(self.conv(x).permute(0, 2, 3, 1))
 
 
+class ConvStem(nn.Module):
+    """DAT++ stem: two 3x3 stride-2 convs (with LayerNorm, GELU between), stride 4 in all.
+
+    Args:
+        in_channels (int): Input channels.
+        out_channels (int): Output channels; the first conv has half as many.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels // 2, 3, 2, 1)
+        self.norm1 = nn.LayerNorm(out_channels // 2)
+        self.act = nn.GELU()
+        self.conv2 = nn.Conv2d(out_channels // 2, out_channels, 3, 2, 1)
+        self.norm2 = nn.LayerNorm(out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Args: x (Tensor): ``(B, C, H, W)``. Returns: Tensor ``(B, ceil(H/4), ceil(W/4), C')``."""
+        x = self.act(self.norm1(self.conv1(x).permute(0, 2, 3, 1)))
+        return self.norm2(self.conv2(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+
+
+class OverlappingDownsample(nn.Module):
+    """DAT++ downsampling: 3x3 stride-2 conv (padding 1, no bias) and LayerNorm.
+
+    Args:
+        in_channels (int): Input channels.
+        out_channels (int): Output channels.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, 3, 2, 1, bias=False)
+        self.norm = nn.LayerNorm(out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Args: x (Tensor): ``(B, C, H, W)``. Returns: Tensor ``(B, ceil(H/2), ceil(W/2), C')``."""
+        return self.norm(self.conv(x).permute(0, 2, 3, 1))
+
+
+class ConvMLP(nn.Module):
+    """DAT++ MLP: ``fc2(gelu(h + dwconv3x3(h)))`` with ``h = fc1(x)``.
+
+    Args:
+        embed_dims (int): Input and output channels.
+        hidden_dims (int): Channels of the hidden layer.
+    """
+
+    def __init__(self, embed_dims: int, hidden_dims: int):
+        super().__init__()
+        self.fc1 = nn.Linear(embed_dims, hidden_dims)
+        self.dwconv = nn.Conv2d(hidden_dims, hidden_dims, 3, 1, 1, groups=hidden_dims)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dims, embed_dims)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Args: x (Tensor): ``(B, H, W, C)``. Returns: Tensor ``(B, H, W, C)``."""
+        x = self.fc1(x)
+        x = x + self.dwconv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return self.fc2(self.act(x))
+
+
 class DATBlock(nn.Module):
     """Pre-norm transformer block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``.
+
+    DAT++ blocks (``datpp=True``) start with a local perception unit, ``x + dwconv3x3(x)``,
+    and use :class:`ConvMLP`; v1 blocks use a plain two-layer MLP.
 
     Args:
         embed_dims (int): Channels.
         attn (nn.Module): Token mixer mapping ``(B, H, W, C)`` to the same shape.
         drop_path (float): Stochastic depth rate of both residual branches.
         with_cp (bool): Recompute the block in backward instead of storing its activations.
+        datpp (bool): DAT++ block (local perception unit and :class:`ConvMLP`).
     """
 
     def __init__(self, embed_dims: int, attn: nn.Module, drop_path: float = 0.0,
-                 with_cp: bool = False):
+                 with_cp: bool = False, datpp: bool = False):
         super().__init__()
         self.with_cp = with_cp
+        self.lpu = nn.Conv2d(embed_dims, embed_dims, 3, 1, 1, groups=embed_dims) if datpp else None
         self.norm1 = nn.LayerNorm(embed_dims)
         self.attn = attn
         self.norm2 = nn.LayerNorm(embed_dims)
-        self.mlp = nn.Sequential(
-            OrderedDict(fc1=nn.Linear(embed_dims, MLP_RATIO * embed_dims), act=nn.GELU(),
-                        fc2=nn.Linear(MLP_RATIO * embed_dims, embed_dims)))
+        if datpp:
+            self.mlp = ConvMLP(embed_dims, MLP_RATIO * embed_dims)
+        else:
+            self.mlp = nn.Sequential(
+                OrderedDict(fc1=nn.Linear(embed_dims, MLP_RATIO * embed_dims), act=nn.GELU(),
+                            fc2=nn.Linear(MLP_RATIO * embed_dims, embed_dims)))
         self.drop_path = DropPath(drop_path)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lpu is not None:
+            x = x + self.lpu(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         x = x + self.drop_path(self.attn(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
@@ -102,41 +177,62 @@ class DATBlock(nn.Module):
 class DATStage(nn.Module):
     """A downsampling layer (except in the first stage) and a sequence of :class:`DATBlock`.
 
-    Even blocks use window attention. Odd blocks use deformable attention when
-    ``offset_groups > 0``, shifted-window attention (shift ``ceil(window_size / 2)``) otherwise.
+    Block ``i`` uses the attention named by ``block_types[i]``: ``'W'`` window, ``'S'``
+    shifted-window (shift ``ceil(window_size / 2)``), ``'D'`` deformable (v1's
+    :class:`DeformableAttention`, or :class:`DeformableAttentionPP` in DAT++ stages) and ``'N'``
+    neighborhood attention (kernel ``window_size``).
 
     Args:
         in_channels (int): Channels entering the stage.
         embed_dims (int): Channels inside the stage.
-        depth (int): Number of blocks.
+        block_types (str): Attention of each block, one letter per block (see above).
         num_heads (int): Attention heads of every block.
-        offset_groups (int): Offset groups of the deformable blocks; 0 for shifted windows.
-        window_size (int): Window side of the window blocks.
+        offset_groups (int): Offset groups of the deformable blocks.
+        window_size (int): Window side of the window blocks, kernel of the neighborhood blocks.
         offset_kernel_size (int): Depthwise kernel of the offset network.
+        offset_stride (int): DAT++: stride of the offset network.
         table_size (int): Map size the deformable position bias table is made for.
         drop_path_rates (Sequence[float]): Stochastic depth rate of each block.
-        downsample (bool): Start with a 2x2 stride-2 conv (no bias) and LayerNorm.
-        attn_impl (str): ``'auto'``, ``'sdpa'``, ``'reference'`` or ``'fused'``.
+        downsample (bool): Start with a stride-2 conv (no bias) and LayerNorm: 2x2 in v1,
+            3x3 with padding 1 in DAT++.
+        datpp (bool): DAT++ stage (blocks, downsampling and deformable attention of DAT++).
+        attn_impl (str): Implementation of the window and deformable blocks: ``'auto'``,
+            ``'sdpa'``, ``'reference'`` or ``'fused'`` (v1 deformable blocks only).
+        na_impl (str): Implementation of the neighborhood blocks: ``'sdpa'``, ``'reference'``
+            or ``'natten'``.
         with_cp (bool): Gradient checkpointing of every block.
     """
 
-    def __init__(self, in_channels: int, embed_dims: int, depth: int, num_heads: int,
-                 offset_groups: int, window_size: int, offset_kernel_size: int, table_size: int,
-                 drop_path_rates: Sequence[float], downsample: bool, attn_impl: str,
-                 with_cp: bool):
+    def __init__(self, in_channels: int, embed_dims: int, block_types: str, num_heads: int,
+                 offset_groups: int, window_size: int, offset_kernel_size: int, offset_stride: int,
+                 table_size: int, drop_path_rates: Sequence[float], downsample: bool, datpp: bool,
+                 attn_impl: str, na_impl: str, with_cp: bool):
         super().__init__()
-        self.downsample = ConvDownsample(in_channels, embed_dims, 2, bias=False) if downsample else None
+        if not downsample:
+            self.downsample = None
+        elif datpp:
+            self.downsample = OverlappingDownsample(in_channels, embed_dims)
+        else:
+            self.downsample = ConvDownsample(in_channels, embed_dims, 2, bias=False)
         self.blocks = nn.ModuleList()
-        for i in range(depth):
-            if i % 2 == 0:
+        for i, block_type in enumerate(block_types):
+            if block_type == 'W':
                 attn = WindowAttention(embed_dims, num_heads, window_size, 0, attn_impl)
-            elif offset_groups > 0:
+            elif block_type == 'S':
+                attn = WindowAttention(embed_dims, num_heads, window_size, -(-window_size // 2),
+                                       attn_impl)
+            elif block_type == 'N':
+                attn = NeighborhoodAttention(embed_dims, num_heads, window_size, na_impl)
+            elif block_type == 'D' and datpp:
+                attn = DeformableAttentionPP(embed_dims, num_heads, offset_groups,
+                                             offset_kernel_size, offset_stride, table_size,
+                                             attn_impl)
+            elif block_type == 'D':
                 attn = DeformableAttention(embed_dims, num_heads, offset_groups, offset_kernel_size,
                                            table_size, OFFSET_RANGE_FACTOR, attn_impl)
             else:
-                attn = WindowAttention(embed_dims, num_heads, window_size, -(-window_size // 2),
-                                       attn_impl)
-            self.blocks.append(DATBlock(embed_dims, attn, drop_path_rates[i], with_cp))
+                raise ValueError(f'Unknown block type {block_type!r}')
+            self.blocks.append(DATBlock(embed_dims, attn, drop_path_rates[i], with_cp, datpp))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Args: x (Tensor): ``(B, H, W, C)``. Returns: Tensor ``(B, H', W', C')``."""
@@ -149,35 +245,52 @@ class DATStage(nn.Module):
 
 @register_model
 class DAT(BaseModule):
-    """Deformable Attention Transformer backbone (DAT, CVPR 2022).
+    """Deformable Attention Transformer backbone: DAT (CVPR 2022) and DAT++.
 
-    A paper: `Vision Transformer with Deformable Attention <https://arxiv.org/abs/2201.00520>`_.
-    A hierarchical transformer with outputs at strides 4, 8, 16 and 32. Stages 1-2 alternate
-    window and shifted-window attention; stages 3-4 alternate window and deformable attention.
-    Works at any input size: maps are padded where a window or a stride needs it and the outputs
-    have ``ceil(size / stride)`` pixels a side.
+    Papers: `Vision Transformer with Deformable Attention <https://arxiv.org/abs/2201.00520>`_
+    and `DAT++: Spatially Dynamic Vision Transformer with Deformable Attention
+    <https://arxiv.org/abs/2309.01430>`_. A hierarchical transformer with outputs at strides 4,
+    8, 16 and 32. Works at any input size: the outputs have ``ceil(size / stride)`` pixels a side.
+
+    - DAT (``'tiny'``, ``'small'``, ``'base'``): a 4x4 patch stem and 2x2 downsampling convs;
+      stages 1-2 alternate window and shifted-window attention, stages 3-4 window and
+      deformable attention; plain MLPs.
+    - DAT++ (``'tiny++'``, ``'small++'``, ``'base++'``): a convolutional stem (two 3x3 stride-2
+      convs) and 3x3 stride-2 downsampling convs; stages 1-3 alternate neighborhood attention
+      (kernel ``window_size``) and DAT++ deformable attention (reference points every 8, 4, 2,
+      1 pixels, offset kernels 9, 7, 5, 3, positions clamped to the map), stage 4 is
+      deformable only; every block starts with a local perception unit (a residual 3x3
+      depthwise conv) and has a depthwise-conv MLP.
 
     Args:
-        arch (str | dict): ``'tiny'``, ``'small'``, ``'base'``, or a dict with the keys of
-            :attr:`arch_zoo` entries: ``embed_dims`` (channels of stage 1, doubled in each
-            later stage), ``depths``, ``num_heads`` and ``offset_groups`` (one per stage;
-            ``offset_groups[i] > 0`` makes stage ``i`` use deformable attention with that many
-            offset groups, 0 shifted-window attention). Defaults to ``'tiny'``.
+        arch (str | dict): A key of :attr:`arch_zoo`, or a dict with the keys of its entries:
+            ``embed_dims`` (channels of stage 1, doubled in each later stage), ``depths``,
+            ``num_heads`` and ``offset_groups`` (one per stage), and for DAT++ also
+            ``version=2`` and ``block_types`` (one string per stage with a letter per block,
+            ``'N'`` neighborhood or ``'D'`` deformable attention). In a v1 dict (``version``
+            1 or absent) ``offset_groups[i] > 0`` makes stage ``i`` alternate window and
+            deformable attention with that many offset groups, 0 window and shifted-window
+            attention. Defaults to ``'tiny'``.
         in_channels (int): Channels of the input image. Defaults to 3.
         pretrain_img_size (int): Image size of pre-training; sets the size of the deformable
             position bias tables (``2 * size / stride - 1`` a side) so that checkpoints load
             as they are. Defaults to 224.
-        window_size (int): Window side of the window blocks. Defaults to 7.
+        window_size (int): Window side of the window blocks (v1), kernel of the neighborhood
+            attention (DAT++, odd). Defaults to 7.
         out_indices (Sequence[int]): Stages whose outputs are returned, in ``0..3``.
             Defaults to ``(0, 1, 2, 3)``.
         drop_path_rate (float): Stochastic depth rate, increasing linearly over the blocks from
             0 to this value. Defaults to 0.1.
         attn_impl (str): ``'sdpa'`` (:func:`torch.nn.functional.scaled_dot_product_attention`
             with the bias as ``attn_mask``), ``'reference'`` (plain matmul and softmax, the
-            same function), ``'fused'`` (deformable blocks run a Triton kernel that samples the
-            position bias on the fly and never stores an ``N x N`` tensor; needs CUDA and
-            Triton; window blocks use SDPA), or ``'auto'``: fused on CUDA when Triton is
-            installed, SDPA otherwise, chosen per call from the input. Defaults to ``'auto'``.
+            same function), ``'fused'`` (v1 deformable blocks run a Triton kernel that samples
+            the position bias on the fly and never stores an ``N x N`` tensor; needs CUDA and
+            Triton; window blocks use SDPA), ``'natten'`` (DAT++: the neighborhood blocks run
+            natten's kernels, the others SDPA), or ``'auto'``: per call, fused for v1 deformable
+            blocks on CUDA when Triton is installed, SDPA otherwise; in DAT++, natten for the
+            neighborhood blocks when a compatible natten is installed and ``with_cp`` is off
+            (natten 0.14's backward does not work under non-reentrant checkpointing).
+            Defaults to ``'auto'``.
         with_cp (bool): Gradient checkpointing: less memory, same results, slower backward.
             Defaults to False.
         frozen_stages (int): Stages to freeze (no gradients, eval mode), ``-1..4``; 0 freezes
@@ -186,8 +299,8 @@ class DAT(BaseModule):
         init_cfg (dict, optional): ``None`` for the default initialisation, or
             ``dict(type='Pretrained', checkpoint=PATH)`` to load a checkpoint: mmdat's (a
             backbone, or a whole model whose ``backbone.`` weights are used) or an official DAT
-            classification file, converted on the fly. Position tables of another window or
-            pre-training size are resized. Defaults to None.
+            or DAT++ classification file, converted on the fly. Position tables of another
+            window or pre-training size are resized. Defaults to None.
     """
     arch_zoo: Dict[str, dict] = {
         'tiny': dict(embed_dims=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24),
@@ -196,6 +309,12 @@ class DAT(BaseModule):
                       offset_groups=(0, 0, 3, 6)),
         'base': dict(embed_dims=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32),
                      offset_groups=(0, 0, 4, 8)),
+        'tiny++': dict(version=2, embed_dims=64, depths=(2, 4, 18, 2), num_heads=(2, 4, 8, 16),
+                       offset_groups=(1, 2, 4, 8), block_types=('ND', 'ND' * 2, 'ND' * 9, 'DD')),
+        'small++': dict(version=2, embed_dims=96, depths=(2, 4, 18, 2), num_heads=(3, 6, 12, 24),
+                        offset_groups=(1, 2, 3, 6), block_types=('ND', 'ND' * 2, 'ND' * 9, 'DD')),
+        'base++': dict(version=2, embed_dims=128, depths=(2, 4, 18, 2), num_heads=(4, 8, 16, 32),
+                       offset_groups=(2, 4, 8, 16), block_types=('ND', 'ND' * 2, 'ND' * 9, 'DD')),
     }
 
     def __init__(self,
@@ -215,6 +334,7 @@ class DAT(BaseModule):
                              f'got {init_cfg!r}')
         super().__init__(init_cfg=init_cfg)
         arch = self._check_arch(arch)
+        datpp = arch['version'] == 2
         self.out_indices = self._check_out_indices(out_indices)
         if not isinstance(frozen_stages, int) or not -1 <= frozen_stages <= NUM_STAGES:
             raise ValueError(f'frozen_stages must be an int in [-1, {NUM_STAGES}], got {frozen_stages!r}')
@@ -222,17 +342,25 @@ class DAT(BaseModule):
             raise ValueError(f'drop_path_rate must be in [0, 1), got {drop_path_rate!r}')
         if not isinstance(window_size, int) or window_size < 2:
             raise ValueError(f'window_size must be an int >= 2, got {window_size!r}')
+        if datpp and (window_size < 3 or window_size % 2 != 1):
+            raise ValueError('DAT++ uses window_size as the neighborhood attention kernel, which '
+                             f'must be odd and >= 3, got {window_size!r}')
         if not isinstance(in_channels, int) or in_channels < 1:
             raise ValueError(f'in_channels must be a positive int, got {in_channels!r}')
         if pretrain_img_size < STEM_STRIDE * 2**(NUM_STAGES - 1):
             raise ValueError(f'pretrain_img_size must be at least {STEM_STRIDE * 2**(NUM_STAGES - 1)}, '
                              f'got {pretrain_img_size!r}')
-        attn_impl = check_attn_impl(attn_impl)
+        attn_impl, na_impl = self._resolve_attn_impl(attn_impl, datpp, with_cp)
+        self.arch = arch
         self.in_channels = in_channels
         self.frozen_stages = frozen_stages
         self.num_features = [arch['embed_dims'] * 2**i for i in range(NUM_STAGES)]
 
-        self.patch_embed = ConvDownsample(in_channels, self.num_features[0], STEM_STRIDE, bias=True)
+        if datpp:
+            self.patch_embed = ConvStem(in_channels, self.num_features[0])
+        else:
+            self.patch_embed = ConvDownsample(in_channels, self.num_features[0], STEM_STRIDE,
+                                              bias=True)
         rates = torch.linspace(0, drop_path_rate, sum(arch['depths'])).tolist()
         self.stages = nn.ModuleList()
         for i in range(NUM_STAGES):
@@ -241,45 +369,96 @@ class DAT(BaseModule):
                 DATStage(
                     in_channels=self.num_features[i - 1] if i else self.num_features[0],
                     embed_dims=self.num_features[i],
-                    depth=arch['depths'][i],
+                    block_types=arch['block_types'][i],
                     num_heads=arch['num_heads'][i],
                     offset_groups=arch['offset_groups'][i],
                     window_size=window_size,
                     offset_kernel_size=OFFSET_KERNEL_SIZES[i],
+                    offset_stride=OFFSET_STRIDES[i],
                     table_size=pretrain_img_size // (STEM_STRIDE * 2**i),
                     drop_path_rates=rates[start:start + arch['depths'][i]],
                     downsample=i > 0,
+                    datpp=datpp,
                     attn_impl=attn_impl,
+                    na_impl=na_impl,
                     with_cp=with_cp))
         for i in self.out_indices:
             self.add_module(f'norm{i}', nn.LayerNorm(self.num_features[i]))
         self._freeze_stages()
 
+    @staticmethod
+    def _resolve_attn_impl(attn_impl: str, datpp: bool, with_cp: bool) -> Tuple[str, str]:
+        """``attn_impl`` of the window and deformable blocks, and of the neighborhood blocks."""
+        if attn_impl == 'natten':
+            if not datpp:
+                raise ValueError("attn_impl='natten' is for DAT++ archs (neighborhood attention)")
+            if not natten_available():
+                raise RuntimeError("attn_impl='natten' needs a compatible natten package")
+            return 'sdpa', 'natten'
+        if attn_impl not in ATTN_IMPLS:
+            raise ValueError(f"attn_impl must be one of {ATTN_IMPLS + ('natten', )}, got {attn_impl!r}")
+        attn_impl = check_attn_impl(attn_impl)
+        if not datpp:
+            return attn_impl, attn_impl
+        if attn_impl == 'fused':
+            # the kernel takes the queries as the reference points, which holds in v1 only
+            raise ValueError("attn_impl='fused' is for DAT v1 archs; DAT++ takes 'auto', 'sdpa', "
+                             "'reference' or 'natten'")
+        if attn_impl == 'auto':
+            # natten 0.14's backward reads its saved tensors twice, which the non-reentrant
+            # checkpointing of with_cp refuses; 'auto' then keeps the pure PyTorch path
+            return 'sdpa', 'natten' if not with_cp and natten_available() else 'sdpa'
+        return attn_impl, attn_impl
+
     @classmethod
     def _check_arch(cls, arch: Union[str, dict]) -> dict:
+        """Validate ``arch`` and return it as a dict with ``version`` and ``block_types``."""
         if isinstance(arch, str):
             if arch not in cls.arch_zoo:
                 raise ValueError(f'Unknown arch {arch!r}; choose one of {sorted(cls.arch_zoo)} '
                                  'or pass a dict')
-            return cls.arch_zoo[arch]
-        if not isinstance(arch, dict):
+            arch = cls.arch_zoo[arch]
+        elif not isinstance(arch, dict):
             raise TypeError(f'arch must be a str or a dict, got {type(arch).__name__}')
+        version = arch.get('version', 1)
+        if version not in (1, 2):
+            raise ValueError(f'arch version must be 1 (DAT) or 2 (DAT++), got {version!r}')
         keys = {'embed_dims', 'depths', 'num_heads', 'offset_groups'}
-        if set(arch) != keys:
-            raise ValueError(f'A custom arch needs exactly the keys {sorted(keys)}, got {sorted(arch)}')
-        for key in ('depths', 'num_heads', 'offset_groups'):
+        if version == 2:
+            keys |= {'version', 'block_types'}
+        if set(arch) - {'version'} != keys - {'version'} or (version == 2 and 'version' not in arch):
+            raise ValueError(f'A custom arch of version {version} needs exactly the keys '
+                             f'{sorted(keys)}, got {sorted(arch)}')
+        if not isinstance(arch['embed_dims'], int) or arch['embed_dims'] < 1:
+            raise ValueError(f'arch embed_dims must be a positive int, got {arch["embed_dims"]!r}')
+        if version == 2 and arch['embed_dims'] % 2:
+            raise ValueError(f'DAT++ embed_dims must be even (the stem halves it), got {arch["embed_dims"]}')
+        for key in keys - {'embed_dims', 'version'}:
             if len(arch[key]) != NUM_STAGES:
                 raise ValueError(f'arch[{key!r}] needs {NUM_STAGES} values, got {arch[key]!r}')
+        block_types = []
         for i in range(NUM_STAGES):
             dims, heads, groups = arch['embed_dims'] * 2**i, arch['num_heads'][i], arch['offset_groups'][i]
-            if arch['depths'][i] < 1:
+            depth = arch['depths'][i]
+            if depth < 1:
                 raise ValueError(f'arch depths must be >= 1, got {arch["depths"]!r}')
             if heads < 1 or dims % heads:
                 raise ValueError(f'Stage {i}: embed_dims {dims} must be divisible by num_heads {heads}')
-            if groups < 0 or (groups and heads % groups):
+            if version == 1:
+                if groups < 0 or (groups and heads % groups):
+                    raise ValueError(f'Stage {i}: num_heads {heads} must be divisible by offset_groups '
+                                     f'{groups} (or offset_groups 0 for shifted windows)')
+                block_types.append(('WD' if groups else 'WS') * (depth // 2) + 'W' * (depth % 2))
+                continue
+            types = arch['block_types'][i]
+            if not isinstance(types, str) or len(types) != depth or set(types) - set('ND'):
+                raise ValueError(f'Stage {i}: block_types must be a string of {depth} letters N '
+                                 f'(neighborhood) or D (deformable), got {types!r}')
+            if groups < 1 or heads % groups:
                 raise ValueError(f'Stage {i}: num_heads {heads} must be divisible by offset_groups '
-                                 f'{groups} (or offset_groups 0 for shifted windows)')
-        return dict(arch)
+                                 f'{groups} (>= 1)')
+            block_types.append(types)
+        return dict(arch, version=version, block_types=tuple(block_types))
 
     @staticmethod
     def _check_out_indices(out_indices: Sequence[int]) -> List[int]:
@@ -320,10 +499,18 @@ class DAT(BaseModule):
                     nn.init.ones_(module.weight)
                     nn.init.zeros_(module.bias)
             return
-        state_dict = extract_state_dict(load_checkpoint_file(self.init_cfg['checkpoint']),
-                                        prefix='backbone.')
+        checkpoint = self.init_cfg['checkpoint']
+        state_dict = extract_state_dict(load_checkpoint_file(checkpoint), prefix='backbone.')
         if is_official_dat(state_dict):
+            file_version = 2 if is_official_datpp(state_dict) else 1
+            if file_version != self.arch['version']:
+                names = {1: 'DAT (v1)', 2: 'DAT++'}
+                raise ValueError(f'{checkpoint} is an official {names[file_version]} checkpoint, but '
+                                 f'this backbone is {names[self.arch["version"]]}; choose a matching arch')
             state_dict = dat_converter(state_dict)
+        if not state_dict.keys() & self.state_dict().keys():
+            raise ValueError(f'No weight of {checkpoint} belongs to this DAT backbone (neither an '
+                             'mmdat nor an official DAT/DAT++ layout)')
         state_dict = fit_position_tables(state_dict, self.state_dict())
         missing, unexpected = self.load_state_dict(state_dict, strict=False)
         if missing:

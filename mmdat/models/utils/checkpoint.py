@@ -94,7 +94,8 @@ def fit_position_tables(state_dict: Dict[str, torch.Tensor],
     """Resize relative position tables (bicubic) to the target's shapes.
 
     ``relative_position_bias_table`` ``((2w-1)^2, heads)`` follows the window size and
-    ``rpe_table`` ``(heads, 2h-1, 2w-1)`` the pre-training map size. Any other shape mismatch is an
+    ``rpe_table`` ``(heads, 2h-1, 2w-1)`` the pre-training map size, the neighborhood attention
+    ``rpb`` ``(heads, 2k-1, 2k-1)`` the kernel size. Any other shape mismatch is an
     error naming the key.
     """
     fitted = {}
@@ -106,7 +107,7 @@ def fit_position_tables(state_dict: Dict[str, torch.Tensor],
                 grid = value.T.reshape(1, -1, old, old)
                 value = F.interpolate(grid.float(), size=(new, new), mode='bicubic')
                 value = value.reshape(-1, new * new).T.to(state_dict[key].dtype)
-            elif key.endswith('rpe_table') and value.shape[0] == wanted[0]:
+            elif key.endswith(('rpe_table', '.rpb')) and value.shape[0] == wanted[0]:
                 value = F.interpolate(value[None].float(), size=tuple(wanted[1:]), mode='bicubic')
                 value = value[0].to(state_dict[key].dtype)
             else:
