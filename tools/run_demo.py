@@ -21,7 +21,7 @@ from mmdat.utils import adapt_to_cpu, load_tool_config
 REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 DET_CONFIG = osp.join(REPO_ROOT, 'configs', 'demo', 'retinanet_dat_demo_shapes.py')
 SEG_CONFIG = osp.join(REPO_ROOT, 'configs', 'demo', 'fpn_dat_demo_shapes.py')
-NUM_IMAGES = dict(train=400, val=50)
+NUM_IMAGES = dict(train=1600, val=50)
 IMAGE_SIZE = (192, 256)  # (h, w)
 
 
@@ -51,7 +51,8 @@ def prepare_data(data_root: str) -> None:
 
 
 def train_and_evaluate(config: str, work_dir: str, length: Optional[int]) -> dict:
-    """Evaluate the freshly initialised model, train it, evaluate it again.
+    """Evaluate the freshly initialised model, train it (the training loop evaluates it at the
+    end) and return both sets of metrics.
 
     ``length`` overrides the number of epochs (epoch-based config) or iterations.
     """
@@ -64,8 +65,7 @@ def train_and_evaluate(config: str, work_dir: str, length: Optional[int]) -> dic
             if scheduler.get('end') == cfg.train_cfg[unit]:
                 scheduler.end = length
         cfg.train_cfg[unit] = length
-    # evaluated here, before and after training, instead of inside the training loop
-    cfg.train_cfg.val_interval = cfg.train_cfg[unit] + 1
+    cfg.train_cfg.val_interval = cfg.train_cfg[unit]  # only at the end
     adapt_to_cpu(cfg)
     runner = Runner.from_cfg(cfg)
     # Initialised once: the second call, inside train(), keeps these weights.
@@ -74,8 +74,9 @@ def train_and_evaluate(config: str, work_dir: str, length: Optional[int]) -> dic
     start = time.perf_counter()
     runner.train()
     train_seconds = time.perf_counter() - start
-    trained = runner.val()
-    with open(osp.join(work_dir, "last_checkpoint")) as f:  # the absolute path of the last one
+    trained = {key[len('val/'):]: buffer.current() for key, buffer in runner.message_hub.log_scalars.items()
+               if key.startswith('val/') and key not in ('val/time', 'val/data_time')}
+    with open(osp.join(work_dir, 'last_checkpoint')) as f:  # the absolute path of the last one
         checkpoint = f.read().strip()
     return dict(untrained=untrained, trained=trained, train_seconds=train_seconds,
                 checkpoint=checkpoint, config=config)
@@ -132,15 +133,16 @@ def main():
                      args.num_pictures)
     results['total_seconds'] = time.perf_counter() - start
     with open(osp.join(args.work_dir, 'results.json'), 'w') as f:
-        json.dump(results, f, indent=2)
+        json.dump(results, f, indent=2, default=float)  # numpy scalars from the metrics
 
-    det = results['detection']
+    det, seg = results['detection'], results.get('segmentation')
     print('\nDemo results on the 50 validation images:')
-    print(f'  RetinaNet + DAT   bbox mAP@[.5:.95] {det["trained"]["coco/bbox_mAP"]:.3f} '
-          f'(untrained {det["untrained"]["coco/bbox_mAP"]:.3f}), '
-          f'bbox mAP@.5 {det["trained"]["coco/bbox_mAP_50"]:.3f}, trained in {det["train_seconds"]:.0f} s')
-    if 'segmentation' in results:
-        seg = results['segmentation']
+    # mmdet gives no metrics when no box scores above the threshold: that is an mAP of 0
+    trained, untrained = det['trained'], det['untrained']
+    print(f'  RetinaNet + DAT     bbox mAP@[.5:.95] {trained.get("coco/bbox_mAP", 0.0):.3f} '
+          f'(untrained {untrained.get("coco/bbox_mAP", 0.0):.3f}), '
+          f'bbox mAP@.5 {trained.get("coco/bbox_mAP_50", 0.0):.3f}, trained in {det["train_seconds"]:.0f} s')
+    if seg:
         print(f'  Semantic FPN + DAT  mIoU {seg["trained"]["mIoU"]:.1f} '
               f'(untrained {seg["untrained"]["mIoU"]:.1f}), trained in {seg["train_seconds"]:.0f} s')
     print(f'  predictions: {picture}\n  total time: {results["total_seconds"]:.0f} s')
