@@ -93,6 +93,24 @@ def test_retinanet_loss_and_predict():
         assert len(result.pred_instances.scores) == len(result.pred_instances.labels) == len(boxes)
 
 
+def test_mask_rcnn_loss_and_predict():
+    from mmdet.structures.mask import BitmapMasks
+    model = build('mask_rcnn_dat_t_swap.py', 'mmdet', **SMALL)
+    model.train_cfg.rpn_proposal.max_per_img = 64  # fewer RoIs keep the CPU step short
+    batch = det_batch()
+    for inputs, sample in zip(batch['inputs'], batch['data_samples']):
+        height, width = inputs.shape[1:]
+        masks = torch.zeros(2, height, width, dtype=torch.uint8)
+        for mask, (x0, y0, x1, y1) in zip(masks, sample.gt_instances.bboxes.int().tolist()):
+            mask[y0:y1, x0:x1] = 1
+        sample.gt_instances.masks = BitmapMasks(masks.numpy(), height, width)
+    results = loss_then_predict(model, batch)
+    for result, inputs in zip(results, batch['inputs']):
+        instances = result.pred_instances
+        assert instances.masks.shape[1:] == inputs.shape[1:]  # full-image masks
+        assert len(instances.masks) == len(instances.bboxes) == len(instances.scores)
+
+
 def test_upernet_loss_and_predict():
     model = build('upernet_dat_t_swap.py', 'mmseg', **SMALL)
     results = loss_then_predict(model, seg_batch())
@@ -103,6 +121,7 @@ def test_upernet_loss_and_predict():
 
 
 @pytest.mark.parametrize('config,scope', [('retinanet_dat_t_swap.py', 'mmdet'),
+                                          ('mask_rcnn_dat_t_swap.py', 'mmdet'),
                                           ('upernet_dat_t_swap.py', 'mmseg')])
 def test_custom_imports_alone_make_dat_buildable(config, scope):
     """A fresh process that never imports mmdat itself builds the config's tiny DAT model."""
