@@ -21,7 +21,7 @@ from mmdat.utils import adapt_to_cpu, load_tool_config
 REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 DET_CONFIG = osp.join(REPO_ROOT, 'configs', 'demo', 'retinanet_dat_demo_shapes.py')
 SEG_CONFIG = osp.join(REPO_ROOT, 'configs', 'demo', 'fpn_dat_demo_shapes.py')
-NUM_IMAGES = dict(train=1600, val=50)
+NUM_VAL_IMAGES = 50
 IMAGE_SIZE = (192, 256)  # (h, w)
 
 
@@ -30,6 +30,8 @@ def parse_args():
     parser.add_argument('--data-root', default='data/shapes',
                         help='where the dataset is (generated there if missing)')
     parser.add_argument('--work-dir', default='work_dirs/demo', help='where everything is written')
+    parser.add_argument('--train-images', type=int, default=1600,
+                        help='training images to generate (when the dataset does not exist yet)')
     parser.add_argument('--det-epochs', type=int,
                         help="train the detector this many epochs instead of the config's")
     parser.add_argument('--seg-iters', type=int,
@@ -40,14 +42,17 @@ def parse_args():
     return parser.parse_args()
 
 
-def prepare_data(data_root: str) -> None:
+def prepare_data(data_root: str, train_images: int) -> None:
     if osp.exists(osp.join(data_root, 'annotations', 'instances_val.json')):
         print(f'Using the shapes dataset in {data_root}')
         return
+    if train_images < 1:
+        raise SystemExit(f'--train-images must be >= 1, got {train_images}')
     start = time.perf_counter()
-    make_synthetic_dataset(data_root, NUM_IMAGES, image_size=IMAGE_SIZE, seed=0)
-    print(f'Generated the shapes dataset in {data_root} ({NUM_IMAGES["train"]} train / '
-          f'{NUM_IMAGES["val"]} val images) in {time.perf_counter() - start:.0f} s')
+    make_synthetic_dataset(data_root, dict(train=train_images, val=NUM_VAL_IMAGES),
+                           image_size=IMAGE_SIZE, seed=0)
+    print(f'Generated the shapes dataset in {data_root} ({train_images} train / {NUM_VAL_IMAGES} '
+          f'val images) in {time.perf_counter() - start:.0f} s')
 
 
 def train_and_evaluate(config: str, work_dir: str, length: Optional[int]) -> dict:
@@ -122,7 +127,7 @@ def main():
     os.chdir(REPO_ROOT)
     os.environ['SHAPES_ROOT'] = args.data_root.rstrip('/') + '/'  # read by the demo configs
     start = time.perf_counter()
-    prepare_data(args.data_root)
+    prepare_data(args.data_root, args.train_images)
     results = dict(detection=train_and_evaluate(DET_CONFIG, osp.join(args.work_dir, 'retinanet'),
                                                 args.det_epochs))
     if not args.skip_seg:
@@ -136,7 +141,7 @@ def main():
         json.dump(results, f, indent=2, default=float)  # numpy scalars from the metrics
 
     det, seg = results['detection'], results.get('segmentation')
-    print('\nDemo results on the 50 validation images:')
+    print(f'\nDemo results on the {NUM_VAL_IMAGES} validation images:')
     # mmdet gives no metrics when no box scores above the threshold: that is an mAP of 0
     trained, untrained = det['trained'], det['untrained']
     print(f'  RetinaNet + DAT     bbox mAP@[.5:.95] {trained.get("coco/bbox_mAP", 0.0):.3f} '

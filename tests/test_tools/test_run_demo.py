@@ -16,10 +16,10 @@ def test_run_demo_short(tmp_path):
     env = {**os.environ, 'PYTHONPATH': str(REPO_ROOT), 'OMP_NUM_THREADS': '1'}
     result = subprocess.run(
         [sys.executable, 'tools/run_demo.py', '--data-root', str(data_root), '--work-dir', str(work_dir),
-         '--det-epochs', '1', '--seg-iters', '60', '--num-pictures', '2'],
+         '--train-images', '40', '--det-epochs', '1', '--seg-iters', '60', '--num-pictures', '2'],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    assert (data_root / 'annotations' / 'instances_val.json').is_file()
+    assert len(json.loads((data_root / 'annotations' / 'instances_train.json').read_text())['images']) == 40
 
     results = json.loads((work_dir / 'results.json').read_text())
     det, seg = results['detection'], results['segmentation']

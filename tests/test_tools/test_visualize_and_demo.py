@@ -92,18 +92,28 @@ def test_visualize_backbone_draws_what_the_model_computed(image_file, backbone_c
     assert (positions - record.reference).abs().max() > 0.05
 
 
-@pytest.mark.parametrize('config', [DETECTOR, SEGMENTER], ids=['detector', 'segmenter'])
-def test_visualize_through_the_test_pipeline(config, image_file, tmp_path, monkeypatch):
+# (config, --stage, expected stride, scale factor, record (stage, block, map size), attention shape)
+PIPELINE_CASES = [
+    # the demo detector: 150x205 resized to fit 256x192 (x 1.2488), stage 3 of its small DAT
+    (DETECTOR, 3, 16, (256 / 205, 187 / 150), (2, 1, (12, 16)), (1, 4, 2, 192)),
+    # UperNet: 150x205 resized to fit 320x256 (x 1.5609), then DAT's ceil(size / 32) maps
+    (SEGMENTER, 4, 32, (320 / 205, 234 / 150), (3, 1, (8, 10)), (1, 4, 2, 80)),
+]
+
+
+@pytest.mark.parametrize('config, stage, stride, scale, where, attention_shape', PIPELINE_CASES,
+                         ids=['detector', 'segmenter'])
+def test_visualize_through_the_test_pipeline(config, stage, stride, scale, where, attention_shape,
+                                             image_file, tmp_path, monkeypatch):
     calls = spy_on_drawing(monkeypatch)
     out = tmp_path / 'deformable.png'
-    visualize.main([image_file, '--config', config, '--stage', '4', '--num-queries', '2',
+    visualize.main([image_file, '--config', config, '--stage', str(stage), '--num-queries', '2',
                     '--out', str(out)])
     assert cv2.imread(str(out)) is not None
-    (image, record, (stride, scale_factor, *_)), = calls
-    # keep_ratio resize of 150x205 to fit 320x256: x 1.5609..., then DAT's ceil(size / 32) maps
-    assert stride == 32 and scale_factor == pytest.approx((320 / 205, 234 / 150), abs=1e-3)
-    assert (record.stage, record.block, record.map_size) == (3, 1, (8, 10))
-    assert len(record.query_indices) == 2 and record.attention.shape == (1, 4, 2, 80)
+    (image, record, (drawn_stride, scale_factor, *_)), = calls
+    assert drawn_stride == stride and scale_factor == pytest.approx(scale, abs=1e-3)
+    assert (record.stage, record.block, record.map_size) == where
+    assert len(record.query_indices) == 2 and record.attention.shape == attention_shape
 
 
 def test_visualize_errors(image_file, backbone_config, tmp_path):
