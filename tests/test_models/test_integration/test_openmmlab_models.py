@@ -144,3 +144,21 @@ print(type(model.backbone).__module__, sum(p.numel() for p in model.backbone.par
     assert module == 'mmdat.models.backbones.dat'
     assert int(params) == 27_551_482
     assert int(outputs) == (5 if scope == 'mmdet' else 4)  # FPN levels / backbone maps
+
+
+def test_adamw_steps_lower_the_loss():
+    """The whole detector learns through DAT: a few AdamW steps on one batch lower its loss."""
+    torch.manual_seed(0)
+    model = build('retinanet_dat_t_swap.py', 'mmdet', arch=SMALL['arch'], drop_path_rate=0.0)
+    model.train()
+    data = model.data_preprocessor(det_batch(), training=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    losses = []
+    for _ in range(6):
+        loss, _ = model.parse_losses(model(**data, mode='loss'))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(later < earlier for earlier, later in zip(losses, losses[1:])), losses
+    assert losses[-1] < 0.9 * losses[0], losses
