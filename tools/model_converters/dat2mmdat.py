@@ -25,7 +25,7 @@ def main():
     args = parse_args()
     try:
         state_dict = extract_state_dict(load_checkpoint_file(args.src))
-    except FileNotFoundError as error:
+    except (FileNotFoundError, ValueError) as error:
         raise SystemExit(str(error))
     if is_official_dat_det_seg(state_dict):
         raise SystemExit(f'{args.src} is a whole official detection/segmentation model; convert it '

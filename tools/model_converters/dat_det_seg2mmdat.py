@@ -51,7 +51,7 @@ def main():
     args = parse_args()
     try:
         state_dict = extract_state_dict(load_checkpoint_file(args.src))
-    except FileNotFoundError as error:
+    except (FileNotFoundError, ValueError) as error:
         raise SystemExit(str(error))
     if not is_official_dat_det_seg(state_dict):
         raise SystemExit(f'{args.src} does not look like an official DAT detection or segmentation '

@@ -59,6 +59,10 @@ def load_checkpoint_file(filename: str) -> Mapping:
     (e.g. the official DAT files pickle a yacs config), it is read again with an unpickler that
     rebuilds tensors and replaces every other object by an empty stand-in. Other sources (URLs,
     ``open-mmlab://`` etc.) go through mmengine's :class:`CheckpointLoader`.
+
+    Raises:
+        FileNotFoundError: No such local file.
+        ValueError: The file is not a PyTorch checkpoint.
     """
     if not osp.isfile(filename):
         if '://' in filename:
@@ -67,8 +71,12 @@ def load_checkpoint_file(filename: str) -> Mapping:
     try:
         return torch.load(filename, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError:
+        pass
+    try:
         return torch.load(filename, map_location='cpu', weights_only=False,
                           pickle_module=_tensor_only_pickle)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+        raise ValueError(f'{filename} is not a readable PyTorch checkpoint ({error})') from None
 
 
 def extract_state_dict(checkpoint: Mapping, prefix: str = '') -> Dict[str, torch.Tensor]:

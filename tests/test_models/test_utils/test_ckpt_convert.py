@@ -97,6 +97,13 @@ def test_missing_checkpoint_file():
         load_checkpoint_file('no_such.pth')
 
 
+def test_a_file_that_is_no_checkpoint(tmp_path):
+    path = tmp_path / 'notes.pth'
+    path.write_text('not a checkpoint')
+    with pytest.raises(ValueError, match='notes.pth is not a readable PyTorch checkpoint'):
+        load_checkpoint_file(str(path))
+
+
 def run_converter(*args):
     return subprocess.run([sys.executable, 'tools/model_converters/dat2mmdat.py', *map(str, args)],
                           cwd=REPO_ROOT, capture_output=True, text=True,
@@ -117,3 +124,8 @@ def test_converter_cli(tmp_path):
     result = run_converter(tmp_path / 'missing.pth', tmp_path / 'again.pth')
     assert result.returncode == 1 and 'Traceback' not in result.stderr
     assert f'Checkpoint file not found: {tmp_path / "missing.pth"}' in result.stderr
+
+    (tmp_path / 'notes.txt').write_text('not a checkpoint')
+    result = run_converter(tmp_path / 'notes.txt', tmp_path / 'again.pth')
+    assert result.returncode == 1 and 'Traceback' not in result.stderr
+    assert 'is not a readable PyTorch checkpoint' in result.stderr
