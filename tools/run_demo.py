@@ -13,10 +13,11 @@ import time
 from typing import Optional
 
 import numpy as np
+import torch
 from mmengine.runner import Runner
 
 from mmdat.datasets import make_synthetic_dataset
-from mmdat.utils import adapt_to_cpu, load_tool_config
+from mmdat.utils import adapt_to_cpu, build_inferencer, load_dat_config, load_tool_config
 
 REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 DET_CONFIG = osp.join(REPO_ROOT, 'configs', 'demo', 'retinanet_dat_demo_shapes.py')
@@ -88,36 +89,22 @@ def train_and_evaluate(config: str, work_dir: str, length: Optional[int]) -> dic
 
 
 def draw_predictions(data_root: str, det: dict, seg: Optional[dict], out_file: str, num: int) -> None:
-    """One row of detections and one of segmentations, on the first ``num`` val images."""
+    """One row of detections and one of segmentations, on the first ``num`` val images, drawn by
+    mmdet's and mmseg's inferencers as tools/demo.py draws them."""
     import mmcv
-    from mmdet.apis import inference_detector, init_detector
-    from mmdet.visualization import DetLocalVisualizer
-
-    images = sorted(os.listdir(osp.join(data_root, 'val', 'images')))[:num]
-    images = [mmcv.imread(osp.join(data_root, 'val', 'images', name), channel_order='rgb')
-              for name in images]
+    names = sorted(os.listdir(osp.join(data_root, 'val', 'images')))[:num]
+    images = [osp.join(data_root, 'val', 'images', name) for name in names]
     rows = []
-    model = init_detector(det['config'], det['checkpoint'], device='cpu')
-    visualizer = DetLocalVisualizer()
-    visualizer.dataset_meta = model.dataset_meta
-    row = []
-    for image in images:
-        result = inference_detector(model, image[..., ::-1].copy())  # the model reads BGR
-        visualizer.add_datasample('det', image, result, draw_gt=False, pred_score_thr=0.3)
-        row.append(visualizer.get_image())
-    rows.append(np.concatenate(row, axis=1))
-    if seg:
-        from mmseg.apis import inference_model, init_model
-        from mmseg.visualization import SegLocalVisualizer
-        model = init_model(seg['config'], seg['checkpoint'], device='cpu')
-        visualizer = SegLocalVisualizer(alpha=0.5)
-        visualizer.dataset_meta = model.dataset_meta
-        row = []
-        for image in images:
-            result = inference_model(model, image[..., ::-1].copy())
-            visualizer.add_datasample('seg', image, result, draw_gt=False)
-            row.append(visualizer.get_image())
-        rows.append(np.concatenate(row, axis=1))
+    for model, options in ((det, dict(pred_score_thr=0.3, no_save_vis=True)), (seg, dict(opacity=0.5))):
+        if model is None:
+            continue
+        cfg, scope = load_dat_config(model['config'])
+        inferencer = build_inferencer(cfg, scope, model['checkpoint'], 'cpu')
+        with torch.no_grad():
+            drawings = [inferencer(image, return_vis=True, **options)['visualization']
+                        for image in images]
+        # mmdet returns a list per call, mmseg the drawing itself for one image
+        rows.append(np.concatenate([d[0] if isinstance(d, list) else d for d in drawings], axis=1))
     # the visualizers return RGB, mmcv.imwrite takes BGR
     mmcv.imwrite(np.concatenate(rows, axis=0)[..., ::-1], out_file, auto_mkdir=True)
 

@@ -103,7 +103,7 @@ def draw_deformable_attention(image: np.ndarray,
     """Two panels over the image: sampling points of every offset group, and the top keys of
     the recorded queries.
 
-    Left: reference points (white) of every ``grid_step``-th map pixel, arrows to the sampled
+    Left: every ``grid_step``-th reference point (white) in each direction, arrows to the sampled
     points, one colour per offset group. Right: each query (star, at the centre of its feature
     pixel) and its ``top_k`` keys with the highest attention weights over all heads, circles with
     area proportional to the weight, one colour per query. Only the first image of the batch is
@@ -129,10 +129,11 @@ def draw_deformable_attention(image: np.ndarray,
     if top_k < 1:
         raise ValueError(f'top_k must be >= 1, got {top_k}')
     height, width = record.map_size
+    grid_h, grid_w = record.reference.shape[:2]  # fewer than the map's pixels in DAT++
     num_groups = record.positions.shape[1]
     if grid_step is None:  # fewer points where more groups share them
         per_side = max(4, round(24 / math.sqrt(num_groups)))
-        grid_step = max(1, math.ceil(max(height, width) / per_side))
+        grid_step = max(1, math.ceil(max(grid_h, grid_w) / per_side))
     if grid_step < 1:
         raise ValueError(f'grid_step must be >= 1, got {grid_step}')
     image_h, image_w = image.shape[:2]
@@ -156,7 +157,7 @@ def draw_deformable_attention(image: np.ndarray,
     # marker areas in points^2: constant up to 480-pixel panels, growing with larger ones
     marker = 18 * image_w * zoom / 480
 
-    rows, columns = _grid_rows(height, grid_step), _grid_rows(width, grid_step)
+    rows, columns = _grid_rows(grid_h, grid_step), _grid_rows(grid_w, grid_step)
     reference = to_image_pixels(record.reference[rows][:, columns], (height, width), stride,
                                 scale_factor).reshape(-1, 2)
     for group, positions in enumerate(record.positions[0]):

@@ -16,7 +16,7 @@ from mmdat.visualization import (draw_deformable_attention, pixel_centre, query_
 def record_positions(attn):
     """Record a bare DeformableAttention (record_deformable_attention needs a DAT around it)."""
     positions = []
-    attn.recorder = lambda reference, sampled, query, key, bias: positions.append(sampled)
+    attn.recorder = lambda reference, sampled, query, key, bias, map_size: positions.append(sampled)
     try:
         yield positions
     finally:

@@ -11,7 +11,7 @@ from mmengine.model import BaseModule
 
 from mmdat.registry import register_model
 from ..layers import (ATTN_IMPLS, DeformableAttention, DeformableAttentionPP, NeighborhoodAttention,
-                      WindowAttention, check_attn_impl, natten_available)
+                      WindowAttention, natten_available)
 from ..utils import (dat_converter, extract_state_dict, fit_position_tables, is_official_dat,
                      is_official_datpp, load_checkpoint_file)
 
@@ -397,11 +397,10 @@ class DAT(BaseModule):
             return 'sdpa', 'natten'
         if attn_impl not in ATTN_IMPLS:
             raise ValueError(f"attn_impl must be one of {ATTN_IMPLS + ('natten', )}, got {attn_impl!r}")
-        attn_impl = check_attn_impl(attn_impl)
         if not datpp:
             return attn_impl, attn_impl
         if attn_impl == 'fused':
-            # the kernel takes the queries as the reference points, which holds in v1 only
+            # the fused kernel is verified against v1's layout only
             raise ValueError("attn_impl='fused' is for DAT v1 archs; DAT++ takes 'auto', 'sdpa', "
                              "'reference' or 'natten'")
         if attn_impl == 'auto':

@@ -116,11 +116,24 @@ class DeformableAttention(nn.Module):
         reference = pixel_centre_grid(height, width, query.device, offset.dtype)
         return reference, reference + offset * scale
 
-    def position_bias(self, reference: torch.Tensor, positions: torch.Tensor,
+    def query_points(self, height: int, width: int, reference: torch.Tensor) -> torch.Tensor:
+        """Normalised ``(y, x)`` positions of the queries for the position bias: ``(H, W, 2)``.
+
+        In DAT v1 there is one reference point per query, at the query's pixel centre.
+        """
+        return reference
+
+    def position_bias(self, queries: torch.Tensor, positions: torch.Tensor,
                       batch: int) -> torch.Tensor:
-        """Bias of each head for every (query, sampled key) pair: ``(B, heads, Nq, Nk)``."""
-        num_queries = reference.shape[0] * reference.shape[1]
-        displacement = (reference.view(1, num_queries, 1, 2) -
+        """Bias of each head for every (query, sampled key) pair: ``(B, heads, Nq, Nk)``.
+
+        Args:
+            queries (Tensor): Query positions ``(H, W, 2)`` (see :meth:`query_points`).
+            positions (Tensor): Key positions ``(B * groups, Hk, Wk, 2)``.
+            batch (int): Batch size ``B``.
+        """
+        num_queries = queries.shape[0] * queries.shape[1]
+        displacement = (queries.view(1, num_queries, 1, 2) -
                         positions.view(positions.shape[0], 1, -1, 2)) * 0.5
         table = self.rpe_table.to(displacement.dtype).expand(batch, -1, -1, -1)
         table = table.reshape(batch * self.num_groups, -1, *self.rpe_table.shape[1:])
@@ -133,28 +146,28 @@ class DeformableAttention(nn.Module):
         batch, height, width, channels = x.shape
         query = self.proj_q(x)
         reference, positions = self.sampling_positions(query)
+        queries = self.query_points(height, width, reference)
 
         sampled = F.grid_sample(self._split_groups(x), positions.flip(-1).to(x.dtype),
                                 mode='bilinear', padding_mode='zeros', align_corners=True)
         sampled = sampled.view(batch, channels, -1).transpose(1, 2)  # B, Nk, C
-        key = self.proj_k(sampled)
-        value = self.proj_v(sampled)
 
         def heads(t: torch.Tensor) -> torch.Tensor:
             return t.reshape(batch, -1, self.num_heads, channels // self.num_heads).transpose(1, 2)
 
+        query, key, value = heads(query), heads(self.proj_k(sampled)), heads(self.proj_v(sampled))
         fused = self.attn_impl == 'fused' or (self.attn_impl == 'auto' and query.is_cuda
                                               and fused_available(query.device, query.dtype))
+        # the fused kernel samples the bias itself; recording needs it materialised anyway
+        bias = None
+        if not fused or self.recorder is not None:
+            bias = self.position_bias(queries, positions, batch)
         if self.recorder is not None:
-            # recording needs the materialised bias, whichever path computes the output
-            self.recorder(reference, positions, heads(query), heads(key),
-                          self.position_bias(reference, positions, batch))
+            self.recorder(reference, positions, query, key, bias, (height, width))
         if fused:
-            out = fused_deformable_attention(heads(query), heads(key), heads(value),
-                                             reference.flatten(0, 1), positions.flatten(1, 2),
-                                             self.rpe_table)
+            out = fused_deformable_attention(query, key, value, queries.flatten(0, 1),
+                                             positions.flatten(1, 2), self.rpe_table)
         else:
-            bias = self.position_bias(reference, positions, batch)
-            out = biased_attention(heads(query), heads(key), heads(value), bias, self.attn_impl)
+            out = biased_attention(query, key, value, bias, self.attn_impl)
         out = out.transpose(1, 2).reshape(batch, height, width, channels)
         return self.proj_out(out)

@@ -95,8 +95,7 @@ class DeformableAttentionPP(DeformableAttention):
                  offset_stride: int, table_size: Union[int, Sequence[int]],
                  attn_impl: str = 'sdpa'):
         if attn_impl not in ('sdpa', 'reference'):
-            # the queries are not at the reference points here, so paths that derive the
-            # bias from the reference points (v1's layout) do not apply
+            # the fused kernel is verified against v1's layout only
             raise ValueError("DAT++ deformable attention supports attn_impl 'sdpa' and "
                              f"'reference', got {attn_impl!r}")
         super().__init__(embed_dims, num_heads, num_groups, offset_kernel_size, table_size,
@@ -104,7 +103,6 @@ class DeformableAttentionPP(DeformableAttention):
         self.offset_stride = offset_stride
         self.offset_net = StridedOffsetNetwork(embed_dims // num_groups, offset_kernel_size,
                                                offset_stride)
-        self._query_size = None
 
     def sampling_positions(self, query: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Reference points and the deformed sampling positions of each offset group.
@@ -124,21 +122,10 @@ class DeformableAttentionPP(DeformableAttention):
         reference = datpp_reference_grid(height, width, query.device, offset.dtype)
         return reference, (reference + offset * keep).clamp(-1.0, 1.0)
 
-    def position_bias(self, reference: torch.Tensor, positions: torch.Tensor,
-                      batch: int) -> torch.Tensor:
-        """Bias of each head for every (query, sampled key) pair: ``(B, heads, Nq, Nk)``.
-
-        The queries are those of the map being attended (see :func:`datpp_query_grid`), not
-        the reference points.
-        """
-        query_grid = datpp_query_grid(*self._query_size, positions.device, positions.dtype)
-        return super().position_bias(query_grid, positions, batch)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Args: x (Tensor): ``(B, H, W, C)``. Returns: Tensor ``(B, H, W, C)``."""
-        # position_bias needs the query map size, which the reference points do not give
-        self._query_size = tuple(x.shape[1:3])
-        return super().forward(x)
+    def query_points(self, height: int, width: int, reference: torch.Tensor) -> torch.Tensor:
+        """The queries of the attended map (see :func:`datpp_query_grid`), not the reference
+        points, which are fewer: ``(H, W, 2)``."""
+        return datpp_query_grid(height, width, reference.device, reference.dtype)
 
     def extra_repr(self) -> str:
         return (f'embed_dims={self.embed_dims}, num_heads={self.num_heads}, '

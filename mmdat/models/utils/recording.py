@@ -20,12 +20,14 @@ class DeformableAttentionRecord:
     Attributes:
         stage (int): 0-based stage index (``backbone.stages[stage]``).
         block (int): Index of the block in its stage (``backbone.stages[stage].blocks[block]``).
-        reference (Tensor): Reference points ``(H, W, 2)``.
-        positions (Tensor): Deformed sampling positions ``(B, groups, H, W, 2)``; key ``n`` of
+        map_size (tuple[int, int]): ``(H, W)`` of the stage's map, i.e. of the queries.
+        reference (Tensor): Reference points ``(Hk, Wk, 2)``: one per query in DAT (``Hk, Wk =
+            H, W``), one every few pixels in DAT++.
+        positions (Tensor): Deformed sampling positions ``(B, groups, Hk, Wk, 2)``; key ``n`` of
             head ``h`` was read at ``positions[:, h // (heads // groups)].flatten(1, 2)[:, n]``.
         attention (Tensor, optional): Attention weights ``(B, heads, Nq, Nk)`` (softmax over the
-            keys, ``Nk = H * W``), only the rows of ``query_indices`` when given; ``None`` when
-            recorded without attention.
+            keys, ``Nq = H * W``, ``Nk = Hk * Wk``), only the rows of ``query_indices`` when
+            given; ``None`` when recorded without attention.
         query_indices (list[int], optional): Row-major indices (``y * W + x``) of the queries whose
             attention rows are kept; ``None`` when all rows are.
 
@@ -36,15 +38,11 @@ class DeformableAttentionRecord:
     """
     stage: int
     block: int
+    map_size: Tuple[int, int]
     reference: torch.Tensor
     positions: torch.Tensor
     attention: Optional[torch.Tensor]
     query_indices: Optional[List[int]]
-
-    @property
-    def map_size(self) -> Tuple[int, int]:
-        """``(H, W)`` of the stage's map."""
-        return tuple(self.reference.shape[:2])
 
 
 class _BlockRecorder:
@@ -61,11 +59,12 @@ class _BlockRecorder:
         self.query_indices = query_indices
 
     def __call__(self, reference: torch.Tensor, positions: torch.Tensor, query: torch.Tensor,
-                 key: torch.Tensor, bias: torch.Tensor) -> None:
-        """Args: the module's reference ``(H, W, 2)`` and positions ``(B * groups, H, W, 2)``,
-        its per-head query and key ``(B, heads, N, d)`` and position bias ``(B, heads, Nq, Nk)``.
+                 key: torch.Tensor, bias: torch.Tensor, map_size: Tuple[int, int]) -> None:
+        """Args: the module's reference ``(Hk, Wk, 2)`` and positions ``(B * groups, Hk, Wk, 2)``,
+        its per-head query ``(B, heads, H * W, d)`` and key ``(B, heads, Hk * Wk, d)``, position
+        bias ``(B, heads, Nq, Nk)`` and query map size ``(H, W)``.
         """
-        height, width = reference.shape[:2]
+        height, width = map_size
         batch = query.shape[0]
         attention = None
         if self.with_attention:
@@ -83,8 +82,9 @@ class _BlockRecorder:
             attention = (scores + bias).softmax(dim=-1)
         self.records.append(
             DeformableAttentionRecord(
-                stage=self.stage, block=self.block, reference=reference.detach(),
-                positions=positions.detach().view(batch, self.num_groups, height, width, 2),
+                stage=self.stage, block=self.block, map_size=tuple(map_size),
+                reference=reference.detach(),
+                positions=positions.detach().view(batch, self.num_groups, *reference.shape[:2], 2),
                 attention=attention, query_indices=self.query_indices))
 
 

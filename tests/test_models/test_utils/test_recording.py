@@ -136,3 +136,23 @@ def test_invalid_requests():
             with record_deformable_attention(model):
                 pass
     assert model.stages[2].blocks[1].attn.recorder is None
+
+
+def test_datpp_records_queries_of_the_map_and_keys_of_the_coarser_grid():
+    """In DAT++ the reference grid is coarser than the query map: both sizes are kept apart."""
+    torch.manual_seed(0)
+    model = DAT(arch=dict(version=2, embed_dims=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 4),
+                          offset_groups=(1, 1, 2, 2), block_types=('ND', 'ND', 'ND', 'DD')),
+                drop_path_rate=0.0, attn_impl='reference').eval()
+    # stage 2, block 1: reference points every 4 pixels of a 12x16 map
+    last_query = 12 * 16 - 1  # beyond the reference grid's 3x4 points
+    with torch.no_grad(), record_deformable_attention(model, [(1, 1)],
+                                                      query_indices=[0, last_query]) as records:
+        model(torch.randn(1, 3, 96, 128))
+    record, = records
+    assert record.map_size == (12, 16)
+    grid = tuple(record.reference.shape[:2])
+    assert grid == (3, 4)
+    assert record.positions.shape == (1, 1, *grid, 2)
+    assert record.attention.shape == (1, 2, 2, 3 * 4)
+    torch.testing.assert_close(record.attention.sum(-1), torch.ones(1, 2, 2))
