@@ -1,5 +1,6 @@
 """Evaluate a trained mmdet or mmseg model (e.g. one with a DAT backbone) on its test set."""
 import argparse
+import gc
 import os.path as osp
 
 import torch
@@ -35,7 +36,9 @@ def main():
     check_dataset_files(cfg, ['test_dataloader'])
     Runner.from_cfg(cfg).test()
     if torch.distributed.is_initialized():
-        # without this, gloo workers can abort at interpreter exit
+        # Free the runner (kept alive by reference cycles) and with it DDP's reference to the
+        # process group first: a gloo group still held by a model at exit may abort the process.
+        gc.collect()
         torch.distributed.destroy_process_group()
 
 

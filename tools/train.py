@@ -1,5 +1,6 @@
 """Train an mmdet or mmseg model (e.g. one with a DAT backbone) from a config."""
 import argparse
+import gc
 
 import torch
 from mmengine.config import DictAction
@@ -44,7 +45,9 @@ def main():
     check_dataset_files(cfg, ['train_dataloader', 'val_dataloader'])
     Runner.from_cfg(cfg).train()
     if torch.distributed.is_initialized():
-        # without this, gloo workers can abort at interpreter exit
+        # Free the runner (kept alive by reference cycles) and with it DDP's reference to the
+        # process group first: a gloo group still held by a model at exit may abort the process.
+        gc.collect()
         torch.distributed.destroy_process_group()
 
 

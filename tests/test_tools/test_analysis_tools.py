@@ -103,6 +103,16 @@ def test_a_cell_runs_in_a_fresh_process():
     assert result['seconds'] > 0 and result['peak_bytes'] >= 0
 
 
+def test_a_cell_over_its_memory_limit_is_out_of_memory():
+    # The reference op at 1536x1536 materialises a 4 GiB bias (12 heads x 9,216^2 x 4 bytes);
+    # the process starts at about 1.3 GiB of address space.
+    cell = dict(kind='op', arch='tiny', size=(1536, 1536), mode='infer', path='reference', device='cpu',
+                amp='none', batch=1, warmup=0, repeats=1, isolated=True, threads=1, memory_limit_gib=3)
+    assert benchmark.run_cell(cell) == dict(error='out of memory')
+    cell.update(size=(64, 64))
+    assert benchmark.run_cell(cell)['seconds'] > 0
+
+
 def test_max_size_search():
     def size_of(height):
         return height, height
@@ -132,6 +142,8 @@ def test_max_size_search():
     (['--batch', '0'], '--batch'),
     (['--threads', '0'], '--threads'),
     (['--op', '--interleave'], 'backbone table only'),
+    (['--device', 'cpu', '--memory-limit', '0'], '--memory-limit'),
+    (['--device', 'cpu', '--memory-limit', '8', '--no-isolate'], '--memory-limit'),
 ])
 def test_bad_benchmark_arguments(argv, match, capsys):
     with pytest.raises(SystemExit):

@@ -27,7 +27,9 @@ peak memory is per cell and an out-of-memory cell does not disturb the next; ``-
 runs them in this process (faster; then CPU memory is not reported). Peak memory is, on CUDA,
 ``torch.cuda.max_memory_allocated`` over the timed steps (weights, input and activations
 included); on CPU, the growth of the process's peak resident set size over its size before the
-first step. The fused path needs CUDA; on CPU its cells are listed as skipped.
+first step; ``--memory-limit`` caps a CPU cell's process so that it fails with "out of
+memory" instead of waking the kernel's OOM killer. The fused path needs CUDA; on CPU its cells
+are listed as skipped.
 """
 import argparse
 import json
@@ -59,6 +61,8 @@ AMP_DTYPES = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 OP_STAGE = 2
 PRETRAIN_IMG_SIZE = 224
 MAX_SIZE_ASPECT = 1333 / 800
+#: How failed allocations read (CUDA, and torch's CPU allocator in its versions).
+ALLOCATION_FAILURES = ('out of memory', 'not enough memory', "can't allocate memory", 'bad_alloc')
 
 
 def parse_size(text: str) -> Tuple[int, int]:
@@ -244,12 +248,17 @@ CELL_FUNCTIONS = dict(backbone=backbone_cell, interleaved=interleaved_cell, op=o
 def _run_here(cell: dict) -> dict:
     if cell['threads']:
         torch.set_num_threads(cell['threads'])
+    if cell.get('memory_limit_gib'):
+        # Only ever set in a child process: a failed allocation then raises instead of
+        # waking the kernel's OOM killer, which may pick any process of the machine.
+        limit = int(cell['memory_limit_gib'] * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     try:
         return CELL_FUNCTIONS[cell['kind']](cell)
-    except torch.cuda.OutOfMemoryError:
+    except (torch.cuda.OutOfMemoryError, MemoryError):
         return dict(error='out of memory')
     except RuntimeError as e:  # CPU allocation failures and kernel errors
-        if 'out of memory' in str(e).lower() or 'not enough memory' in str(e).lower():
+        if any(text in str(e).lower() for text in ALLOCATION_FAILURES):
             return dict(error='out of memory')
         return dict(error=f'{type(e).__name__}: {str(e).splitlines()[0]}')
     finally:
@@ -454,7 +463,8 @@ def benchmark_max_size(args: argparse.Namespace) -> Tuple[List[dict], List[str]]
 
 def _common(args: argparse.Namespace) -> dict:
     return dict(device=args.device, amp=args.amp, batch=args.batch, warmup=args.warmup,
-                repeats=args.repeats, isolated=args.isolated, threads=args.threads)
+                repeats=args.repeats, isolated=args.isolated, threads=args.threads,
+                memory_limit_gib=args.memory_limit)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -484,6 +494,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--threads', type=int, default=None,
                         help='CPU threads of torch (default: torch\'s choice); 1 avoids the large '
                              'slowdown of busy-waiting OpenMP threads on a machine shared with other jobs')
+    parser.add_argument('--memory-limit', type=float, default=None, metavar='GIB',
+                        help='CPU: cap the address space of every cell\'s process at this many GiB, '
+                             'so that a cell that needs more is reported as out of memory')
     parser.add_argument('--no-isolate', dest='isolated', action='store_false',
                         help='run every cell in this process (no per-cell CPU memory)')
     parser.add_argument('--min-height', type=int, default=224, help='--max-size: smallest height tried')
@@ -502,6 +515,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error('--max-size searches GPU memory; it needs --device cuda')
     if args.interleave and (args.op or args.max_size):
         parser.error('--interleave applies to the backbone table only')
+    if args.memory_limit is not None and (args.device != 'cpu' or not args.isolated
+                                          or args.memory_limit <= 0):
+        parser.error('--memory-limit is a positive number of GiB, for CPU cells in their own '
+                     'processes (not with --device cuda or --no-isolate)')
     if args.threads is not None and args.threads < 1:
         parser.error('--threads must be >= 1')
     if args.batch < 1 or args.repeats < 1 or args.warmup < 0:

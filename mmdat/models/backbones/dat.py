@@ -287,7 +287,8 @@ class DAT(BaseModule):
             the position bias on the fly and never stores an ``N x N`` tensor; needs CUDA and
             Triton; window blocks use SDPA), ``'natten'`` (DAT++: the neighborhood blocks run
             natten's kernels, the others SDPA), or ``'auto'``: per call, fused for v1 deformable
-            blocks on CUDA when Triton is installed, SDPA otherwise; in DAT++, natten for the
+            blocks on CUDA when Triton is installed, SDPA otherwise (v1 on CPU: matmuls in
+            training and for attention over fewer than 128 keys, where they are faster); in DAT++, natten for the
             neighborhood blocks when a compatible natten is installed and ``with_cp`` is off
             (natten 0.14's backward does not work under non-reentrant checkpointing).
             Defaults to ``'auto'``.

@@ -64,7 +64,8 @@ class DeformableAttention(nn.Module):
         attn_impl (str): ``'sdpa'`` or ``'reference'`` (see :func:`biased_attention`), ``'fused'``
             (:func:`fused_deformable_attention`: the bias is sampled inside the attention kernel
             and no ``N x N`` tensor is stored; CUDA, or CPU under ``TRITON_INTERPRET=1``), or
-            ``'auto'``: fused for CUDA inputs when Triton is installed, SDPA otherwise.
+            ``'auto'``: fused for CUDA inputs when Triton is installed, otherwise as in
+            :func:`biased_attention`.
     """
 
     def __init__(self, embed_dims: int, num_heads: int, num_groups: int, offset_kernel_size: int,

@@ -2,6 +2,8 @@ import pytest
 import torch
 
 from mmdat.models.layers import ATTN_IMPLS, biased_attention, check_attn_impl
+from mmdat.models.layers import attention as attention_module
+from mmdat.models.layers.attention import CPU_SDPA_MIN_KEYS
 
 
 @pytest.mark.parametrize('dtype,tol', [(torch.float64, 1e-10), (torch.float32, 1e-5)])
@@ -49,10 +51,26 @@ def test_check_attn_impl():
         biased_attention(*(torch.randn(1, 1, 2, 2) for _ in range(3)), None, 'flash')
 
 
-@pytest.mark.parametrize('impl', ['auto', 'fused'])
-def test_dense_attention_without_a_fused_kernel_is_sdpa(impl):
-    """A materialised bias (window attention) has no fused kernel: 'auto' and 'fused' run SDPA."""
+@pytest.mark.parametrize('num_keys,bias_grad,uses_sdpa', [
+    (49, False, False), (CPU_SDPA_MIN_KEYS - 1, False, False), (CPU_SDPA_MIN_KEYS, False, True),
+    (CPU_SDPA_MIN_KEYS, True, False)])
+def test_auto_on_cpu_runs_short_attention_and_training_through_matmuls(monkeypatch, num_keys, bias_grad,
+                                                                       uses_sdpa):
+    calls = []
+    sdpa = attention_module.F.scaled_dot_product_attention
+
+    def recording_sdpa(*args, **kwargs):
+        calls.append(args[1].shape)
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(attention_module.F, 'scaled_dot_product_attention', recording_sdpa)
     torch.manual_seed(0)
-    q, k, v = (torch.randn(1, 2, 6, 4) for _ in range(3))
-    bias = torch.randn(2, 6, 6)
-    assert torch.equal(biased_attention(q, k, v, bias, impl), biased_attention(q, k, v, bias, 'sdpa'))
+    q = torch.randn(2, 3, 10, 8, dtype=torch.float64)
+    k, v = (torch.randn(2, 3, num_keys, 8, dtype=torch.float64) for _ in range(2))
+    bias = torch.randn(3, 10, num_keys, dtype=torch.float64, requires_grad=bias_grad)
+    out = biased_attention(q, k, v, bias, 'auto')
+    assert bool(calls) == uses_sdpa
+    calls.clear()
+    assert torch.allclose(out, biased_attention(q, k, v, bias, 'reference'), atol=1e-12)
+    biased_attention(q, k, v, bias, 'fused')  # no kernel for a materialised bias: always SDPA
+    assert len(calls) == 1
