@@ -88,6 +88,27 @@ def test_op_benchmark_on_cpu():
     assert '| tiny | 64x64 | 16 | fwd+bwd | sdpa-no-bias |' in table
 
 
+def test_blocks_benchmark_times_each_attention_module_on_its_backbone_input(keep_num_threads):
+    rows, table = benchmark.main(['--blocks', '--archs', 'tiny', '--sizes', '64x96', '--batch', '1',
+                                  '--warmup', '0', '--repeats', '1', '--no-isolate', '--threads', '1',
+                                  '--paths', 'reference', 'auto', 'fused'])
+    timed = [r for r in rows if 'seconds' in r]
+    assert len(timed) == 2 * 2 * 8  # modes x paths x (two blocks of four stages)
+    first = [r for r in timed if (r['mode'], r['path']) == ('infer', 'reference')]
+    assert [r['block'] for r in first] == ['window', 'shifted window'] * 2 + ['window', 'deformable'] * 2
+    assert [r['map'] for r in first] == ['16x24'] * 2 + ['8x12'] * 2 + ['4x6'] * 2 + ['2x3'] * 2
+    assert all(r['seconds'] > 0 for r in timed)
+    assert [r['error'] for r in rows if 'error' in r] == ['skipped: the fused kernel needs CUDA'] * 2
+    assert '| tiny | 64x96 | 3 | deformable | 4x6 | fwd+bwd | reference |' in table
+    assert 'memory: not measured (--blocks)' in table
+
+
+def test_fused_cells_of_datpp_archs_are_skipped():
+    assert benchmark.skip_reason('fused', 'cuda', 'tiny++') == 'skipped: the fused kernel is for DAT v1 archs'
+    assert benchmark.skip_reason('sdpa', 'cuda', 'tiny++') is None
+    assert benchmark.skip_reason('fused', 'cpu', 'tiny') == 'skipped: the fused kernel needs CUDA'
+
+
 def test_op_inputs_have_the_stage3_shapes():
     q, k, v, reference, positions, table = benchmark.op_inputs('tiny', (800, 1333), 2, torch.float32, 'cpu')
     assert q.shape == k.shape == v.shape == (2, 12, 50 * 84, 32)
@@ -142,6 +163,7 @@ def test_max_size_search():
     (['--batch', '0'], '--batch'),
     (['--threads', '0'], '--threads'),
     (['--op', '--interleave'], 'backbone table only'),
+    (['--blocks', '--op'], 'not allowed with'),
     (['--device', 'cpu', '--memory-limit', '0'], '--memory-limit'),
     (['--device', 'cpu', '--memory-limit', '8', '--no-isolate'], '--memory-limit'),
 ])

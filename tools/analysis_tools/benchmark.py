@@ -16,6 +16,12 @@ Three modes (imports only torch, mmengine and mmdat, so it runs where mmcv/mmdet
 
       python tools/analysis_tools/benchmark.py --op --archs tiny --sizes 800x1333 --batch 2 --amp bf16
 
+* ``--blocks``: the attention module of the first two blocks of every stage alone (window,
+  shifted window, deformable; DAT++: neighborhood, deformable), fed what it gets in the
+  backbone at that input size, per path: where each path is fast::
+
+      python tools/analysis_tools/benchmark.py --blocks --archs tiny --sizes 224 512 --paths reference sdpa auto
+
 * ``--max-size``: for each path, the largest input (aspect 800:1333, sides multiples of 32) whose
   training step fits in GPU memory at the given batch::
 
@@ -237,12 +243,58 @@ def op_cell(cell: dict) -> dict:
     return time_steps(step, device, cell['warmup'], cell['repeats'], cell['isolated'])
 
 
+def block_name(attn: torch.nn.Module) -> str:
+    """``'window'``, ``'shifted window'``, ``'deformable'``, ... for an attention module of DAT."""
+    name = type(attn).__name__
+    if name == 'WindowAttention':
+        return 'shifted window' if attn.shift_size else 'window'
+    return dict(DeformableAttention='deformable', DeformableAttentionPP='deformable++',
+                NeighborhoodAttention='neighborhood').get(name, name)
+
+
+def blocks_cell(cell: dict) -> dict:
+    """The attention modules of the first two blocks of every stage, each timed alone on the
+    input it receives in the backbone (captured in one forward). Seconds per block, in order."""
+    device, amp = cell['device'], cell['amp']
+    torch.manual_seed(0)
+    model = DAT(arch=cell['arch'], attn_impl=cell['path'], drop_path_rate=0.0).to(device)
+    attns = [block.attn for stage in model.stages for block in stage.blocks[:2]]
+    inputs = {}
+    hooks = [attn.register_forward_pre_hook(lambda module, args: inputs.setdefault(module, args[0]))
+             for attn in attns]
+    with torch.no_grad(), _autocast(device, amp):
+        model(torch.randn(cell['batch'], 3, *cell['size'], device=device))
+    for hook in hooks:
+        hook.remove()
+    results = []
+    for attn in attns:
+        x = inputs[attn].detach()
+        if cell['mode'] == 'infer':
+            def step():
+                with torch.inference_mode(), _autocast(device, amp):
+                    attn(x)
+        else:
+            x.requires_grad_(True)
+
+            def step():
+                with _autocast(device, amp):
+                    out = attn(x)
+                out.float().sum().backward()
+                x.grad = None
+                attn.zero_grad(set_to_none=True)
+        timing = time_steps(step, device, cell['warmup'], cell['repeats'], isolated=False)
+        results.append(dict(block=block_name(attn), map='x'.join(map(str, x.shape[1:3])),
+                            seconds=timing['seconds']))
+    return dict(blocks=results)
+
+
 def probe_cell(cell: dict) -> dict:
     """One training step (forward + backward) at one size: does it fit?"""
     return backbone_cell(dict(cell, mode='train', warmup=0, repeats=1))
 
 
-CELL_FUNCTIONS = dict(backbone=backbone_cell, interleaved=interleaved_cell, op=op_cell, probe=probe_cell)
+CELL_FUNCTIONS = dict(backbone=backbone_cell, interleaved=interleaved_cell, op=op_cell, probe=probe_cell,
+                      blocks=blocks_cell)
 
 
 def _run_here(cell: dict) -> dict:
@@ -281,7 +333,10 @@ def run_cell(cell: dict) -> dict:
         tail = child.stderr.strip().splitlines()[-1:] or ['']
         return dict(error=f'the process failed: {reason} {tail[0]}'.strip())
     return json.loads(lines[-1])
-def skip_reason(path: str, device: str) -> Optional[str]:
+def skip_reason(path: str, device: str, arch: Optional[str] = None) -> Optional[str]:
+    """Why a cell cannot run here (None if it can); ``arch`` when a whole DAT is built."""
+    if path == 'fused' and arch is not None and DAT.arch_zoo[arch].get('version') == 2:
+        return 'skipped: the fused kernel is for DAT v1 archs'
     if path == 'fused' and device != 'cuda':
         return 'skipped: the fused kernel needs CUDA'
     if path == 'fused' and not fused_module.TRITON_AVAILABLE:
@@ -307,6 +362,7 @@ def header(args: argparse.Namespace) -> str:
     if fused_module.TRITON_AVAILABLE:
         versions += f', triton {fused_module.triton.__version__}'
     memory = ('not measured (--interleave)' if args.interleave else
+              'not measured (--blocks)' if args.blocks else
               'peak allocated (torch.cuda.max_memory_allocated)' if args.device == 'cuda' else
               'peak RSS growth of the process' if args.isolated else 'not measured (--no-isolate)')
     timing = 'paths in turns, ' if args.interleave else ''
@@ -322,7 +378,7 @@ def benchmark_backbone(args: argparse.Namespace) -> Tuple[List[dict], List[str]]
             for mode in args.modes:
                 group = [dict(arch=arch, size=size, mode=mode, path=path) for path in args.paths]
                 for row in group:
-                    reason = skip_reason(row['path'], args.device)
+                    reason = skip_reason(row['path'], args.device, arch)
                     if reason:
                         row['error'] = reason
                 runnable = [row for row in group if 'error' not in row]
@@ -392,6 +448,38 @@ def benchmark_op(args: argparse.Namespace) -> Tuple[List[dict], List[str]]:
     return rows, lines
 
 
+def benchmark_blocks(args: argparse.Namespace) -> Tuple[List[dict], List[str]]:
+    rows = []
+    for arch in args.archs:
+        for size in args.sizes:
+            for mode in args.modes:
+                for path in args.paths:
+                    reason = skip_reason(path, args.device, arch)
+                    result = dict(error=reason) if reason else run_cell(
+                        dict(kind='blocks', arch=arch, size=size, mode=mode, path=path, **_common(args)))
+                    row = dict(arch=arch, size=size, mode=mode, path=path)
+                    print(f"  {arch} {_format_size(size)} {mode} {path}: {result.get('error', 'done')}", flush=True)
+                    if 'error' in result:
+                        rows.append(dict(row, error=result['error']))
+                    for index, block in enumerate(result.get('blocks', [])):
+                        rows.append(dict(row, index=index, stage=index // 2 + 1, **block))
+    lines = ['| arch | input | stage | block | map | mode | path | ms | time / reference |',
+             '|---|---|---:|---|---|---|---|---:|---:|']
+    for row in rows:
+        cells = [row['arch'], _format_size(row['size'])]
+        if 'error' in row:
+            lines.append('| ' + ' | '.join(cells + ['', '', '', row['mode'], row['path'], row['error'], '']) + ' |')
+            continue
+        key = (row['arch'], row['size'], row['mode'], row['index'])
+        base = next((r for r in rows if r['path'] == 'reference' and 'seconds' in r and
+                     (r['arch'], r['size'], r['mode'], r['index']) == key), None)
+        ratio = f"{row['seconds'] / base['seconds']:.2f}x" if base else ''
+        cells += [str(row['stage']), row['block'], row['map'], 'fwd' if row['mode'] == 'infer' else 'fwd+bwd',
+                  row['path'], f"{row['seconds'] * 1e3:.2f}", ratio]
+        lines.append('| ' + ' | '.join(cells) + ' |')
+    return rows, lines
+
+
 def max_size_height(size_of: Callable[[int], Tuple[int, int]], fits: Callable[[Tuple[int, int]], bool],
                     low: int, high: int, step: int) -> Optional[int]:
     """The largest height in ``low, low + step, ..., <= high`` whose size fits (None if ``low``
@@ -426,7 +514,7 @@ def benchmark_max_size(args: argparse.Namespace) -> Tuple[List[dict], List[str]]
     for arch in args.archs:
         for path in args.paths:
             row = dict(arch=arch, path=path)
-            reason = skip_reason(path, args.device)
+            reason = skip_reason(path, args.device, arch)
             if reason:
                 row['error'] = reason
             else:
@@ -471,6 +559,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     task = parser.add_mutually_exclusive_group()
     task.add_argument('--op', action='store_true', help='benchmark the attention op alone at stage-3 shapes')
+    task.add_argument('--blocks', action='store_true',
+                      help='benchmark the attention module of the first two blocks of each stage alone')
     task.add_argument('--max-size', action='store_true',
                       help='search the largest input whose training step fits (CUDA only)')
     parser.add_argument('--archs', nargs='+', default=['tiny', 'small', 'base'], choices=sorted(DAT.arch_zoo))
@@ -513,7 +603,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error('--device cuda: CUDA is not available')
     if args.max_size and args.device != 'cuda':
         parser.error('--max-size searches GPU memory; it needs --device cuda')
-    if args.interleave and (args.op or args.max_size):
+    if args.interleave and (args.op or args.blocks or args.max_size):
         parser.error('--interleave applies to the backbone table only')
     if args.memory_limit is not None and (args.device != 'cpu' or not args.isolated
                                           or args.memory_limit <= 0):
@@ -543,6 +633,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Tuple[List[dict], str]:
     print(title, flush=True)
     if args.op:
         rows, lines = benchmark_op(args)
+    elif args.blocks:
+        rows, lines = benchmark_blocks(args)
     elif args.max_size:
         rows, lines = benchmark_max_size(args)
     else:

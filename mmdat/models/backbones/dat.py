@@ -287,10 +287,11 @@ class DAT(BaseModule):
             the position bias on the fly and never stores an ``N x N`` tensor; needs CUDA and
             Triton; window blocks use SDPA), ``'natten'`` (DAT++: the neighborhood blocks run
             natten's kernels, the others SDPA), or ``'auto'``: per call, fused for v1 deformable
-            blocks on CUDA when Triton is installed, SDPA otherwise (v1 on CPU: matmuls in
-            training and for attention over fewer than 128 keys, where they are faster); in DAT++, natten for the
-            neighborhood blocks when a compatible natten is installed and ``with_cp`` is off
-            (natten 0.14's backward does not work under non-reentrant checkpointing).
+            blocks on CUDA when Triton is installed, SDPA otherwise, except on CPU in training
+            and for attention over fewer than 128 keys (windows, neighborhoods), where matmuls
+            are faster; in DAT++, natten for the neighborhood blocks when a compatible natten
+            is installed and ``with_cp`` is off (natten 0.14's backward does not work under
+            non-reentrant checkpointing), and SDPA for its deformable blocks.
             Defaults to ``'auto'``.
         with_cp (bool): Gradient checkpointing: less memory, same results, slower backward.
             Defaults to False.
@@ -407,7 +408,7 @@ class DAT(BaseModule):
         if attn_impl == 'auto':
             # natten 0.14's backward reads its saved tensors twice, which the non-reentrant
             # checkpointing of with_cp refuses; 'auto' then keeps the pure PyTorch path
-            return 'sdpa', 'natten' if not with_cp and natten_available() else 'sdpa'
+            return 'sdpa', 'natten' if not with_cp and natten_available() else 'auto'
         return attn_impl, attn_impl
 
     @classmethod

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from .attention import biased_attention
 
 #: Implementations of :class:`NeighborhoodAttention`; ``'natten'`` needs the natten package.
-NA_IMPLS = ('sdpa', 'reference', 'natten')
+NA_IMPLS = ('auto', 'sdpa', 'reference', 'natten')
 
 
 @functools.lru_cache(maxsize=1)
@@ -85,8 +85,10 @@ def neighborhood_attention(query: torch.Tensor,
         value (Tensor): ``(B, heads, H, W, d)``.
         rpb (Tensor): ``(heads, 2 * kernel_size - 1, 2 * kernel_size - 1)``.
         kernel_size (int): Odd neighborhood side; ``H`` and ``W`` must be at least this.
-        attn_impl (str): ``'sdpa'`` or ``'reference'`` (see :func:`biased_attention`), both
-            in pure PyTorch on gathered neighborhoods, or ``'natten'``, NATTEN's kernels.
+        attn_impl (str): ``'sdpa'``, ``'reference'`` or ``'auto'`` (see
+            :func:`biased_attention`; ``'auto'`` is SDPA on CUDA and the faster matmuls on
+            CPU), all in pure PyTorch on gathered neighborhoods, or ``'natten'``, NATTEN's
+            kernels.
 
     Returns:
         Tensor: ``(B, heads, H, W, d)``.
@@ -103,7 +105,7 @@ def neighborhood_attention(query: torch.Tensor,
         qk_rpb, av = functions
         attn = qk_rpb(query * head_dims**-0.5, key, rpb.to(query.dtype), kernel_size)
         return av(attn.softmax(dim=-1), value, kernel_size)
-    if attn_impl not in ('sdpa', 'reference'):
+    if attn_impl not in ('auto', 'sdpa', 'reference'):
         raise ValueError(f'attn_impl must be one of {NA_IMPLS}, got {attn_impl!r}')
 
     rows, row_bias = neighborhood_indices(height, kernel_size, query.device)
@@ -133,7 +135,7 @@ class NeighborhoodAttention(nn.Module):
         embed_dims (int): Channels of the input and output.
         num_heads (int): Attention heads; must divide ``embed_dims``.
         kernel_size (int): Odd neighborhood side, at least 3.
-        attn_impl (str): ``'sdpa'``, ``'reference'`` or ``'natten'``; see
+        attn_impl (str): ``'auto'``, ``'sdpa'``, ``'reference'`` or ``'natten'``; see
             :func:`neighborhood_attention`.
     """
 

@@ -33,7 +33,7 @@ def random_qkv(height, width, heads=2, dims=4, kernel_size=5, seed=0):
     return q, k, v, rpb
 
 
-@pytest.mark.parametrize('impl', ['sdpa', 'reference'])
+@pytest.mark.parametrize('impl', ['auto', 'sdpa', 'reference'])
 @pytest.mark.parametrize('height,width,kernel_size', [(9, 11, 5), (7, 7, 7), (5, 12, 3), (8, 7, 7)])
 def test_matches_the_naive_reference(impl, height, width, kernel_size):
     q, k, v, rpb = random_qkv(height, width, kernel_size=kernel_size)
