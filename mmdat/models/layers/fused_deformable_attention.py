@@ -306,7 +306,7 @@ if TRITON_AVAILABLE:
 
 #: Launch options of the kernels (not tuned on a GPU yet). One pipeline stage: with more, Triton
 #: also stages the four bias gathers of every tile through shared memory (about 90 KB per program
-#: at 64 x 64 tiles with 2 stages, 157 KB with 3, against 24-48 KB with 1, compiled for sm_90),
+#: at 64 x 64 tiles with 2 stages, 157 KB with 3, against 24-40 KB with 1, compiled for sm_90),
 #: which would leave one or two programs per SM for a kernel that needs many to hide the gathers.
 LAUNCH_OPTIONS = dict(num_warps=4, num_stages=1)
 
