@@ -1,6 +1,6 @@
 """Speed and memory of the DAT backbone and of its deformable attention, per attention path.
 
-Three modes (imports only torch, mmengine and mmdat, so it runs where mmcv/mmdet are absent):
+Four modes (imports only torch, mmengine and mmdat, so it runs where mmcv/mmdet are absent):
 
 * default: backbone throughput (images/s) and peak memory for inference and for a training
   step (forward + backward of the backbone, no optimizer), for each arch x input size x
@@ -33,8 +33,8 @@ peak memory is per cell and an out-of-memory cell does not disturb the next; ``-
 runs them in this process (faster; then CPU memory is not reported). Peak memory is, on CUDA,
 ``torch.cuda.max_memory_allocated`` over the timed steps (weights, input and activations
 included); on CPU, the growth of the process's peak resident set size over its size before the
-first step; ``--memory-limit`` caps a CPU cell's process so that it fails with "out of
-memory" instead of waking the kernel's OOM killer. The fused path needs CUDA; on CPU its cells
+first step; ``--memory-limit`` caps the growth of a CPU cell's address space so that it fails
+with "out of memory" instead of waking the kernel's OOM killer. The fused path needs CUDA; on CPU its cells
 are listed as skipped.
 """
 import argparse
@@ -58,7 +58,8 @@ from mmdat.models import DAT
 from mmdat.models.layers import fused_deformable_attention as fused_module
 from mmdat.models.layers.deformable_attention import pixel_centre_grid
 
-#: 'auto' (the default of DAT: fused on CUDA, SDPA on CPU) is accepted but not run by default.
+#: 'auto' (the default of DAT: fused on CUDA; on CPU SDPA or matmuls, whichever is faster for
+#: the block) is accepted but not run by default.
 BACKBONE_PATHS = ('reference', 'sdpa', 'fused', 'auto')
 OP_PATHS = ('reference', 'sdpa', 'fused', 'sdpa-no-bias')
 AMP_DTYPES = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
@@ -99,6 +100,11 @@ def device_name(device: str, threads: Optional[int] = None) -> str:
 def _rss_bytes() -> int:
     with open('/proc/self/statm') as f:
         return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def _address_space_bytes() -> int:
+    with open('/proc/self/statm') as f:
+        return int(f.read().split()[0]) * resource.getpagesize()
 
 
 def _peak_rss_bytes() -> int:
@@ -260,8 +266,11 @@ def blocks_cell(cell: dict) -> dict:
     model = DAT(arch=cell['arch'], attn_impl=cell['path'], drop_path_rate=0.0).to(device)
     attns = [block.attn for stage in model.stages for block in stage.blocks[:2]]
     inputs = {}
-    hooks = [attn.register_forward_pre_hook(lambda module, args: inputs.setdefault(module, args[0]))
-             for attn in attns]
+
+    def capture(module: torch.nn.Module, args: tuple) -> None:
+        inputs.setdefault(module, args[0])
+
+    hooks = [attn.register_forward_pre_hook(capture) for attn in attns]
     with torch.no_grad(), _autocast(device, amp):
         model(torch.randn(cell['batch'], 3, *cell['size'], device=device))
     for hook in hooks:
@@ -302,9 +311,14 @@ def _run_here(cell: dict) -> dict:
         torch.set_num_threads(cell['threads'])
     if cell.get('memory_limit_gib'):
         # Only ever set in a child process: a failed allocation then raises instead of
-        # waking the kernel's OOM killer, which may pick any process of the machine.
-        limit = int(cell['memory_limit_gib'] * 2**30)
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        # waking the kernel's OOM killer, which may pick any process of the machine. Counted
+        # from the size the process has now (torch's libraries: ~1.3 GiB for a CPU build, more
+        # with CUDA), so that the option means the same for every build.
+        limit = _address_space_bytes() + int(cell['memory_limit_gib'] * 2**30)
+        hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+        if hard != resource.RLIM_INFINITY:
+            limit = min(limit, hard)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
     try:
         return CELL_FUNCTIONS[cell['kind']](cell)
     except (torch.cuda.OutOfMemoryError, MemoryError):
@@ -585,8 +599,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help='CPU threads of torch (default: torch\'s choice); 1 avoids the large '
                              'slowdown of busy-waiting OpenMP threads on a machine shared with other jobs')
     parser.add_argument('--memory-limit', type=float, default=None, metavar='GIB',
-                        help='CPU: cap the address space of every cell\'s process at this many GiB, '
-                             'so that a cell that needs more is reported as out of memory')
+                        help='CPU: let every cell\'s process grow its address space (RLIMIT_AS; more '
+                             'than its resident memory) by at most this many GiB, so that a cell that '
+                             'needs more is reported as out of memory')
     parser.add_argument('--no-isolate', dest='isolated', action='store_false',
                         help='run every cell in this process (no per-cell CPU memory)')
     parser.add_argument('--min-height', type=int, default=224, help='--max-size: smallest height tried')

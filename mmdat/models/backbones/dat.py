@@ -198,8 +198,8 @@ class DATStage(nn.Module):
         datpp (bool): DAT++ stage (blocks, downsampling and deformable attention of DAT++).
         attn_impl (str): Implementation of the window and deformable blocks: ``'auto'``,
             ``'sdpa'``, ``'reference'`` or ``'fused'`` (v1 deformable blocks only).
-        na_impl (str): Implementation of the neighborhood blocks: ``'sdpa'``, ``'reference'``
-            or ``'natten'``.
+        na_impl (str): Implementation of the neighborhood blocks: ``'auto'``, ``'sdpa'``,
+            ``'reference'`` or ``'natten'``.
         with_cp (bool): Gradient checkpointing of every block.
     """
 
@@ -287,9 +287,9 @@ class DAT(BaseModule):
             the position bias on the fly and never stores an ``N x N`` tensor; needs CUDA and
             Triton; window blocks use SDPA), ``'natten'`` (DAT++: the neighborhood blocks run
             natten's kernels, the others SDPA), or ``'auto'``: per call, fused for v1 deformable
-            blocks on CUDA when Triton is installed, SDPA otherwise, except on CPU in training
-            and for attention over fewer than 128 keys (windows, neighborhoods), where matmuls
-            are faster; in DAT++, natten for the neighborhood blocks when a compatible natten
+            blocks on CUDA when Triton is installed, SDPA otherwise, except on CPU when the
+            position bias needs a gradient (training) and for attention over fewer than 128
+            keys (windows, neighborhoods), where matmuls are faster; in DAT++, natten for the neighborhood blocks when a compatible natten
             is installed and ``with_cp`` is off (natten 0.14's backward does not work under
             non-reentrant checkpointing), and SDPA for its deformable blocks.
             Defaults to ``'auto'``.

@@ -6,9 +6,9 @@ import torch.nn.functional as F
 
 #: Attention implementations a user may ask for. ``'auto'`` picks the fastest one available for
 #: the input at call time: the fused Triton kernel for deformable attention on CUDA (when Triton
-#: is installed), SDPA otherwise, except on CPU for short key sequences and in training (see
-#: :func:`biased_attention`). ``'fused'`` forces that kernel in the deformable blocks; the
-#: window blocks have no fused kernel and use SDPA under ``'fused'``.
+#: is installed), SDPA otherwise, except on CPU for short key sequences and biases that need a
+#: gradient (see :func:`biased_attention`). ``'fused'`` forces that kernel in the deformable
+#: blocks; the window blocks have no fused kernel and use SDPA under ``'fused'``.
 ATTN_IMPLS = ('auto', 'sdpa', 'reference', 'fused')
 
 #: Under ``'auto'`` on CPU, attention over fewer keys than this runs the matmul path: there the

@@ -86,9 +86,9 @@ def neighborhood_attention(query: torch.Tensor,
         rpb (Tensor): ``(heads, 2 * kernel_size - 1, 2 * kernel_size - 1)``.
         kernel_size (int): Odd neighborhood side; ``H`` and ``W`` must be at least this.
         attn_impl (str): ``'sdpa'``, ``'reference'`` or ``'auto'`` (see
-            :func:`biased_attention`; ``'auto'`` is SDPA on CUDA and the faster matmuls on
-            CPU), all in pure PyTorch on gathered neighborhoods, or ``'natten'``, NATTEN's
-            kernels.
+            :func:`biased_attention`; with ``kernel_size**2 < 128`` keys, ``'auto'`` runs the
+            matmuls on CPU, which are faster there, and SDPA elsewhere), all in pure PyTorch on
+            gathered neighborhoods, or ``'natten'``, NATTEN's kernels.
 
     Returns:
         Tensor: ``(B, heads, H, W, d)``.

@@ -64,7 +64,8 @@ class WindowAttention(nn.Module):
         window_size (int): Side of the square windows.
         shift_size (int): Cyclic shift of the windows; 0 for plain windows, otherwise in
             ``(0, window_size)``.
-        attn_impl (str): ``'sdpa'`` or ``'reference'``; see :func:`biased_attention`.
+        attn_impl (str): ``'auto'``, ``'sdpa'``, ``'reference'`` or ``'fused'`` (no fused kernel
+            here: SDPA); see :func:`biased_attention`.
     """
 
     def __init__(self, embed_dims: int, num_heads: int, window_size: int, shift_size: int = 0,

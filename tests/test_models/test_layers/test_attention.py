@@ -74,3 +74,12 @@ def test_auto_on_cpu_runs_short_attention_and_training_through_matmuls(monkeypat
     assert torch.allclose(out, biased_attention(q, k, v, bias, 'reference'), atol=1e-12)
     biased_attention(q, k, v, bias, 'fused')  # no kernel for a materialised bias: always SDPA
     assert len(calls) == 1
+
+
+def test_auto_off_cpu_runs_sdpa_even_for_short_attention(monkeypatch):
+    calls = []
+    monkeypatch.setattr(attention_module.F, 'scaled_dot_product_attention',
+                        lambda q, *args, **kwargs: calls.append(q.device) or q)
+    q, k, v = (torch.empty(1, 2, 5, 8, device='meta') for _ in range(3))
+    biased_attention(q, k, v, torch.empty(2, 5, 5, device='meta', requires_grad=True), 'auto')
+    assert calls == [torch.device('meta')]

@@ -273,7 +273,7 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
 
 
 def test_model_imports_and_runs_without_triton():
-    """Triton is optional: 'auto' runs SDPA and 'fused' says what is missing."""
+    """Triton is optional: 'auto' runs without it and 'fused' says what is missing."""
     code = '\n'.join([
         'import sys', 'sys.modules["triton"] = None',  # makes `import triton` fail
         'import pytest, torch',
