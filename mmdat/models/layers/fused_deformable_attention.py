@@ -55,6 +55,19 @@ if TRITON_AVAILABLE:
         return result
 
     @triton.jit
+    def _load_rows(base, offs, stride, offs_d, mask, mask_d):
+        """Rows ``offs`` of a ``(N, head_dims)`` matrix with row stride ``stride`` (zero outside)."""
+        return tl.load(base + offs[:, None] * stride + offs_d[None, :], mask=mask[:, None] & mask_d[None, :],
+                       other=0.0)
+
+    @triton.jit
+    def _load_points(base, offs, mask):
+        """The ``(y, x)`` of points ``offs`` of an ``(N, 2)`` array, as float32."""
+        y = tl.load(base + offs * 2, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(base + offs * 2 + 1, mask=mask, other=0.0).to(tl.float32)
+        return y, x
+
+    @triton.jit
     def _table_coords(ref_y, ref_x, pos_y, pos_x, TABLE_H, TABLE_W):
         """Table pixel coordinates of every (query, key) pair, as ``grid_sample`` computes them.
 
@@ -119,10 +132,8 @@ if TRITON_AVAILABLE:
         offs_d = tl.arange(0, BLOCK_D)
         mask_m = offs_m < NUM_QUERIES
         mask_d = offs_d < HEAD_DIMS
-        q = tl.load(Q + batch * stride_qb + head * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
-                    mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-        ref_y = tl.load(REF + offs_m * 2, mask=mask_m, other=0.0).to(tl.float32)
-        ref_x = tl.load(REF + offs_m * 2 + 1, mask=mask_m, other=0.0).to(tl.float32)
+        q = _load_rows(Q + batch * stride_qb + head * stride_qh, offs_m, stride_qn, offs_d, mask_m, mask_d)
+        ref_y, ref_x = _load_points(REF, offs_m, mask_m)
         table = TABLE + head * TABLE_H * TABLE_W
         k_base = K + batch * stride_kb + head * stride_kh
         v_base = V + batch * stride_vb + head * stride_vh
@@ -134,11 +145,9 @@ if TRITON_AVAILABLE:
         for start_n in range(0, NUM_KEYS, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             mask_n = offs_n < NUM_KEYS
-            kv_mask = mask_n[:, None] & mask_d[None, :]
-            k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-            pos_y = tl.load(pos_base + offs_n * 2, mask=mask_n, other=0.0).to(tl.float32)
-            pos_x = tl.load(pos_base + offs_n * 2 + 1, mask=mask_n, other=0.0).to(tl.float32)
+            k = _load_rows(k_base, offs_n, stride_kn, offs_d, mask_n, mask_d)
+            v = _load_rows(v_base, offs_n, stride_vn, offs_d, mask_n, mask_d)
+            pos_y, pos_x = _load_points(pos_base, offs_n, mask_n)
 
             scores = _dot(q, tl.trans(k), PRECISION) * scale
             scores += _sampled_bias(table, ref_y, ref_x, pos_y, pos_x, TABLE_H, TABLE_W)
@@ -185,13 +194,9 @@ if TRITON_AVAILABLE:
         mask_n = offs_n < NUM_KEYS
         mask_d = offs_d < HEAD_DIMS
         kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(K + batch * stride_kb + head * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
-        v = tl.load(V + batch * stride_vb + head * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
-        pos_base = POS + group * NUM_KEYS * 2
-        pos_y = tl.load(pos_base + offs_n * 2, mask=mask_n, other=0.0).to(tl.float32)
-        pos_x = tl.load(pos_base + offs_n * 2 + 1, mask=mask_n, other=0.0).to(tl.float32)
+        k = _load_rows(K + batch * stride_kb + head * stride_kh, offs_n, stride_kn, offs_d, mask_n, mask_d)
+        v = _load_rows(V + batch * stride_vb + head * stride_vh, offs_n, stride_vn, offs_d, mask_n, mask_d)
+        pos_y, pos_x = _load_points(POS + group * NUM_KEYS * 2, offs_n, mask_n)
         table = TABLE + head * TABLE_H * TABLE_W
         dtable = DTABLE + (pid_n * tl.num_programs(1) + batch_head) * TABLE_H * TABLE_W
         q_base = Q + batch * stride_qb + head * stride_qh
@@ -204,11 +209,9 @@ if TRITON_AVAILABLE:
         for start_m in range(0, NUM_QUERIES, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             mask_m = offs_m < NUM_QUERIES
-            q_mask = mask_m[:, None] & mask_d[None, :]
-            q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=q_mask, other=0.0)
-            do = tl.load(do_base + offs_m[:, None] * stride_on + offs_d[None, :], mask=q_mask, other=0.0)
-            ref_y = tl.load(REF + offs_m * 2, mask=mask_m, other=0.0).to(tl.float32)
-            ref_x = tl.load(REF + offs_m * 2 + 1, mask=mask_m, other=0.0).to(tl.float32)
+            q = _load_rows(q_base, offs_m, stride_qn, offs_d, mask_m, mask_d)
+            do = _load_rows(do_base, offs_m, stride_on, offs_d, mask_m, mask_d)
+            ref_y, ref_x = _load_points(REF, offs_m, mask_m)
             lse = tl.load(LSE + batch_head * NUM_QUERIES + offs_m, mask=mask_m, other=0.0)
             delta = tl.load(DELTA + batch_head * NUM_QUERIES + offs_m, mask=mask_m, other=0.0)
 
@@ -270,12 +273,9 @@ if TRITON_AVAILABLE:
         mask_m = offs_m < NUM_QUERIES
         mask_d = offs_d < HEAD_DIMS
         q_mask = mask_m[:, None] & mask_d[None, :]
-        q = tl.load(Q + batch * stride_qb + head * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
-                    mask=q_mask, other=0.0)
-        do = tl.load(DOUT + batch * stride_ob + head * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
-                     mask=q_mask, other=0.0)
-        ref_y = tl.load(REF + offs_m * 2, mask=mask_m, other=0.0).to(tl.float32)
-        ref_x = tl.load(REF + offs_m * 2 + 1, mask=mask_m, other=0.0).to(tl.float32)
+        q = _load_rows(Q + batch * stride_qb + head * stride_qh, offs_m, stride_qn, offs_d, mask_m, mask_d)
+        do = _load_rows(DOUT + batch * stride_ob + head * stride_oh, offs_m, stride_on, offs_d, mask_m, mask_d)
+        ref_y, ref_x = _load_points(REF, offs_m, mask_m)
         lse = tl.load(LSE + batch_head * NUM_QUERIES + offs_m, mask=mask_m, other=0.0)
         delta = tl.load(DELTA + batch_head * NUM_QUERIES + offs_m, mask=mask_m, other=0.0)
         table = TABLE + head * TABLE_H * TABLE_W
@@ -287,11 +287,9 @@ if TRITON_AVAILABLE:
         for start_n in range(0, NUM_KEYS, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             mask_n = offs_n < NUM_KEYS
-            kv_mask = mask_n[:, None] & mask_d[None, :]
-            k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-            pos_y = tl.load(pos_base + offs_n * 2, mask=mask_n, other=0.0).to(tl.float32)
-            pos_x = tl.load(pos_base + offs_n * 2 + 1, mask=mask_n, other=0.0).to(tl.float32)
+            k = _load_rows(k_base, offs_n, stride_kn, offs_d, mask_n, mask_d)
+            v = _load_rows(v_base, offs_n, stride_vn, offs_d, mask_n, mask_d)
+            pos_y, pos_x = _load_points(pos_base, offs_n, mask_n)
 
             scores = _dot(q, tl.trans(k), PRECISION) * scale
             scores += _sampled_bias(table, ref_y, ref_x, pos_y, pos_x, TABLE_H, TABLE_W)
