@@ -14,11 +14,14 @@ import numpy as np
 import torch
 from mmengine.config import DictAction
 
-import mmdat  # noqa: F401  (registers DAT; allow-lists mmengine checkpoints)
-from mmdat.utils import build_inferencer, check_file, load_dat_config, read_image
+import mmdat  # noqa: F401  (registers DAT; mmengine reads checkpoints with mmdat's safe loader)
+from mmdat.models.utils import CheckpointError, trust_checkpoint
+from mmdat.utils import build_inferencer, check_file, check_out_file, load_dat_config, read_image
 
 #: Detections listed by name in the printed summary.
 MAX_LISTED = 10
+#: Image formats ``--out`` may have (OpenCV writes them).
+OUT_FORMATS = ('png', 'jpg', 'jpeg', 'bmp', 'tif', 'tiff', 'webp')
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -26,7 +29,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('image', help='image file')
     parser.add_argument('config', help='an mmdet or mmseg config with a DAT backbone')
     parser.add_argument('checkpoint', nargs='?', help='weights (random initialisation without)')
-    parser.add_argument('--out', required=True, help='output image, e.g. demo.png')
+    parser.add_argument('--out', required=True,
+                        help=f'output image, e.g. demo.png (one of .{", .".join(OUT_FORMATS)})')
+    parser.add_argument('--trust-checkpoint', action='store_true',
+                        help='read the checkpoint with an unrestricted unpickler: only for a file '
+                        'you trust, it may run code it holds')
+    parser.add_argument('--allow-partial-weights', action='store_true',
+                        help='run even if the checkpoint leaves over 10%% of the model\'s '
+                        'parameters at random init')
     parser.add_argument('--device', default='cpu', help='e.g. cpu or cuda:0')
     parser.add_argument('--seed', type=int, default=0,
                         help='seed of the random initialisation (without a checkpoint)')
@@ -47,13 +57,20 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         raise SystemExit(f'--opacity must be in [0, 1], got {args.opacity}')
     check_file(args.config, 'Config')
     check_file(args.checkpoint, 'Checkpoint')
+    check_out_file(args.out, OUT_FORMATS)
     read_image(args.image)  # a clear message now rather than a traceback from the pipeline
     cfg, kind = load_dat_config(args.config, args.cfg_options)
     if kind == 'backbone':
         raise SystemExit(f'{args.config} is a backbone-only config: the demo needs a detector or '
                          'segmenter (tools/visualize_deformable.py draws what a backbone does)')
     torch.manual_seed(args.seed)
-    inferencer = build_inferencer(cfg, kind, args.checkpoint, args.device)
+    if args.checkpoint and args.trust_checkpoint:
+        trust_checkpoint(args.checkpoint)
+    try:
+        inferencer = build_inferencer(cfg, kind, args.checkpoint, args.device,
+                                      args.allow_partial_weights)
+    except CheckpointError as error:  # a one-line message naming the file
+        raise SystemExit(str(error)) from None
     with torch.no_grad():
         if kind == 'mmdet':
             result = inferencer(args.image, return_vis=True, no_save_vis=True,

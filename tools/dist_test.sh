@@ -3,6 +3,10 @@
 # Multi-node: run on every node with NNODES, NODE_RANK, MASTER_ADDR (and PORT) set.
 # PYTHON picks the interpreter (default: python on PATH).
 set -euo pipefail
+if [ $# -lt 3 ]; then
+    echo "usage: bash $0 CONFIG CHECKPOINT GPUS [tools/test.py options]" >&2
+    exit 2
+fi
 CONFIG=$1
 CHECKPOINT=$2
 GPUS=$3

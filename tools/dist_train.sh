@@ -3,6 +3,10 @@
 # Multi-node: run on every node with NNODES, NODE_RANK, MASTER_ADDR (and PORT) set.
 # PYTHON picks the interpreter (default: python on PATH).
 set -euo pipefail
+if [ $# -lt 2 ]; then
+    echo "usage: bash $0 CONFIG GPUS [tools/train.py options]" >&2
+    exit 2
+fi
 CONFIG=$1
 GPUS=$2
 shift 2

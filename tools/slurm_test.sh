@@ -3,6 +3,10 @@
 # GPUS (default 8), GPUS_PER_NODE (8), CPUS_PER_TASK (5), SRUN_ARGS and PYTHON (default: python)
 # are read from the environment.
 set -euo pipefail
+if [ $# -lt 4 ]; then
+    echo "usage: bash $0 PARTITION JOB_NAME CONFIG CHECKPOINT [tools/test.py options]" >&2
+    exit 2
+fi
 PARTITION=$1
 JOB_NAME=$2
 CONFIG=$3

@@ -2,39 +2,57 @@
 import argparse
 import gc
 import os.path as osp
+from typing import Optional, Sequence
 
 import torch
 from mmengine.config import DictAction
+from mmengine.model import is_model_wrapper
 from mmengine.runner import Runner
 
+from mmdat.models.utils import CheckpointError, check_weights_fit, trust_checkpoint
 from mmdat.utils import adapt_to_cpu, check_dataset_files, load_tool_config
 
 
-def parse_args():
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument('config', help='config file')
     parser.add_argument('checkpoint', help='checkpoint file')
     parser.add_argument('--work-dir', help='where the evaluation logs go '
                         '(default: work_dirs/<config name>)')
     parser.add_argument('--amp', action='store_true', help='mixed precision inference')
+    parser.add_argument('--trust-checkpoint', action='store_true',
+                        help='read the checkpoint with an unrestricted unpickler: only for a file '
+                        'you trust, it may run code it holds')
+    parser.add_argument('--allow-partial-weights', action='store_true',
+                        help='run even if the checkpoint leaves over 10%% of the model\'s '
+                        'parameters at random init')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override config entries, e.g. test_dataloader.batch_size=2')
     parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none')
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
-def main():
-    args = parse_args()
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = parse_args(argv)
     cfg = load_tool_config(args.config, args.cfg_options, args.launcher, args.work_dir)
     if not osp.isfile(args.checkpoint):
         raise SystemExit(f'Checkpoint file not found: {args.checkpoint}')
-    cfg.load_from = args.checkpoint
+    if args.trust_checkpoint:
+        trust_checkpoint(args.checkpoint)
+    cfg.load_from = None  # loaded below, to check that it fits the model
     if args.amp:
         cfg.test_cfg.fp16 = True
     adapt_to_cpu(cfg)
     check_dataset_files(cfg, ['test_dataloader'])
-    Runner.from_cfg(cfg).test()
+    runner = Runner.from_cfg(cfg)
+    model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+    try:
+        checkpoint = runner.load_checkpoint(args.checkpoint)
+        check_weights_fit(model, checkpoint, args.checkpoint, args.allow_partial_weights)
+    except CheckpointError as error:  # a one-line message naming the file
+        raise SystemExit(str(error)) from None
+    runner.test()
     if torch.distributed.is_initialized():
         # Free the runner (kept alive by reference cycles) and with it DDP's reference to the
         # process group first: a gloo group still held by a model at exit may abort the process.

@@ -1,22 +1,29 @@
 """Train an mmdet or mmseg model (e.g. one with a DAT backbone) from a config."""
 import argparse
 import gc
+from typing import Optional, Sequence
 
 import torch
 from mmengine.config import DictAction
 from mmengine.runner import Runner
 
-from mmdat.utils import adapt_to_cpu, check_dataset_files, load_tool_config
+from mmdat.models.utils import CheckpointError, trust_checkpoint
+from mmdat.utils import (adapt_to_cpu, check_checkpoint_files, check_dataset_files,
+                         load_tool_config, set_up_resume, use_atomic_checkpoints)
 
 
-def parse_args():
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument('config', help='config file, e.g. configs/retinanet_dat_t_coco.py')
     parser.add_argument('--work-dir', help='where logs and checkpoints go '
                         '(default: work_dirs/<config name>)')
-    parser.add_argument('--resume', nargs='?', const='auto', metavar='CHECKPOINT',
-                        help='resume from CHECKPOINT, or from the latest one in the work dir '
-                        'when no path is given')
+    parser.add_argument('--resume', nargs='?', const=True, metavar='CHECKPOINT',
+                        help='resume from CHECKPOINT, or, when no path is given, from the newest '
+                        'complete checkpoint in the work dir (from the beginning if it has none)')
+    parser.add_argument('--trust-checkpoint', action='store_true',
+                        help='read the checkpoint to resume from (and the config\'s load_from) '
+                        'with an unrestricted unpickler: only for files you trust, it may run '
+                        'code they hold')
     parser.add_argument('--amp', action='store_true', help='mixed precision training')
     parser.add_argument('--auto-scale-lr', action='store_true',
                         help='scale the learning rate by the actual total batch size')
@@ -24,11 +31,11 @@ def parse_args():
                         help='override config entries, e.g. train_dataloader.batch_size=4')
     parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none')
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)  # for torch.distributed.launch
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
-def main():
-    args = parse_args()
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = parse_args(argv)
     cfg = load_tool_config(args.config, args.cfg_options, args.launcher, args.work_dir)
     if args.amp and cfg.optim_wrapper.get('type', 'OptimWrapper') != 'AmpOptimWrapper':
         cfg.optim_wrapper.type = 'AmpOptimWrapper'
@@ -37,13 +44,17 @@ def main():
         if 'auto_scale_lr' not in cfg:
             raise SystemExit('--auto-scale-lr needs auto_scale_lr.base_batch_size in the config')
         cfg.auto_scale_lr.enable = True
-    if args.resume == 'auto':
-        cfg.resume, cfg.load_from = True, None
-    elif args.resume:
-        cfg.resume, cfg.load_from = True, args.resume
+    set_up_resume(cfg, args.resume)
+    check_checkpoint_files(cfg)
+    if args.trust_checkpoint and cfg.get('load_from'):
+        trust_checkpoint(cfg.load_from)
+    use_atomic_checkpoints(cfg)
     adapt_to_cpu(cfg)
     check_dataset_files(cfg, ['train_dataloader', 'val_dataloader'])
-    Runner.from_cfg(cfg).train()
+    try:
+        Runner.from_cfg(cfg).train()
+    except CheckpointError as error:  # a one-line message naming the file
+        raise SystemExit(str(error)) from None
     if torch.distributed.is_initialized():
         # Free the runner (kept alive by reference cycles) and with it DDP's reference to the
         # process group first: a gloo group still held by a model at exit may abort the process.

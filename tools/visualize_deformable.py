@@ -20,12 +20,14 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from matplotlib.backend_bases import FigureCanvasBase
 from mmengine.config import DictAction
 
-import mmdat  # noqa: F401  (registers DAT; allow-lists mmengine checkpoints)
+import mmdat  # noqa: F401  (registers DAT; mmengine reads checkpoints with mmdat's safe loader)
 from mmdat.models import DAT
-from mmdat.models.utils import deformable_blocks, record_deformable_attention
-from mmdat.utils import build_inferencer, check_file, load_dat_config, read_image
+from mmdat.models.utils import (CheckpointError, check_unloaded, deformable_blocks,
+                                record_deformable_attention, trust_checkpoint)
+from mmdat.utils import build_inferencer, check_file, check_out_file, load_dat_config, read_image
 from mmdat.visualization import STAGE_STRIDES, draw_deformable_attention, query_index
 
 #: RGB ImageNet statistics, used for backbone-only configs without a data_preprocessor.
@@ -56,7 +58,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--grid-step', type=int,
                         help='draw every N-th reference point (default: about 24 / sqrt(offset groups) '
                         'a side)')
-    parser.add_argument('--out', required=True, help='output image, e.g. deformable.png')
+    parser.add_argument('--out', required=True,
+                        help='output image, e.g. deformable.png (a format matplotlib writes: '
+                        '.png, .pdf, .svg, .jpg, ...)')
+    parser.add_argument('--trust-checkpoint', action='store_true',
+                        help='read the checkpoint with an unrestricted unpickler: only for a file '
+                        'you trust, it may run code it holds')
+    parser.add_argument('--allow-partial-weights', action='store_true',
+                        help='run even if the checkpoint leaves over 10%% of the model\'s '
+                        'parameters at random init')
     parser.add_argument('--device', default='cpu', help='e.g. cpu or cuda:0')
     parser.add_argument('--seed', type=int, default=0,
                         help='seed of the random initialisation (without a checkpoint)')
@@ -73,10 +83,11 @@ def backbone_and_input(args: argparse.Namespace,
         model_cfg = dict(cfg.model)
         model_cfg.pop('type')
         if args.checkpoint:
-            model_cfg['init_cfg'] = dict(type='Pretrained', checkpoint=args.checkpoint)
+            model_cfg['init_cfg'] = None
         backbone = DAT(**model_cfg)
         if args.checkpoint:
-            backbone.init_weights()
+            unloaded = backbone.load_pretrained(args.checkpoint)
+            check_unloaded(backbone, unloaded, args.checkpoint, args.allow_partial_weights)
         backbone.to(args.device).eval()
         preprocessor = cfg.get('data_preprocessor') or {}
         mean = torch.tensor(preprocessor.get('mean', IMAGENET_MEAN), dtype=torch.float32)
@@ -84,7 +95,8 @@ def backbone_and_input(args: argparse.Namespace,
         pixels = torch.from_numpy(np.ascontiguousarray(image)).float()  # RGB, as ImageNet models
         inputs = ((pixels - mean) / std).permute(2, 0, 1)[None].to(args.device)
         return backbone, inputs, (1.0, 1.0)
-    inferencer = build_inferencer(cfg, kind, args.checkpoint, args.device)
+    inferencer = build_inferencer(cfg, kind, args.checkpoint, args.device,
+                                  args.allow_partial_weights)
     data = next(iter(inferencer.preprocess([args.image])))
     if not isinstance(data, dict):  # mmdet yields (original inputs, data), mmseg data
         data = data[1]
@@ -141,9 +153,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         raise SystemExit(f'--grid-step must be >= 1, got {args.grid_step}')
     check_file(args.config, 'Config')
     check_file(args.checkpoint, 'Checkpoint')
+    check_out_file(args.out, FigureCanvasBase.get_supported_filetypes())
     image = read_image(args.image)
     torch.manual_seed(args.seed)
-    backbone, inputs, scale_factor = backbone_and_input(args, image)
+    if args.checkpoint and args.trust_checkpoint:
+        trust_checkpoint(args.checkpoint)
+    try:
+        backbone, inputs, scale_factor = backbone_and_input(args, image)
+    except CheckpointError as error:  # a one-line message naming the file
+        raise SystemExit(str(error)) from None
     stage, block = choose_block(backbone, args.stage, args.block)
     stride = STAGE_STRIDES[stage]
     # DAT's maps have ceil(size / stride) pixels a side.

@@ -3,12 +3,12 @@ the image, load a config with a DAT backbone and build mmdet's or mmseg's infere
 import copy
 import importlib
 import os.path as osp
-from typing import Optional, Tuple
+from typing import Iterable, Optional, Tuple
 
 import numpy as np
-import torch
 from mmengine.config import Config
 
+from mmdat.models.utils import check_weights_fit, load_checkpoint_file
 from .setup_cfg import register_scope
 
 #: ``type`` names under which a config may refer to mmdat's backbone.
@@ -19,6 +19,19 @@ def check_file(path: Optional[str], what: str) -> None:
     """Stop with a one-line message when ``path`` is given but is not a file."""
     if path is not None and not osp.isfile(path):
         raise SystemExit(f'{what} not found: {path}')
+
+
+def check_out_file(path: str, extensions: Iterable[str]) -> None:
+    """Stop with a one-line message when ``--out`` cannot be written as asked: its folder does
+    not exist, or its extension (which picks the format) is not one of ``extensions``."""
+    extensions = sorted(extensions)
+    folder = osp.dirname(osp.abspath(path))
+    if not osp.isdir(folder):
+        raise SystemExit(f'--out {path}: folder {folder} does not exist')
+    extension = osp.splitext(path)[1].lower().lstrip('.')
+    if extension not in extensions:
+        raise SystemExit(f'--out {path}: the extension picks the image format; use one of '
+                         f'{", ".join("." + e for e in extensions)}')
 
 
 def read_image(path: str) -> np.ndarray:
@@ -77,12 +90,21 @@ def _config_dataset_meta(cfg: Config) -> dict:
     return dict(classes=metainfo['classes'], palette=metainfo.get('palette'))
 
 
-def build_inferencer(cfg: Config, scope: str, checkpoint: Optional[str], device: str):
+def build_inferencer(cfg: Config, scope: str, checkpoint: Optional[str], device: str,
+                     allow_partial_weights: bool = False):
     """mmdet's ``DetInferencer`` or mmseg's ``MMSegInferencer`` for ``cfg``.
 
     Without a checkpoint (random weights) or with one that does not store the class names, the
     classes and palette come from the config's test dataset rather than the inferencers' default
     (COCO or Cityscapes names, wrong for any other dataset).
+
+    Args:
+        cfg (Config): The config.
+        scope (str): ``'mmdet'`` or ``'mmseg'``.
+        checkpoint (str, optional): Weights, read with mmdat's safe loader.
+        device (str): E.g. ``'cpu'``.
+        allow_partial_weights (bool): Accept a checkpoint that leaves over 10% of the model's
+            parameters at random init (else :class:`CheckpointError`). Defaults to False.
     """
     if scope == 'mmdet':
         from mmdet.apis import DetInferencer
@@ -93,9 +115,10 @@ def build_inferencer(cfg: Config, scope: str, checkpoint: Optional[str], device:
         inferencer = MMSegInferencer(model=cfg, weights=checkpoint, device=device)
     saved_meta = {}
     if checkpoint is not None:
-        # The inferencer keeps no record of where its class names came from: read them again.
-        # Safe loading is enough: mmdat allow-lists what mmengine checkpoints hold.
-        saved = torch.load(checkpoint, map_location='cpu', weights_only=True)
+        # The inferencer keeps no record of where its class names came from, nor of what it
+        # loaded: read the file again.
+        saved = load_checkpoint_file(checkpoint)
+        check_weights_fit(inferencer.model, saved, checkpoint, allow_partial_weights)
         saved_meta = (saved.get('meta') or {}).get('dataset_meta') or {}
     if 'classes' not in saved_meta:
         inferencer.model.dataset_meta = _config_dataset_meta(cfg)

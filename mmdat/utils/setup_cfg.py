@@ -2,7 +2,7 @@
 import importlib
 import logging
 import os.path as osp
-from typing import Iterable, List, Optional
+from typing import Iterable, List, Optional, Union
 
 import torch
 from mmengine.config import Config
@@ -11,11 +11,19 @@ from mmengine.logging import print_log
 #: The libraries whose configs the tools run, by ``default_scope``.
 SCOPES = ('mmdet', 'mmseg')
 
+# A top-level ``data_root = ...`` of a config is substituted when the file is read, so
+# ``--cfg-options data_root=...`` changes nothing: the hint names the keys that do.
 _DATA_HELP = {
     'mmdet': 'Download COCO 2017 and unpack it so that data/coco/{annotations,train2017,val2017} '
-             'exist (or set data_root with --cfg-options)',
+             'exist (or point the config elsewhere with --cfg-options '
+             'train_dataloader.dataset.data_root=DIR/ val_dataloader.dataset.data_root=DIR/ '
+             'test_dataloader.dataset.data_root=DIR/ '
+             'val_evaluator.ann_file=DIR/annotations/instances_val2017.json '
+             'test_evaluator.ann_file=DIR/annotations/instances_val2017.json)',
     'mmseg': 'Download ADE20K (ADEChallengeData2016) and unpack it to data/ade/ADEChallengeData2016 '
-             '(or set data_root with --cfg-options)',
+             '(or point the config elsewhere with --cfg-options '
+             'train_dataloader.dataset.data_root=DIR/ val_dataloader.dataset.data_root=DIR/ '
+             'test_dataloader.dataset.data_root=DIR/)',
 }
 
 
@@ -108,3 +116,91 @@ def adapt_to_cpu(cfg: Config) -> None:
     if test_cfg and test_cfg.get('fp16'):
         print_log('No CUDA device: testing in float32.', logger='current', level=logging.WARNING)
         test_cfg.fp16 = False
+
+
+#: ``type`` names of mmengine's plain checkpoint hook, which :func:`use_atomic_checkpoints` swaps.
+_PLAIN_CHECKPOINT_HOOKS = ('CheckpointHook', 'mmengine.CheckpointHook')
+
+
+def use_atomic_checkpoints(cfg: Config) -> None:
+    """Save checkpoints with mmdat's ``AtomicCheckpointHook`` where the config has mmengine's
+    plain ``CheckpointHook`` (same arguments): a crash during a save then loses nothing."""
+    hook = (cfg.get('default_hooks') or {}).get('checkpoint')
+    if not hook:
+        return
+    hook_type = hook.get('type')
+    if hook_type in _PLAIN_CHECKPOINT_HOOKS or getattr(hook_type, '__name__', None) == 'CheckpointHook':
+        hook['type'] = 'AtomicCheckpointHook'
+
+
+def _checkpoint_folder(cfg: Config) -> str:
+    """Where the checkpoint hook saves: ``out_dir/<work dir name>`` if set, else the work dir."""
+    out_dir = ((cfg.get('default_hooks') or {}).get('checkpoint') or {}).get('out_dir')
+    if out_dir:
+        return osp.join(out_dir, osp.basename(cfg.work_dir.rstrip('/')))
+    return cfg.work_dir
+
+
+def set_up_resume(cfg: Config, resume: Union[str, bool, None]) -> Optional[str]:
+    """Set ``cfg.resume``/``cfg.load_from`` for ``tools/train.py --resume [PATH]``.
+
+    Args:
+        cfg (Config): The config (its ``work_dir`` set).
+        resume (str | bool | None): A checkpoint path; ``True`` for the newest complete
+            checkpoint of the work dir (see :func:`mmdat.engine.find_resume_checkpoint`); ``None``
+            for no ``--resume`` (a config with ``resume = True`` and no ``load_from`` is then
+            treated as ``True``).
+
+    Returns:
+        str or None: The checkpoint training resumes from (``None``: from the beginning).
+
+    Raises:
+        SystemExit: ``PATH`` does not exist, or the work dir has checkpoints but none complete.
+    """
+    from mmdat.engine import find_resume_checkpoint
+    if resume is None:
+        if cfg.get('resume') is not True or cfg.get('load_from'):
+            return None
+        resume = True
+    if resume is True:
+        hook = (cfg.get('default_hooks') or {}).get('checkpoint') or {}
+        templates = (hook['filename_tmpl'], ) if hook.get('filename_tmpl') else None
+        path = find_resume_checkpoint(cfg.work_dir, _checkpoint_folder(cfg),
+                                      **(dict(templates=templates) if templates else {}))
+        if path is None:
+            print_log(f'--resume: no checkpoint in {cfg.work_dir} yet; training starts from the '
+                      'beginning', logger='current', level=logging.WARNING)
+            cfg.resume, cfg.load_from = False, None
+            return None
+    else:
+        path = resume
+        if '://' not in path and not osp.isfile(path):
+            raise SystemExit(f'--resume: checkpoint file not found: {path}')
+    print_log(f'Resuming from {path}', logger='current')
+    cfg.resume, cfg.load_from = True, path
+    return path
+
+
+def _pretrained_files(node) -> List[str]:
+    """Checkpoints of the ``Pretrained`` init_cfgs (and mmseg's ``pretrained``) in a model cfg."""
+    files = []
+    if isinstance(node, dict):
+        if node.get('type') == 'Pretrained' and isinstance(node.get('checkpoint'), str):
+            files.append(node['checkpoint'])
+        if isinstance(node.get('pretrained'), str):
+            files.append(node['pretrained'])
+        for value in node.values():
+            files += _pretrained_files(value)
+    elif isinstance(node, (list, tuple)):
+        for value in node:
+            files += _pretrained_files(value)
+    return files
+
+
+def check_checkpoint_files(cfg: Config) -> None:
+    """Stop with a one-line message when ``load_from`` or a model's pretrained file is missing."""
+    named = [(cfg.get('load_from'), 'load_from')] + [
+        (path, 'pretrained weights of the model') for path in _pretrained_files(cfg.get('model'))]
+    for path, what in named:
+        if path and '://' not in path and not osp.isfile(path):
+            raise SystemExit(f'Checkpoint file not found: {path} ({what})')

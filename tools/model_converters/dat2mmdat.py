@@ -17,6 +17,10 @@ from mmdat.models.utils import (dat_converter, extract_state_dict, is_official_d
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('src', help='official checkpoint (e.g. dat_tiny_in1k_224.pth)')
+    parser.add_argument('--trust-checkpoint', action='store_true',
+                        help='read SRC with an unrestricted unpickler: only for a file you trust, '
+                        'it may run code it holds (by default only tensors, plain containers, '
+                        'numpy arrays and a pickled config are read)')
     parser.add_argument('dst', help='where to save the mmdat checkpoint')
     return parser.parse_args()
 
@@ -24,7 +28,7 @@ def parse_args():
 def main():
     args = parse_args()
     try:
-        state_dict = extract_state_dict(load_checkpoint_file(args.src))
+        state_dict = extract_state_dict(load_checkpoint_file(args.src, trusted=args.trust_checkpoint))
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(str(error))
     if is_official_dat_det_seg(state_dict):

@@ -21,6 +21,10 @@ from mmdat.models.utils import (dat_det_seg_converter, extract_state_dict,
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('src', help='official checkpoint (e.g. from DAT-Detection)')
+    parser.add_argument('--trust-checkpoint', action='store_true',
+                        help='read SRC with an unrestricted unpickler: only for a file you trust, '
+                        'it may run code it holds (by default only tensors, plain containers, '
+                        'numpy arrays and a pickled config are read)')
     parser.add_argument('dst', help='where to save the converted checkpoint')
     parser.add_argument('--config', help='mmdat config of the same model: check that every weight '
                         'of the model is in the converted checkpoint, and nothing else')
@@ -50,7 +54,7 @@ def check_against_config(state_dict, config):
 def main():
     args = parse_args()
     try:
-        state_dict = extract_state_dict(load_checkpoint_file(args.src))
+        state_dict = extract_state_dict(load_checkpoint_file(args.src, trusted=args.trust_checkpoint))
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(str(error))
     if not is_official_dat_det_seg(state_dict):

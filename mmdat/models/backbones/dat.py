@@ -1,4 +1,5 @@
 """DAT (Xia et al., CVPR 2022) and DAT++ (arXiv 2309.01430) backbones."""
+import logging
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -12,8 +13,8 @@ from mmengine.model import BaseModule
 from mmdat.registry import register_model
 from ..layers import (ATTN_IMPLS, DeformableAttention, DeformableAttentionPP, NeighborhoodAttention,
                       WindowAttention, natten_available)
-from ..utils import (dat_converter, extract_state_dict, fit_position_tables, is_official_dat,
-                     is_official_datpp, load_checkpoint_file)
+from ..utils import (CheckpointError, dat_converter, extract_state_dict, fit_position_tables,
+                     is_official_dat, is_official_datpp, load_checkpoint_file)
 
 #: Stem stride and output strides of the stages: 4, 8, 16, 32.
 STEM_STRIDE = 4
@@ -340,8 +341,9 @@ class DAT(BaseModule):
         self.out_indices = self._check_out_indices(out_indices)
         if not isinstance(frozen_stages, int) or not -1 <= frozen_stages <= NUM_STAGES:
             raise ValueError(f'frozen_stages must be an int in [-1, {NUM_STAGES}], got {frozen_stages!r}')
-        if not 0.0 <= drop_path_rate < 1.0:
-            raise ValueError(f'drop_path_rate must be in [0, 1), got {drop_path_rate!r}')
+        if (not isinstance(drop_path_rate, (int, float)) or isinstance(drop_path_rate, bool)
+                or not 0.0 <= drop_path_rate < 1.0):
+            raise ValueError(f'drop_path_rate must be a number in [0, 1), got {drop_path_rate!r}')
         if not isinstance(window_size, int) or window_size < 2:
             raise ValueError(f'window_size must be an int >= 2, got {window_size!r}')
         if datpp and (window_size < 3 or window_size % 2 != 1):
@@ -467,7 +469,8 @@ class DAT(BaseModule):
             out_indices = [out_indices]
         indices = list(out_indices)
         if (not indices or len(set(indices)) != len(indices)
-                or any(not isinstance(i, int) or not 0 <= i < NUM_STAGES for i in indices)):
+                or any(not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < NUM_STAGES
+                       for i in indices)):
             raise ValueError(f'out_indices must be distinct ints in [0, {NUM_STAGES - 1}], '
                              f'got {out_indices!r}')
         return sorted(indices)
@@ -500,7 +503,21 @@ class DAT(BaseModule):
                     nn.init.ones_(module.weight)
                     nn.init.zeros_(module.bias)
             return
-        checkpoint = self.init_cfg['checkpoint']
+        self.load_pretrained(self.init_cfg['checkpoint'])
+
+    def load_pretrained(self, checkpoint: str) -> List[str]:
+        """Load an mmdat or official DAT/DAT++ checkpoint (see ``init_cfg``) into the backbone.
+
+        Weights the file lacks keep their initialisation: missing blocks are named in a warning
+        (the output norms ``norm{i}``, which classification files lack, in an info line); a file
+        that lacks a whole stage or the stem is refused.
+
+        Returns:
+            list[str]: Names of the parameters left at their initialisation.
+
+        Raises:
+            CheckpointError: The file cannot be read or lacks a whole stage or the stem.
+        """
         state_dict = extract_state_dict(load_checkpoint_file(checkpoint), prefix='backbone.')
         if is_official_dat(state_dict):
             file_version = 2 if is_official_datpp(state_dict) else 1
@@ -514,17 +531,35 @@ class DAT(BaseModule):
                              'mmdat nor an official DAT/DAT++ layout)')
         state_dict = fit_position_tables(state_dict, self.state_dict())
         missing, unexpected = self.load_state_dict(state_dict, strict=False)
-        if missing:
-            print_log(f'DAT: weights missing from the checkpoint: {", ".join(missing)}',
+        params = [name for name, _ in self.named_parameters()]
+        missing = [name for name in params if name in missing]
+        # whole modules: stem, stages.i.downsample, stages.i.blocks.j, norm{i}
+        modules = list(dict.fromkeys('.'.join(name.split('.')[:(
+            4 if '.blocks.' in name else 3 if name.startswith('stages.') else 1)]) for name in missing))
+        for whole in ['patch_embed'] + [f'stages.{i}' for i in range(NUM_STAGES)]:
+            inside = [name for name in params if name.startswith(f'{whole}.')]
+            if inside and all(name in missing for name in inside):
+                raise CheckpointError(f'{checkpoint} has no weights for {whole} of this DAT '
+                                      'backbone; is it a checkpoint of another arch?')
+        blocks = [m for m in modules if not m.startswith('norm')]
+        norms = [m for m in modules if m.startswith('norm')]
+        if blocks:
+            print_log(f'DAT: {checkpoint} has no weights for {", ".join(blocks)}: they keep their '
+                      'random initialisation', logger='current', level=logging.WARNING)
+        if norms:
+            print_log(f'DAT: output norms initialised, not loaded: {", ".join(norms)}',
                       logger='current')
         if unexpected:
             print_log(f'DAT: unexpected weights in the checkpoint: {", ".join(unexpected)}',
                       logger='current')
+        return missing
 
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f'DAT expects a 4D (N, C, H, W) tensor, got {shape}')
+        if x.shape[0] == 0:
+            raise ValueError(f'DAT got an empty batch (input of shape {tuple(x.shape)})')
         if x.shape[1] != self.in_channels:
             raise ValueError(f'DAT expects {self.in_channels} input channels (in_channels), '
                              f'got {x.shape[1]} in an input of shape {tuple(x.shape)}')

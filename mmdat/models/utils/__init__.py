@@ -1,10 +1,14 @@
-from .checkpoint import extract_state_dict, fit_position_tables, load_checkpoint_file
+from .checkpoint import (CheckpointError, check_unloaded, check_weights_fit, extract_state_dict, fit_position_tables,
+                         load_checkpoint_file, trust_checkpoint, unloaded_parameters,
+                         use_safe_checkpoint_loader)
 from .ckpt_convert import (dat_converter, dat_det_seg_converter, is_official_dat,
                            is_official_dat_det_seg, is_official_datpp)
 from .recording import DeformableAttentionRecord, deformable_blocks, record_deformable_attention
 
 __all__ = [
-    'DeformableAttentionRecord', 'dat_converter', 'dat_det_seg_converter', 'deformable_blocks',
-    'extract_state_dict', 'fit_position_tables', 'is_official_dat', 'is_official_dat_det_seg',
-    'is_official_datpp', 'load_checkpoint_file', 'record_deformable_attention'
+    'CheckpointError', 'DeformableAttentionRecord', 'check_unloaded', 'check_weights_fit', 'dat_converter',
+    'dat_det_seg_converter', 'deformable_blocks', 'extract_state_dict', 'fit_position_tables',
+    'is_official_dat', 'is_official_dat_det_seg', 'is_official_datpp', 'load_checkpoint_file',
+    'record_deformable_attention', 'trust_checkpoint', 'unloaded_parameters',
+    'use_safe_checkpoint_loader'
 ]

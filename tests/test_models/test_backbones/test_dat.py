@@ -216,7 +216,7 @@ def test_init_cfg_pretrained_reports_missing_and_unexpected_keys(tmp_path, monke
     monkeypatch.setattr(dat_module, 'print_log', lambda msg, **kwargs: logged.append(msg))
     target.init_weights()
     assert len(logged) == 2
-    assert 'missing' in logged[0] and 'norm3.weight, norm3.bias' in logged[0]
+    assert 'output norms initialised, not loaded: norm3' in logged[0]
     assert 'unexpected' in logged[1] and 'head.fc.weight' in logged[1]
 
 
@@ -261,9 +261,11 @@ def test_recomputable_buffers_are_not_saved():
     (dict(out_indices=(0, 4)), ValueError, r'out_indices must be distinct ints in \[0, 3\]'),
     (dict(out_indices=(1, 1)), ValueError, 'out_indices'),
     (dict(out_indices=()), ValueError, 'out_indices'),
+    (dict(out_indices=(True, )), ValueError, r'out_indices must be distinct ints .*got \(True,\)'),
     (dict(frozen_stages=5), ValueError, r'frozen_stages must be an int in \[-1, 4\]'),
     (dict(frozen_stages=-2), ValueError, 'frozen_stages'),
     (dict(drop_path_rate=1.0), ValueError, 'drop_path_rate'),
+    (dict(drop_path_rate='0.1'), ValueError, r"drop_path_rate must be a number in \[0, 1\), got '0.1'"),
     (dict(attn_impl='flash'), ValueError, 'attn_impl must be one of'),
     (dict(window_size=1), ValueError, 'window_size'),
     (dict(in_channels=0), ValueError, 'in_channels'),
@@ -283,6 +285,7 @@ def test_bad_arguments(kwargs, error, match):
     (torch.randn(1, 1, 64, 64), '3 input channels'),
     (torch.randn(1, 3, 3, 64), 'at least 4x4'),
     ([1, 2, 3], '4D'),
+    (torch.randn(0, 3, 64, 64), r'empty batch \(input of shape \(0, 3, 64, 64\)\)'),
 ])
 def test_bad_inputs(x, match):
     with pytest.raises(ValueError, match=match):
