@@ -1,4 +1,5 @@
 """tools/train.py and tools/test.py stop early, with a clear message, when inputs are missing."""
+import importlib.util
 import os
 import subprocess
 import sys
@@ -16,8 +17,10 @@ def run_tool(*args, cwd):
 
 
 @pytest.mark.parametrize('config,expected', [
-    ('retinanet_dat_t_coco.py', ['data/coco/annotations/instances_train2017.json', 'Download COCO 2017']),
-    ('upernet_dat_t_ade20k.py', ['data/ade/ADEChallengeData2016/images/training', 'Download ADE20K']),
+    ('retinanet_dat_t_coco.py', ['data/coco/annotations/instances_train2017.json', 'Download COCO 2017',
+                                 '--cfg-options train_dataloader.dataset.data_root=DIR/']),
+    ('upernet_dat_t_ade20k.py', ['data/ade/ADEChallengeData2016/images/training', 'Download ADE20K',
+                                 '--cfg-options train_dataloader.dataset.data_root=DIR/']),
     ('demo/fpn_dat_demo_shapes.py', ['data/shapes/train/images',
                                      'python tools/dataset_converters/make_shapes.py data/shapes']),
 ])
@@ -52,3 +55,25 @@ def test_config_of_another_library(tmp_path):
     result = run_tool('train.py', config, cwd=tmp_path)
     assert result.returncode == 1
     assert "default_scope must be one of ('mmdet', 'mmseg')" in result.stderr
+
+
+def test_train_resume_from_a_missing_file(tmp_path, monkeypatch):
+    """Stops before the dataset is checked or the model built."""
+    spec = importlib.util.spec_from_file_location('train_tool', REPO_ROOT / 'tools' / 'train.py')
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    monkeypatch.setattr(train, 'Runner', None)  # building anything would fail
+    monkeypatch.setattr(train, 'check_dataset_files', None)
+    with pytest.raises(SystemExit, match='^--resume: checkpoint file not found: missing.pth$'):
+        train.main([str(REPO_ROOT / 'configs' / 'retinanet_dat_t_coco.py'), '--resume', 'missing.pth',
+                    '--work-dir', str(tmp_path)])
+
+
+@pytest.mark.parametrize('script, usage', [
+    ('dist_train.sh', 'CONFIG GPUS'), ('dist_test.sh', 'CONFIG CHECKPOINT GPUS'),
+    ('slurm_train.sh', 'PARTITION JOB_NAME CONFIG'), ('slurm_test.sh', 'PARTITION JOB_NAME CONFIG CHECKPOINT'),
+])
+def test_launchers_without_arguments(script, usage):
+    result = subprocess.run(['bash', str(REPO_ROOT / 'tools' / script)], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.startswith('usage: bash ') and usage in result.stderr

@@ -141,6 +141,11 @@ def test_visualize_errors(image_file, backbone_config, tmp_path):
     for argv, message in cases:
         with pytest.raises(SystemExit, match=message):
             visualize.main(argv + ['--out', out])
+    # --out is checked before the model runs
+    for bad_out, message in [(str(tmp_path / 'no_dir' / 'x.png'), 'folder .*no_dir does not exist'),
+                             (str(tmp_path / 'name'), r'extension picks the image format; use one of .*\.png')]:
+        with pytest.raises(SystemExit, match=message):
+            visualize.main([image_file, '--config', config, '--out', bad_out])
 
 
 @pytest.mark.parametrize('config', [DETECTOR, SEGMENTER], ids=['detector', 'segmenter'])
@@ -195,3 +200,7 @@ def test_demo_errors(image_file, backbone_config, tmp_path):
     for argv, message in cases:
         with pytest.raises(SystemExit, match=message):
             demo.main(argv + ['--out', out])
+    for bad_out, message in [(str(tmp_path / 'no_dir' / 'x.png'), 'folder .*no_dir does not exist'),
+                             (str(tmp_path / 'demo'), r'use one of \.bmp, \.jpeg, \.jpg, \.png')]:
+        with pytest.raises(SystemExit, match=message):
+            demo.main([image_file, DETECTOR, '--out', bad_out])
