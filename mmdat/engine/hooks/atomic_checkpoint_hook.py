@@ -56,7 +56,7 @@ def write_atomically(path: str, data: bytes) -> None:
             os.close(handle)
 
 
-@register_backend(ATOMIC_BACKEND)
+@register_backend(ATOMIC_BACKEND, force=True)  # force: mmdat may be imported again (reload)
 class AtomicLocalBackend(LocalBackend):
     """Local files, written with :func:`write_atomically`; removals can be held back.
 
