@@ -11,7 +11,7 @@ from mmengine.registry import HOOKS
 
 import mmdat  # noqa: F401  (registers the hook and the safe loader)
 from mmdat.datasets import make_synthetic_dataset
-from mmdat.engine import AtomicCheckpointHook
+from mmdat.engine import AtomicCheckpointHook, AtomicLocalBackend
 from mmdat.engine.hooks import atomic_checkpoint_hook
 from mmdat.utils import use_atomic_checkpoints
 
@@ -101,3 +101,19 @@ def test_training_killed_during_a_save_resumes(tmp_path):
     meta = torch.load(work / 'epoch_2.pth', weights_only=True)['meta']
     assert (meta['epoch'], meta['iter']) == (2, 4)
     assert not list(work.glob('.*'))  # the killed run's temporary file was cleaned up
+
+
+def test_backend_holds_removals_until_the_save_completes(tmp_path):
+    """What the hook wraps CheckpointHook's best-checkpoint save in (it removes the old best first)."""
+    backend = AtomicLocalBackend()
+    (tmp_path / 'best_1.pth').write_bytes(b'old')
+    with pytest.raises(OSError):
+        with backend.removals_held():
+            backend.remove(tmp_path / 'best_1.pth')
+            raise OSError('the new best could not be written')
+    assert (tmp_path / 'best_1.pth').exists()  # a failed save removes nothing
+    with backend.removals_held():
+        backend.remove(tmp_path / 'best_1.pth')
+        backend.put(b'new', tmp_path / 'best_2.pth')
+        assert (tmp_path / 'best_1.pth').exists()
+    assert not (tmp_path / 'best_1.pth').exists() and (tmp_path / 'best_2.pth').read_bytes() == b'new'
