@@ -6,7 +6,7 @@ import torch
 from mmengine.config import DictAction
 from mmengine.runner import Runner
 
-from mmdat.utils import adapt_to_cpu, check_dataset_files, load_tool_config
+from mmdat.utils import adapt_to_cpu, check_backbone_weights, check_dataset_files, load_tool_config
 
 
 def parse_args():
@@ -43,6 +43,7 @@ def main():
         cfg.resume, cfg.load_from = True, args.resume
     adapt_to_cpu(cfg)
     check_dataset_files(cfg, ['train_dataloader', 'val_dataloader'])
+    check_backbone_weights(cfg)
     Runner.from_cfg(cfg).train()
     if torch.distributed.is_initialized():
         # Free the runner (kept alive by reference cycles) and with it DDP's reference to the

@@ -3,7 +3,8 @@
 # Run it all with `bash tools/run_demo.sh`.
 _base_ = '../fpn_dat_t_ade20k.py'
 
-data_root = '{{$SHAPES_ROOT:data/shapes/}}'  # or set $SHAPES_ROOT (ending in /)
+data_root = '{{$SHAPES_ROOT:data/shapes}}'  # or set $SHAPES_ROOT
+pretrained = None  # trained from scratch on purpose
 classes = ('background', 'circle', 'square', 'triangle')
 palette = [[0, 0, 0], [230, 25, 75], [60, 180, 75], [0, 130, 200]]
 # The same small DAT as configs/demo/retinanet_dat_demo_shapes.py.

@@ -1,7 +1,8 @@
 from .inference import build_inferencer, check_file, load_dat_config, read_image
-from .setup_cfg import adapt_to_cpu, check_dataset_files, load_tool_config, register_scope
+from .setup_cfg import (adapt_to_cpu, check_backbone_weights, check_dataset_files, load_tool_config,
+                        register_scope)
 
 __all__ = [
-    'adapt_to_cpu', 'build_inferencer', 'check_dataset_files', 'check_file', 'load_dat_config',
-    'load_tool_config', 'read_image', 'register_scope'
+    'adapt_to_cpu', 'build_inferencer', 'check_backbone_weights', 'check_dataset_files',
+    'check_file', 'load_dat_config', 'load_tool_config', 'read_image', 'register_scope'
 ]

@@ -12,8 +12,8 @@ from mmengine.model import BaseModule
 from mmdat.registry import register_model
 from ..layers import (ATTN_IMPLS, DeformableAttention, DeformableAttentionPP, NeighborhoodAttention,
                       WindowAttention, natten_available)
-from ..utils import (dat_converter, extract_state_dict, fit_position_tables, is_official_dat,
-                     is_official_datpp, load_checkpoint_file)
+from ..utils import (check_pretrained_file, dat_converter, extract_state_dict, fit_position_tables,
+                     is_official_dat, is_official_datpp, load_checkpoint_file)
 
 #: Stem stride and output strides of the stages: 4, 8, 16, 32.
 STEM_STRIDE = 4
@@ -302,7 +302,11 @@ class DAT(BaseModule):
             ``dict(type='Pretrained', checkpoint=PATH)`` to load a checkpoint: mmdat's (a
             backbone, or a whole model whose ``backbone.`` weights are used) or an official DAT
             or DAT++ classification file, converted on the fly. Position tables of another
-            window or pre-training size are resized. Defaults to None.
+            window or pre-training size are resized. ``checkpoint=None`` means no file has been
+            chosen yet: ``init_weights`` then stops with an error that says how to choose one
+            (mmdat's configs set it from their top-level ``pretrained``, see
+            :mod:`mmdat.models.utils.pretrained`), as it does for a missing file.
+            Defaults to None.
     """
     arch_zoo: Dict[str, dict] = {
         'tiny': dict(embed_dims=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24),
@@ -501,6 +505,7 @@ class DAT(BaseModule):
                     nn.init.zeros_(module.bias)
             return
         checkpoint = self.init_cfg['checkpoint']
+        check_pretrained_file(checkpoint)  # a one-line error, also under mmdet's/mmseg's tools
         state_dict = extract_state_dict(load_checkpoint_file(checkpoint), prefix='backbone.')
         if is_official_dat(state_dict):
             file_version = 2 if is_official_datpp(state_dict) else 1

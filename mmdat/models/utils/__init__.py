@@ -1,10 +1,12 @@
 from .checkpoint import extract_state_dict, fit_position_tables, load_checkpoint_file
 from .ckpt_convert import (dat_converter, dat_det_seg_converter, is_official_dat,
                            is_official_dat_det_seg, is_official_datpp)
+from .pretrained import check_pretrained_file, resolve_pretrained, resolved_init_cfg
 from .recording import DeformableAttentionRecord, deformable_blocks, record_deformable_attention
 
 __all__ = [
-    'DeformableAttentionRecord', 'dat_converter', 'dat_det_seg_converter', 'deformable_blocks',
-    'extract_state_dict', 'fit_position_tables', 'is_official_dat', 'is_official_dat_det_seg',
-    'is_official_datpp', 'load_checkpoint_file', 'record_deformable_attention'
+    'DeformableAttentionRecord', 'check_pretrained_file', 'dat_converter', 'dat_det_seg_converter',
+    'deformable_blocks', 'extract_state_dict', 'fit_position_tables', 'is_official_dat',
+    'is_official_dat_det_seg', 'is_official_datpp', 'load_checkpoint_file',
+    'record_deformable_attention', 'resolve_pretrained', 'resolved_init_cfg'
 ]
