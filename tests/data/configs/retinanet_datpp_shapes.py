@@ -2,6 +2,7 @@
 # tools/test.py end to end on a converted official checkpoint. The data root comes from
 # $SHAPES_ROOT.
 _base_ = '../../../configs/retinanet_datpp_t_coco.py'
+pretrained = None  # no ImageNet file: the whole model comes from the tested checkpoint
 
 data_root = '{{$SHAPES_ROOT:data/shapes/}}'
 classes = ('circle', 'square', 'triangle')
