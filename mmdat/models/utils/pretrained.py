@@ -9,8 +9,11 @@ config, and :class:`mmdat.engine.BackboneWeightsHook` (in every mmdat config's
 ``default_hooks``) calls it before the runner initialises the weights, so that mmdet's and
 mmseg's own tools honour ``pretrained`` too.
 """
+import logging
 import os.path as osp
 from typing import Any, Optional
+
+from mmengine.logging import print_log
 
 #: Says, at the end of each error, how to choose the weights.
 HOW_TO_SET = ('set pretrained=PATH in the config or with --cfg-options pretrained=PATH, or '
@@ -34,6 +37,9 @@ def resolved_init_cfg(init_cfg: Optional[dict], pretrained: Any = _UNSET) -> Opt
         dict or None: The ``init_cfg`` to build the backbone with (a new dict).
     """
     if init_cfg is None or init_cfg.get('checkpoint') is not None or pretrained is _UNSET:
+        if init_cfg is not None and pretrained not in (_UNSET, init_cfg.get('checkpoint')):
+            print_log(f"Backbone weights: model.backbone.init_cfg.checkpoint={init_cfg.get('checkpoint')!r} "
+                      f'is used, not pretrained={pretrained!r}', logger='current', level=logging.WARNING)
         return None if init_cfg is None else dict(init_cfg)
     if pretrained is None:
         return None
