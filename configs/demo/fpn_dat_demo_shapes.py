@@ -39,7 +39,9 @@ test_pipeline = [
     dict(type='LoadAnnotations'),
     dict(type='PackSegInputs')
 ]
+loader = dict(num_workers=0, persistent_workers=False)  # single process: fastest on a CPU
 dataset = dict(
+    _delete_=True,  # not ADE20K's
     type='BaseSegDataset',
     data_root=data_root,
     metainfo=dict(classes=classes, palette=palette),
@@ -47,22 +49,14 @@ dataset = dict(
     seg_map_suffix='.png')
 train_dataloader = dict(
     batch_size=batch_size,
-    num_workers=0,
-    persistent_workers=False,
-    dataset=dict(
-        _delete_=True,
-        data_prefix=dict(img_path='train/images', seg_map_path='train/labels'),
-        pipeline=train_pipeline,
-        **dataset))
+    dataset=dict(data_prefix=dict(img_path='train/images', seg_map_path='train/labels'),
+                 pipeline=train_pipeline, **dataset),
+    **loader)
 val_dataloader = dict(
     batch_size=1,
-    num_workers=0,
-    persistent_workers=False,
-    dataset=dict(
-        _delete_=True,
-        data_prefix=dict(img_path='val/images', seg_map_path='val/labels'),
-        pipeline=test_pipeline,
-        **dataset))
+    dataset=dict(data_prefix=dict(img_path='val/images', seg_map_path='val/labels'),
+                 pipeline=test_pipeline, **dataset),
+    **loader)
 test_dataloader = val_dataloader
 
 optim_wrapper = dict(optimizer=dict(lr=lr, weight_decay=0.01))

@@ -47,26 +47,20 @@ test_pipeline = [
     dict(type='LoadAnnotations', with_bbox=True),
     dict(type='PackDetInputs', meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor'))
 ]
+loader = dict(num_workers=0, persistent_workers=False)  # single process: fastest on a CPU
+dataset = dict(data_root=data_root, metainfo=dict(classes=classes))
 train_dataloader = dict(
     batch_size=batch_size,
-    num_workers=0,
-    persistent_workers=False,
     dataset=dict(
-        data_root=data_root,
-        metainfo=dict(classes=classes),
-        ann_file='annotations/instances_train.json',
-        data_prefix=dict(img='train/images/'),
-        pipeline=train_pipeline))
+        ann_file='annotations/instances_train.json', data_prefix=dict(img='train/images/'),
+        pipeline=train_pipeline, **dataset),
+    **loader)
 val_dataloader = dict(
     batch_size=8,
-    num_workers=0,
-    persistent_workers=False,
     dataset=dict(
-        data_root=data_root,
-        metainfo=dict(classes=classes),
-        ann_file='annotations/instances_val.json',
-        data_prefix=dict(img='val/images/'),
-        pipeline=test_pipeline))
+        ann_file='annotations/instances_val.json', data_prefix=dict(img='val/images/'),
+        pipeline=test_pipeline, **dataset),
+    **loader)
 test_dataloader = val_dataloader
 val_evaluator = dict(ann_file=data_root.rstrip('/') + '/annotations/instances_val.json')
 test_evaluator = val_evaluator
