@@ -1,8 +1,6 @@
-# Semantic FPN with DAT-B on ADE20K, 512x512 crops, 80k iterations.
+# Semantic FPN with DAT-B on ADE20K, 80k iterations (PVT's recipe; see the DAT-T config).
 _base_ = './fpn_dat_t_ade20k.py'
 
-arch = 'base'
-drop_path_rate = 0.5
-embed_dims = [128, 256, 512, 1024]
+pretrained = 'checkpoints/dat_base_in1k_224.pth'
 
-model = dict(backbone=dict(arch=arch, drop_path_rate=drop_path_rate), neck=dict(in_channels=embed_dims))
+model = dict(backbone=dict(arch='base', drop_path_rate=0.5), neck=dict(in_channels=[128, 256, 512, 1024]))

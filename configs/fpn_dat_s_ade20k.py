@@ -1,6 +1,6 @@
-# Semantic FPN with DAT-S on ADE20K, 512x512 crops, 80k iterations.
+# Semantic FPN with DAT-S on ADE20K, 80k iterations (PVT's recipe; see the DAT-T config).
 _base_ = './fpn_dat_t_ade20k.py'
 
-arch = 'small'
+pretrained = 'checkpoints/dat_small_in1k_224.pth'
 
-model = dict(backbone=dict(arch=arch))
+model = dict(backbone=dict(arch='small'))

@@ -1,14 +1,6 @@
-# Mask R-CNN with DAT-S++ on COCO, 1x schedule (official mrcn_small_1x_4n_dp01_lr4.py).
+# Mask R-CNN with DAT-S++ on COCO, 1x (official mrcn_small_1x_4n_dp01_lr4.py).
 _base_ = './mask_rcnn_datpp_t_coco.py'
 
-pretrained = None  # an official DAT++ ImageNet checkpoint or an mmdat one
-arch = 'small++'
-drop_path_rate = 0.1
-embed_dims = [96, 192, 384, 768]
+pretrained = 'checkpoints/dat_pp_small_in1k_224.pth'
 
-model = dict(
-    backbone=dict(
-        arch=arch,
-        drop_path_rate=drop_path_rate,
-        init_cfg=dict(type='Pretrained', checkpoint=pretrained) if pretrained else None),
-    neck=dict(in_channels=embed_dims))
+model = dict(backbone=dict(arch='small++', drop_path_rate=0.1), neck=dict(in_channels=[96, 192, 384, 768]))

@@ -1,7 +1,6 @@
-# RetinaNet with DAT-S on COCO, 1x schedule.
+# RetinaNet with DAT-S on COCO, 1x (Swin's official 1x recipe; see retinanet_dat_t_coco.py).
 _base_ = './retinanet_dat_t_coco.py'
 
-arch = 'small'
-drop_path_rate = 0.3
+pretrained = 'checkpoints/dat_small_in1k_224.pth'
 
-model = dict(backbone=dict(arch=arch, drop_path_rate=drop_path_rate))
+model = dict(backbone=dict(arch='small', drop_path_rate=0.2))

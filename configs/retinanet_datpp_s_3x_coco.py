@@ -1,14 +1,6 @@
-# RetinaNet with DAT-S++ on COCO, 3x schedule (official rtn_small_3x_4n_dp05_lr2.py).
+# RetinaNet with DAT-S++ on COCO, 3x (official rtn_small_3x_4n_dp05_lr2.py).
 _base_ = './retinanet_datpp_t_3x_coco.py'
 
-pretrained = None  # an official DAT++ ImageNet checkpoint or an mmdat one
-arch = 'small++'
-drop_path_rate = 0.5
-embed_dims = [96, 192, 384, 768]
+pretrained = 'checkpoints/dat_pp_small_in1k_224.pth'
 
-model = dict(
-    backbone=dict(
-        arch=arch,
-        drop_path_rate=drop_path_rate,
-        init_cfg=dict(type='Pretrained', checkpoint=pretrained) if pretrained else None),
-    neck=dict(in_channels=embed_dims[1:]))
+model = dict(backbone=dict(arch='small++', drop_path_rate=0.5), neck=dict(in_channels=[192, 384, 768]))

@@ -1,14 +1,7 @@
-# RetinaNet with DAT-T++ on COCO, 3x schedule (36 epochs, lr steps at 27 and 33), following the
-# official DAT-Detection config rtn_tiny_3x_4n_dp02_lr2.py.
+# RetinaNet with DAT-T++ on COCO, 3x (36 epochs, lr steps at 27 and 33), the official
+# DAT-Detection config rtn_tiny_3x_4n_dp02_lr2.py.
 _base_ = './retinanet_datpp_t_coco.py'
 
-drop_path_rate = 0.2
-max_epochs = 36
-
-model = dict(backbone=dict(drop_path_rate=drop_path_rate))
-train_cfg = dict(max_epochs=max_epochs)
-param_scheduler = [
-    dict(type='LinearLR', start_factor=0.001, by_epoch=False, begin=0, end=500),
-    dict(type='MultiStepLR', begin=0, end=max_epochs, by_epoch=True, milestones=[27, 33],
-         gamma=0.1)
-]
+model = dict(backbone=dict(drop_path_rate=0.2))
+train_cfg = _base_.det_3x.train_cfg
+param_scheduler = _base_.det_3x.param_scheduler

@@ -1,11 +1,9 @@
-# UperNet with DAT-B on ADE20K, 512x512 crops, 160k iterations.
+# UperNet with DAT-B on ADE20K, 160k iterations (Swin's UperNet recipe; see the DAT-T config).
 _base_ = './upernet_dat_t_ade20k.py'
 
-arch = 'base'
-drop_path_rate = 0.5
-embed_dims = [128, 256, 512, 1024]
+pretrained = 'checkpoints/dat_base_in1k_224.pth'
 
 model = dict(
-    backbone=dict(arch=arch, drop_path_rate=drop_path_rate),
-    decode_head=dict(in_channels=embed_dims),
-    auxiliary_head=dict(in_channels=embed_dims[2]))
+    backbone=dict(arch='base'),
+    decode_head=dict(in_channels=[128, 256, 512, 1024]),
+    auxiliary_head=dict(in_channels=512))

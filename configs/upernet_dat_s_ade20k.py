@@ -1,7 +1,6 @@
-# UperNet with DAT-S on ADE20K, 512x512 crops, 160k iterations.
+# UperNet with DAT-S on ADE20K, 160k iterations (Swin's UperNet recipe; see the DAT-T config).
 _base_ = './upernet_dat_t_ade20k.py'
 
-arch = 'small'
-drop_path_rate = 0.3
+pretrained = 'checkpoints/dat_small_in1k_224.pth'
 
-model = dict(backbone=dict(arch=arch, drop_path_rate=drop_path_rate))
+model = dict(backbone=dict(arch='small'))

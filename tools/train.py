@@ -8,8 +8,9 @@ from mmengine.config import DictAction
 from mmengine.runner import Runner
 
 from mmdat.models.utils import CheckpointError, trust_checkpoint
-from mmdat.utils import (adapt_to_cpu, check_checkpoint_files, check_dataset_files,
-                         load_tool_config, set_up_resume, use_atomic_checkpoints)
+from mmdat.utils import (adapt_to_cpu, check_backbone_weights, check_checkpoint_files,
+                         check_dataset_files, load_tool_config, set_up_resume,
+                         use_atomic_checkpoints)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -45,6 +46,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             raise SystemExit('--auto-scale-lr needs auto_scale_lr.base_batch_size in the config')
         cfg.auto_scale_lr.enable = True
     set_up_resume(cfg, args.resume)
+    check_backbone_weights(cfg)
     check_checkpoint_files(cfg)
     if args.trust_checkpoint and cfg.get('load_from'):
         trust_checkpoint(cfg.load_from)

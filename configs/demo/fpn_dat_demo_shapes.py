@@ -3,7 +3,8 @@
 # Run it all with `bash tools/run_demo.sh`.
 _base_ = '../fpn_dat_t_ade20k.py'
 
-data_root = '{{$SHAPES_ROOT:data/shapes/}}'  # or set $SHAPES_ROOT (ending in /)
+data_root = '{{$SHAPES_ROOT:data/shapes}}'  # or set $SHAPES_ROOT
+pretrained = None  # trained from scratch on purpose
 classes = ('background', 'circle', 'square', 'triangle')
 palette = [[0, 0, 0], [230, 25, 75], [60, 180, 75], [0, 130, 200]]
 # The same small DAT as configs/demo/retinanet_dat_demo_shapes.py.
@@ -38,7 +39,9 @@ test_pipeline = [
     dict(type='LoadAnnotations'),
     dict(type='PackSegInputs')
 ]
+loader = dict(num_workers=0, persistent_workers=False)  # single process: fastest on a CPU
 dataset = dict(
+    _delete_=True,  # not ADE20K's
     type='BaseSegDataset',
     data_root=data_root,
     metainfo=dict(classes=classes, palette=palette),
@@ -46,22 +49,14 @@ dataset = dict(
     seg_map_suffix='.png')
 train_dataloader = dict(
     batch_size=batch_size,
-    num_workers=0,
-    persistent_workers=False,
-    dataset=dict(
-        _delete_=True,
-        data_prefix=dict(img_path='train/images', seg_map_path='train/labels'),
-        pipeline=train_pipeline,
-        **dataset))
+    dataset=dict(data_prefix=dict(img_path='train/images', seg_map_path='train/labels'),
+                 pipeline=train_pipeline, **dataset),
+    **loader)
 val_dataloader = dict(
     batch_size=1,
-    num_workers=0,
-    persistent_workers=False,
-    dataset=dict(
-        _delete_=True,
-        data_prefix=dict(img_path='val/images', seg_map_path='val/labels'),
-        pipeline=test_pipeline,
-        **dataset))
+    dataset=dict(data_prefix=dict(img_path='val/images', seg_map_path='val/labels'),
+                 pipeline=test_pipeline, **dataset),
+    **loader)
 test_dataloader = val_dataloader
 
 optim_wrapper = dict(optimizer=dict(lr=lr, weight_decay=0.01))

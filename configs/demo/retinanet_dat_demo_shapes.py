@@ -5,7 +5,8 @@
 # Learning rate for the batch of 8 below, single process (auto_scale_lr off).
 _base_ = '../retinanet_dat_t_coco.py'
 
-data_root = '{{$SHAPES_ROOT:data/shapes/}}'  # or set $SHAPES_ROOT (ending in /)
+data_root = '{{$SHAPES_ROOT:data/shapes}}'  # or set $SHAPES_ROOT
+pretrained = None  # trained from scratch on purpose
 classes = ('circle', 'square', 'triangle')
 image_scale = (256, 192)  # (w, h), the size the data is generated at
 # DAT with 32 channels in stage 1 (doubling per stage), one block in stages 1, 2 and 4, and a
@@ -46,28 +47,22 @@ test_pipeline = [
     dict(type='LoadAnnotations', with_bbox=True),
     dict(type='PackDetInputs', meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor'))
 ]
+loader = dict(num_workers=0, persistent_workers=False)  # single process: fastest on a CPU
+dataset = dict(data_root=data_root, metainfo=dict(classes=classes))
 train_dataloader = dict(
     batch_size=batch_size,
-    num_workers=0,
-    persistent_workers=False,
     dataset=dict(
-        data_root=data_root,
-        metainfo=dict(classes=classes),
-        ann_file='annotations/instances_train.json',
-        data_prefix=dict(img='train/images/'),
-        pipeline=train_pipeline))
+        ann_file='annotations/instances_train.json', data_prefix=dict(img='train/images/'),
+        pipeline=train_pipeline, **dataset),
+    **loader)
 val_dataloader = dict(
     batch_size=8,
-    num_workers=0,
-    persistent_workers=False,
     dataset=dict(
-        data_root=data_root,
-        metainfo=dict(classes=classes),
-        ann_file='annotations/instances_val.json',
-        data_prefix=dict(img='val/images/'),
-        pipeline=test_pipeline))
+        ann_file='annotations/instances_val.json', data_prefix=dict(img='val/images/'),
+        pipeline=test_pipeline, **dataset),
+    **loader)
 test_dataloader = val_dataloader
-val_evaluator = dict(ann_file=data_root + 'annotations/instances_val.json')
+val_evaluator = dict(ann_file=data_root.rstrip('/') + '/annotations/instances_val.json')
 test_evaluator = val_evaluator
 
 optim_wrapper = dict(optimizer=dict(lr=lr), clip_grad=dict(max_norm=10.0))

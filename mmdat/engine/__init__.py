@@ -1,9 +1,10 @@
+from .backbone_weights_hook import BackboneWeightsHook
 from .hooks import AtomicCheckpointHook, AtomicLocalBackend, write_atomically
 from .resume import checkpoint_problem, find_resume_checkpoint, list_checkpoints
 from .safe_globals import MMENGINE_CHECKPOINT_GLOBALS, allow_mmengine_checkpoints
 
 __all__ = [
-    'AtomicCheckpointHook', 'AtomicLocalBackend', 'MMENGINE_CHECKPOINT_GLOBALS',
-    'allow_mmengine_checkpoints', 'checkpoint_problem', 'find_resume_checkpoint',
-    'list_checkpoints', 'write_atomically'
+    'AtomicCheckpointHook', 'AtomicLocalBackend', 'BackboneWeightsHook',
+    'MMENGINE_CHECKPOINT_GLOBALS', 'allow_mmengine_checkpoints', 'checkpoint_problem',
+    'find_resume_checkpoint', 'list_checkpoints', 'write_atomically'
 ]

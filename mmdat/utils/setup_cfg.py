@@ -8,6 +8,8 @@ import torch
 from mmengine.config import Config
 from mmengine.logging import print_log
 
+from mmdat.models.utils import check_pretrained_file, resolve_pretrained
+
 #: The libraries whose configs the tools run, by ``default_scope``.
 SCOPES = ('mmdet', 'mmseg')
 
@@ -38,6 +40,7 @@ def load_tool_config(config: str, cfg_options: Optional[dict], launcher: str,
     cfg.launcher = launcher
     if cfg_options:
         cfg.merge_from_dict(cfg_options)
+    resolve_pretrained(cfg)  # `pretrained` from a child config or --cfg-options reaches the backbone
     register_scope(cfg)
     cfg.work_dir = work_dir or cfg.get('work_dir') or osp.join(
         'work_dirs', osp.splitext(osp.basename(config))[0])
@@ -204,3 +207,17 @@ def check_checkpoint_files(cfg: Config) -> None:
     for path, what in named:
         if path and '://' not in path and not osp.isfile(path):
             raise SystemExit(f'Checkpoint file not found: {path} ({what})')
+
+
+def check_backbone_weights(cfg: Config) -> None:
+    """Stop with a one-line message when the backbone's weights file is not chosen or missing.
+
+    Checked before training starts (the backbone's ``init_weights`` checks the same, later,
+    under any tool). A backbone without ``init_cfg`` (e.g. ``pretrained=None``) passes.
+    """
+    init_cfg = (cfg.model.get('backbone') or {}).get('init_cfg')
+    if init_cfg is not None and init_cfg.get('type') == 'Pretrained':
+        try:
+            check_pretrained_file(init_cfg.get('checkpoint'))
+        except (ValueError, FileNotFoundError) as error:
+            raise SystemExit(str(error)) from None

@@ -13,8 +13,8 @@ from mmengine.model import BaseModule
 from mmdat.registry import register_model
 from ..layers import (ATTN_IMPLS, DeformableAttention, DeformableAttentionPP, NeighborhoodAttention,
                       WindowAttention, natten_available)
-from ..utils import (CheckpointError, dat_converter, extract_state_dict, fit_position_tables,
-                     is_official_dat, is_official_datpp, load_checkpoint_file)
+from ..utils import (CheckpointError, check_pretrained_file, dat_converter, extract_state_dict,
+                     fit_position_tables, is_official_dat, is_official_datpp, load_checkpoint_file)
 
 #: Stem stride and output strides of the stages: 4, 8, 16, 32.
 STEM_STRIDE = 4
@@ -303,7 +303,11 @@ class DAT(BaseModule):
             ``dict(type='Pretrained', checkpoint=PATH)`` to load a checkpoint: mmdat's (a
             backbone, or a whole model whose ``backbone.`` weights are used) or an official DAT
             or DAT++ classification file, converted on the fly. Position tables of another
-            window or pre-training size are resized. Defaults to None.
+            window or pre-training size are resized. ``checkpoint=None`` means no file has been
+            chosen yet: ``init_weights`` then stops with an error that says how to choose one
+            (mmdat's configs set it from their top-level ``pretrained``, see
+            :mod:`mmdat.models.utils.pretrained`), as it does for a missing file.
+            Defaults to None.
     """
     arch_zoo: Dict[str, dict] = {
         'tiny': dict(embed_dims=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24),
@@ -503,7 +507,9 @@ class DAT(BaseModule):
                     nn.init.ones_(module.weight)
                     nn.init.zeros_(module.bias)
             return
-        self.load_pretrained(self.init_cfg['checkpoint'])
+        checkpoint = self.init_cfg['checkpoint']
+        check_pretrained_file(checkpoint)  # a one-line error, also under mmdet's/mmseg's tools
+        self.load_pretrained(checkpoint)
 
     def load_pretrained(self, checkpoint: str) -> List[str]:
         """Load an mmdat or official DAT/DAT++ checkpoint (see ``init_cfg``) into the backbone.

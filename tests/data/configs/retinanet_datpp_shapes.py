@@ -2,8 +2,9 @@
 # tools/test.py end to end on a converted official checkpoint. The data root comes from
 # $SHAPES_ROOT.
 _base_ = '../../../configs/retinanet_datpp_t_coco.py'
+pretrained = None  # no ImageNet file: the whole model comes from the tested checkpoint
 
-data_root = '{{$SHAPES_ROOT:data/shapes/}}'
+data_root = '{{$SHAPES_ROOT:data/shapes}}'
 classes = ('circle', 'square', 'triangle')
 image_scale = (160, 128)
 
@@ -20,5 +21,5 @@ val_dataloader = dict(
     dataset=dict(data_root=data_root, metainfo=dict(classes=classes), ann_file='annotations/instances_val.json',
                  data_prefix=dict(img='val/images/'), pipeline=test_pipeline))
 test_dataloader = val_dataloader
-val_evaluator = dict(ann_file=data_root + 'annotations/instances_val.json')
+val_evaluator = dict(ann_file=data_root.rstrip('/') + '/annotations/instances_val.json')
 test_evaluator = val_evaluator

@@ -2,8 +2,9 @@
 # heads and small images, so that tools can be run end to end on a CPU in seconds.
 # The data root comes from $SHAPES_ROOT.
 _base_ = '../../../configs/upernet_dat_t_ade20k.py'
+pretrained = None  # a small arch, randomly initialised
 
-data_root = '{{$SHAPES_ROOT:data/shapes/}}'
+data_root = '{{$SHAPES_ROOT:data/shapes}}'
 classes = ('background', 'circle', 'square', 'triangle')
 image_scale = (320, 256)
 norm_cfg = dict(type='BN', requires_grad=True)  # SyncBN needs a process group; BN runs anywhere
