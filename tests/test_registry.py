@@ -14,7 +14,8 @@ def test_dat_is_registered_in_mmdet_and_mmseg():
     assert MMDET_MODELS.get('DAT') is DAT
     assert MMSEG_MODELS.get('DAT') is DAT
     assert mmdat.DAT is DAT
-    model = MMDET_MODELS.build(dict(type='DAT', arch='tiny', out_indices=(3, )))
+    # `_scope_`: a runner built by an earlier test may have left another default scope behind.
+    model = MMDET_MODELS.build(dict(type='DAT', _scope_='mmdet', arch='tiny', out_indices=(3, )))
     assert isinstance(model, DAT) and model.out_indices == [3]
 
 
