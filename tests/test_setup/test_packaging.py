@@ -1,7 +1,6 @@
 """mmdat is packaged the OpenMMLab way: configs, tools and the model index in ``mmdat/.mim``."""
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -12,32 +11,6 @@ import pytest
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-# What a checkout holds besides the project's files (environments, build and run outputs).
-NOT_SOURCE = ('.git', '.venv', 'build', 'dist', 'work_dirs', 'data', '*.egg-info', '.mim', '__pycache__',
-              '.pytest_cache')
-
-
-def pip_env():
-    """The environment for a pip that must use nothing but the local files given to it."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith('PIP_')}
-    env.update(PIP_CONFIG_FILE=os.devnull, PIP_DISABLE_PIP_VERSION_CHECK='1', PIP_NO_INDEX='1')
-    return env
-
-
-@pytest.fixture(scope='module')
-def built(tmp_path_factory):
-    """An sdist made from a copy of the checkout, and the wheel pip builds from that sdist
-    (so the wheel only has what the sdist carries)."""
-    tmp = tmp_path_factory.mktemp('build')
-    src = tmp / 'src'
-    shutil.copytree(REPO_ROOT, src, ignore=shutil.ignore_patterns(*NOT_SOURCE), symlinks=True)
-    subprocess.run([sys.executable, 'setup.py', '-q', 'sdist', '-d', str(tmp / 'dist')], cwd=src, check=True,
-                   capture_output=True)
-    sdist, = (tmp / 'dist').glob('mmdat-*.tar.gz')
-    subprocess.run([sys.executable, '-m', 'pip', 'wheel', '-q', '--no-deps', '--no-build-isolation', '-w',
-                    str(tmp / 'wheels'), str(sdist)], env=pip_env(), check=True, capture_output=True)
-    wheel, = (tmp / 'wheels').glob('mmdat-*.whl')
-    return sdist, wheel
 
 
 def test_wheel_carries_configs_tools_and_model_index(built):
@@ -65,12 +38,11 @@ def test_sdist_has_the_sources_of_mim_but_no_copies(built):
     assert not [n for n in names if '.mim' in n]
 
 
-def test_editable_install_links_mim_into_the_source_tree(tmp_path):
+def test_editable_install_links_mim_into_the_source_tree(checkout_copy, tmp_path):
     """An editable install (``pip install -e .``, as tools/setup_env.sh runs it) makes relative
     symlinks, so edits to configs show at once. Runs the PEP 660 hook pip calls, without
     installing anything into this environment."""
-    src = tmp_path / 'src'
-    shutil.copytree(REPO_ROOT, src, ignore=shutil.ignore_patterns(*NOT_SOURCE), symlinks=True)
+    src = checkout_copy
     subprocess.run([sys.executable, '-c', f'import setuptools.build_meta as b; b.build_editable({str(tmp_path)!r})'],
                    cwd=src, check=True, capture_output=True)
     mim = src / 'mmdat' / '.mim'

@@ -11,7 +11,6 @@ ftfy, regex and pytest do not depend on torch or Triton.
 import base64
 import hashlib
 import json
-import os
 import re
 import subprocess
 import sys
@@ -91,7 +90,7 @@ class NoResolution(Exception):
     """pip found no set of versions that satisfies everything."""
 
 
-def resolve(stub_index, tmp_path, requirement_dir, constraints=()):
+def resolve(env, stub_index, tmp_path, requirement_dir, constraints=()):
     """pip's resolution of the three requirement files in ``requirement_dir``: ``{name: version}``
     it would install.
 
@@ -105,10 +104,8 @@ def resolve(stub_index, tmp_path, requirement_dir, constraints=()):
     if constraints:
         (tmp_path / 'constraints.txt').write_text('\n'.join(constraints) + '\n')
         args += ['-c', str(tmp_path / 'constraints.txt')]
-    # Only the options given here: no pip config files, no PIP_* variables (find-links, indexes,
-    # constraints of the machine running the tests).
-    env = {k: v for k, v in os.environ.items() if not k.startswith('PIP_')}
-    env.update(PIP_CONFIG_FILE=os.devnull, PIP_DISABLE_PIP_VERSION_CHECK='1')
+    # env: no pip config files, no PIP_* variables (find-links, indexes, constraints of the
+    # machine running the tests), only the options given here.
     result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
     if result.returncode:
         assert 'ResolutionImpossible' in result.stderr, result.stderr  # any other pip failure
@@ -124,28 +121,28 @@ def test_every_requirement_has_a_stub():
     assert names <= set(STUBS), f'add stub wheels for {sorted(names - set(STUBS))}'
 
 
-def test_standard_torch_is_kept(stub_index, tmp_path):
+def test_standard_torch_is_kept(pip_env, stub_index, tmp_path):
     """What tools/setup_env.sh does: the installed torch pinned as a constraint."""
-    installed = resolve(stub_index, tmp_path, REPO_ROOT, constraints=[f'torch=={STANDARD_TORCH}'])
+    installed = resolve(pip_env, stub_index, tmp_path, REPO_ROOT, constraints=[f'torch=={STANDARD_TORCH}'])
     assert installed['torch'] == STANDARD_TORCH
     assert installed['triton'] == '3.7.1'  # the one torch pins, not a newer one
 
 
-def test_newest_torch_is_chosen_without_constraints(stub_index, tmp_path):
+def test_newest_torch_is_chosen_without_constraints(pip_env, stub_index, tmp_path):
     """Without the pin, pip must still be able to take the standard torch (no downgrade)."""
-    installed = resolve(stub_index, tmp_path, REPO_ROOT)
+    installed = resolve(pip_env, stub_index, tmp_path, REPO_ROOT)
     assert installed['torch'] == STANDARD_TORCH
     assert installed['triton'] == '3.7.1'
 
 
-def test_old_torch_is_refused(stub_index, tmp_path):
+def test_old_torch_is_refused(pip_env, stub_index, tmp_path):
     """runtime.txt's torch floor keeps a torch without SDPA out, so the check above is not
     passing only because 2.13.0 is the newest stub."""
     with pytest.raises(NoResolution):
-        resolve(stub_index, tmp_path, REPO_ROOT, constraints=['torch==1.13.1'])
+        resolve(pip_env, stub_index, tmp_path, REPO_ROOT, constraints=['torch==1.13.1'])
 
 
-def test_a_conflicting_triton_pin_is_caught(stub_index, tmp_path):
+def test_a_conflicting_triton_pin_is_caught(pip_env, stub_index, tmp_path):
     """The check fails for requirement files that pin a Triton other than torch's (as
     requirements/tests.txt did with triton==3.9.0)."""
     broken = tmp_path / 'broken'
@@ -155,6 +152,6 @@ def test_a_conflicting_triton_pin_is_caught(stub_index, tmp_path):
     tests_txt = broken / 'requirements/tests.txt'
     tests_txt.write_text(re.sub(r'^triton\b', 'triton==3.9.0', tests_txt.read_text(), flags=re.M))
     with pytest.raises(NoResolution):
-        resolve(stub_index, tmp_path, broken, constraints=[f'torch=={STANDARD_TORCH}'])
+        resolve(pip_env, stub_index, tmp_path, broken, constraints=[f'torch=={STANDARD_TORCH}'])
     with pytest.raises(NoResolution):  # torch 1.13.1 is below runtime.txt's floor
-        resolve(stub_index, tmp_path, broken)
+        resolve(pip_env, stub_index, tmp_path, broken)
