@@ -6,9 +6,8 @@ from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
 
 HERE = osp.dirname(osp.abspath(__file__))
-#: What OpenMMLab's tools (mim, mmengine's ``mmdat::`` config paths) look for in
-#: ``mmdat/.mim/``: the configs, the training/testing tools and the model index with its
-#: metafiles (which live under configs/).
+#: What OpenMMLab's tools (``mim search``, ``mim train`` ...) look for in ``mmdat/.mim/``: the
+#: configs, the training/testing tools and the model index with its metafiles (under configs/).
 MIM_FILES = ('configs', 'tools', 'model-index.yml')
 
 
