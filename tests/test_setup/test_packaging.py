@@ -70,21 +70,28 @@ def load_models():
     return models
 
 
-def readme_results():
-    """``{config: {metric: value}}`` from the README's results tables (one row may name a 1x and
-    a 3x config, ``a / b`` in each cell)."""
-    results = {}
+def readme_rows():
+    """``{config: {column: cell}}`` from the README's results tables (header ``| config | ...``)."""
+    rows, header = {}, None
     for line in (REPO_ROOT / 'README.md').read_text().splitlines():
-        if not re.match(r'\| `\w+_(coco|ade20k)\.py`', line):
-            continue
         cells = [c.strip() for c in line.strip().strip('|').split('|')]
-        configs = re.findall(r'`([^`]+)`', cells[0])
-        if len(configs) == 2:  # `x_coco.py` / `_3x_coco.py`
-            configs[1] = configs[0].replace('_coco.py', configs[1])
-        numbers = [re.findall(r'\d+\.\d+', cell) for cell in cells[-2:]]
-        names = ('mIoU', 'mIoU (multi-scale)') if 'ade20k' in cells[0] else ('box AP', 'mask AP')
-        for i, config in enumerate(configs):
-            results[config] = {name: float(values[i]) for name, values in zip(names, numbers) if values}
+        if line.startswith('| config |'):
+            header = cells
+        elif header and re.match(r'\| `\w+_(coco|ade20k)\.py`', line):
+            rows[cells[0].strip('`')] = dict(zip(header, cells))
+        elif not line.startswith('|'):
+            header = None
+    return rows
+
+
+def readme_results():
+    """``{config: {metric: value}}``: the last column holds ``box [/ mask]`` AP (COCO) or
+    ``single / multi-scale`` mIoU (ADE20K)."""
+    results = {}
+    for config, row in readme_rows().items():
+        values = [float(v) for v in re.findall(r'\d+\.\d+', list(row.values())[-1])]
+        names = ('mIoU', 'mIoU (multi-scale)') if 'ade20k' in config else ('box AP', 'mask AP')
+        results[config] = dict(zip(names, values))
     return results
 
 
@@ -108,6 +115,9 @@ def test_model_index_numbers_are_the_readme_numbers():
         metrics = {k: v for result in model['Results'] for k, v in result['Metrics'].items()}
         name = Path(model['Config']).name
         assert metrics == expected[name], name
+        row = readme_rows()[name]
+        assert model['Metadata']['Drop Path Rate'] == float(row['drop path'].split()[0]), name
+        assert model['Metadata']['Batch Size'] == int(row['batch'].split()[0]), name
         source = model['Metadata']['Results From']
         assert ('official' if '_datpp_' in name else 'DAT paper') in source, name
         assert 'not reproduced' in source
