@@ -1,8 +1,14 @@
+import os
 import os.path as osp
+import shutil
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 HERE = osp.dirname(osp.abspath(__file__))
+#: What OpenMMLab's tools (``mim search``, ``mim train`` ...) look for in ``mmdat/.mim/``: the
+#: configs, the training/testing tools and the model index with its metafiles (under configs/).
+MIM_FILES = ('configs', 'tools', 'model-index.yml')
 
 
 def read(*parts):
@@ -31,6 +37,33 @@ def parse_requirements(fname):
     return reqs
 
 
+class BuildPyWithMim(build_py):
+    """``build_py`` that also puts :data:`MIM_FILES` into ``mmdat/.mim``.
+
+    Wheels (``pip install .``, ``pip wheel .``, ``python -m build``) get copies in the build
+    folder, so the source tree stays clean. Editable installs (``pip install -e .``) get relative
+    symlinks in the source tree (``mmdat/.mim`` is git-ignored), so edits to configs show at once.
+    """
+
+    def run(self):
+        super().run()
+        editable = getattr(self, 'editable_mode', False)  # set by setuptools >= 64
+        mim_dir = osp.join(HERE if editable else self.build_lib, 'mmdat', '.mim')
+        os.makedirs(mim_dir, exist_ok=True)
+        for name in MIM_FILES:
+            src, dst = osp.join(HERE, name), osp.join(mim_dir, name)
+            if osp.islink(dst) or osp.isfile(dst):
+                os.remove(dst)
+            elif osp.isdir(dst):
+                shutil.rmtree(dst)
+            if editable:
+                os.symlink(osp.relpath(src, mim_dir), dst)
+            elif osp.isdir(src):
+                shutil.copytree(src, dst, ignore=shutil.ignore_patterns('__pycache__', '*.pyc'))
+            else:
+                shutil.copyfile(src, dst)
+
+
 setup(
     name='mmdat',
     version=get_version(),
@@ -38,6 +71,16 @@ setup(
     'for OpenMMLab mmdet 3.x and mmseg 1.x',
     long_description=read('README.md'),
     long_description_content_type='text/markdown',
+    author='mmdat contributors',
+    # mmdat has no public home of its own yet: the url is the official DAT code it ports.
+    url='https://github.com/LeapLabTHU/DAT',
+    project_urls={
+        'DAT paper': 'https://arxiv.org/abs/2201.00520',
+        'DAT++ paper': 'https://arxiv.org/abs/2309.01430',
+    },
+    license='Apache License 2.0',
+    keywords='computer vision, vision transformer, deformable attention, object detection, '
+    'semantic segmentation, openmmlab',
     packages=find_packages(exclude=('tests', 'tests.*', 'configs', 'tools')),
     python_requires='>=3.8',
     install_requires=parse_requirements('requirements/runtime.txt'),
@@ -47,8 +90,14 @@ setup(
         'tests': parse_requirements('requirements/tests.txt'),
     },
     classifiers=[
+        'Development Status :: 4 - Beta',
+        'License :: OSI Approved :: Apache Software License',
+        'Operating System :: POSIX :: Linux',
         'Programming Language :: Python :: 3',
+        'Programming Language :: Python :: 3 :: Only',
         'Topic :: Scientific/Engineering :: Artificial Intelligence',
+        'Topic :: Scientific/Engineering :: Image Recognition',
     ],
+    cmdclass={'build_py': BuildPyWithMim},
     zip_safe=False,
 )

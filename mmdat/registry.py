@@ -1,7 +1,7 @@
 """Registers mmdat's models into the ``MODELS`` registries of mmdet and mmseg.
 
 Each library is optional: a library that is not installed is skipped, so mmdat imports with only
-torch, einops and mmengine. A library that is installed but fails to import raises as usual.
+torch and mmengine. A library that is installed but fails to import raises as usual.
 """
 import importlib
 

@@ -5,6 +5,11 @@
 # compiled ops), mmengine, mmdet, mmsegmentation, the test requirements and mmdat itself
 # (editable). Safe to run again: steps that are already satisfied are skipped.
 #
+# The torch in the venv (installed before, e.g. a CUDA build, or by step 3) is never replaced:
+# every later pip step runs with a constraints file that pins it, and the Triton it brought, to
+# the installed versions. A requirement that cannot live with that torch stops pip with a
+# conflict instead of downgrading torch.
+#
 # Environment:
 #   PYTHON          base interpreter for the venv (default: python3)
 #   PIP_FIND_LINKS  read by pip itself; point it at a folder holding a prebuilt mmcv 2.1.0
@@ -62,6 +67,20 @@ else
          "(to use another build, e.g. CUDA, install it into .venv first)"
     pip_install "torch==$TORCH_VERSION"
 fi
+# Pin what is installed now, local versions (`+cpu`, `+cu121`) included, so that no later step
+# can replace torch or swap its build.
+CONSTRAINTS="$VENV/mmdat-constraints.txt"
+"$VPY" - >"$CONSTRAINTS" <<'PY'
+from importlib import metadata
+# triton only where it is installed (torch's CUDA builds bring it); where torch brought none,
+# requirements/tests.txt adds it.
+for name in ('torch', 'triton'):
+    try:
+        print(f'{name}=={metadata.version(name)}')
+    except metadata.PackageNotFoundError:
+        pass
+PY
+note "pinned for every later pip step ($CONSTRAINTS): $(tr '\n' ' ' <"$CONSTRAINTS")"
 
 # --- 4. mmcv with compiled ops ----------------------------------------------------------
 MMCV_CHECK="import mmcv, mmcv.ops; assert mmcv.__version__.startswith('${MMCV_VERSION%.*}.'); print(mmcv.__version__)"
@@ -74,9 +93,9 @@ else
     if ! py_ok 'import sys, setuptools, wheel; sys.exit(int(setuptools.__version__.split(".")[0]) >= 70)'; then
         note "installing setuptools<70 and wheel to build mmcv (pip may report that torch"
         note "wants a newer setuptools: step 5 brings that back once mmcv is installed)"
-        pip_install "setuptools<70" wheel
+        pip_install -c "$CONSTRAINTS" "setuptools<70" wheel
     fi
-    mmcv_args=(--no-build-isolation "mmcv==$MMCV_VERSION")
+    mmcv_args=(-c "$CONSTRAINTS" --no-build-isolation "mmcv==$MMCV_VERSION")
     if "$VPY" -m pip show mmcv >/dev/null 2>&1; then
         # Installed but unusable (another version, or ops built for another torch):
         # replace it without touching its dependencies (torch above all).
@@ -98,8 +117,9 @@ fi
 
 # --- 5. requirements and mmdat itself ---------------------------------------------------
 step "[5/6] requirements/*.txt and mmdat (editable)"
-pip_install -r requirements/mminstall.txt -r requirements/runtime.txt -r requirements/tests.txt
-pip_install --no-build-isolation -e .
+pip_install -c "$CONSTRAINTS" \
+    -r requirements/mminstall.txt -r requirements/runtime.txt -r requirements/tests.txt
+pip_install -c "$CONSTRAINTS" --no-build-isolation -e .
 
 # --- 6. check ---------------------------------------------------------------------------
 step "[6/6] Check"

@@ -4,7 +4,8 @@ Examples::
 
     python tools/analysis_tools/get_flops.py tiny                    # DAT-T at 224x224
     python tools/analysis_tools/get_flops.py base --shape 800 1333
-    python tools/analysis_tools/get_flops.py configs/dat/retinanet_dat-t_fpn_1x_coco.py --shape 800 1333
+    python tools/analysis_tools/get_flops.py configs/retinanet_dat_t_coco.py --shape 800 1333
+    python tools/analysis_tools/get_flops.py configs/mask_rcnn_dat_t_coco.py --shape 800 1333
 
 What is counted (mmengine.analysis.FlopAnalyzer, fvcore's convention): one multiply-add is one
 FLOP. Convolutions, linear layers and matmuls (with the attention scores ``q k^T`` and the
@@ -13,16 +14,23 @@ and bilinear sampling (4 per sampled value: the sampled keys/values of the defor
 and the sampled position bias, one value per head, query and key). Not counted: softmax,
 GELU, tanh, additions of biases and residuals, and the index arithmetic of the samplers. The
 count traces the model through the 'sdpa' path; the fused path does the same arithmetic.
+
+A config is counted in mmdet's/mmseg's ``'tensor'`` mode (no post-processing) on one random image
+whose ``img_shape`` is the input size. Two-stage detectors (Mask R-CNN, Cascade Mask R-CNN) also
+run the RPN's proposal selection there: their RoI heads are counted on the proposals it keeps,
+which on an untrained model and a random image is usually the test config's ``rpn.max_per_img``
+(mmdet's configs: 1000), the worst case; the tool prints the number.
 """
 import argparse
 import importlib
 import os.path as osp
-from typing import Any, List, Sequence
+from typing import Any, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 from mmengine.analysis import FlopAnalyzer, parameter_count
 from mmengine.analysis.jit_handles import get_shape
+from mmengine.config import DictAction
 
 from mmdat.models import DAT
 
@@ -39,19 +47,40 @@ def sdpa_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
 
 
 class TensorModeWrapper(nn.Module):
-    """Calls an mmdet/mmseg model in ``'tensor'`` mode (backbone, neck and head, no post-processing)."""
+    """Calls an mmdet/mmseg model in ``'tensor'`` mode (backbone, neck and head, no post-processing).
 
-    def __init__(self, model: nn.Module):
+    Args:
+        model (nn.Module): The detector or segmenter.
+        data_samples (list, optional): Passed with every input. Two-stage detectors need them:
+            their RPN selects proposals inside the image (``metainfo['img_shape']``).
+    """
+
+    def __init__(self, model: nn.Module, data_samples: Optional[list] = None):
         super().__init__()
         self.model = model
+        self.data_samples = data_samples
 
     def forward(self, inputs: torch.Tensor):
-        return self.model(inputs, mode='tensor')
+        return self.model(inputs, self.data_samples, mode='tensor')
 
 
-def build_model(target: str) -> nn.Module:
-    """A DAT backbone from an arch name, or the whole model of an mmdet/mmseg config."""
+def image_data_samples(scope: str, shape: Sequence[int]) -> Optional[list]:
+    """One data sample describing an unpadded, unscaled ``shape`` image, as mmdet's data
+    preprocessor would make it (mmseg's models need none in tensor mode)."""
+    if scope != 'mmdet':
+        return None
+    from mmdet.structures import DetDataSample
+    shape = tuple(shape)
+    return [DetDataSample(metainfo=dict(img_shape=shape, ori_shape=shape, pad_shape=shape, batch_input_shape=shape,
+                                        scale_factor=(1.0, 1.0)))]
+
+
+def build_model(target: str, shape: Sequence[int] = (224, 224), cfg_options: Optional[dict] = None) -> nn.Module:
+    """A DAT backbone from an arch name, or the whole model of an mmdet/mmseg config (with
+    ``cfg_options`` merged in) wrapped for one ``shape`` input."""
     if target in DAT.arch_zoo:
+        if cfg_options:
+            raise SystemExit('--cfg-options applies to a config, not to a DAT arch name')
         return DAT(arch=target, attn_impl='sdpa')
     if not target.endswith('.py') or not osp.isfile(target):
         raise SystemExit(f'target must be one of {sorted(DAT.arch_zoo)} or an existing config '
@@ -60,17 +89,30 @@ def build_model(target: str) -> nn.Module:
 
     from mmdat.utils.setup_cfg import register_scope
     cfg = Config.fromfile(target)
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
     scope = register_scope(cfg)
     backbone = cfg.model.get('backbone', {})
     if backbone.get('type') == 'DAT':
         backbone['attn_impl'] = 'sdpa'  # traceable; the fused kernel does the same arithmetic
         backbone.pop('init_cfg', None)  # count only: no checkpoint needed
     model = importlib.import_module(f'{scope}.registry').MODELS.build(cfg.model)
-    return TensorModeWrapper(model)
+    return TensorModeWrapper(model, image_data_samples(scope, shape))
+
+
+def num_proposals(model: nn.Module, inputs: torch.Tensor) -> Optional[int]:
+    """How many proposals the RPN of a two-stage detector keeps for ``inputs`` (None without RPN)."""
+    if not isinstance(model, TensorModeWrapper) or not getattr(model.model, 'with_rpn', False):
+        return None
+    detector = model.model
+    with torch.no_grad():
+        proposals = detector.rpn_head.predict(detector.extract_feat(inputs), model.data_samples, rescale=False)
+    return len(proposals[0])
 
 
 def count(model: nn.Module, shape: Sequence[int]) -> dict:
-    """Parameters and FLOPs of ``model`` on one ``(1, 3, H, W)`` input."""
+    """Parameters and FLOPs of ``model`` on one ``(1, 3, H, W)`` input, and for a two-stage
+    detector the number of proposals its RoI heads were counted on."""
     model.eval()
     inputs = torch.randn(1, 3, *shape)
     analyzer = FlopAnalyzer(model, (inputs, ))
@@ -81,7 +123,8 @@ def count(model: nn.Module, shape: Sequence[int]) -> dict:
         flops = analyzer.total()
         by_op = analyzer.by_operator()
         skipped = analyzer.unsupported_ops()
-    return dict(params=parameter_count(model)[''], flops=flops, by_op=dict(by_op), skipped=dict(skipped))
+    return dict(params=parameter_count(model)[''], flops=flops, by_op=dict(by_op), skipped=dict(skipped),
+                proposals=num_proposals(model, inputs))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -89,6 +132,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('target', help=f'a DAT arch ({", ".join(DAT.arch_zoo)}) or an mmdet/mmseg config')
     parser.add_argument('--shape', type=int, nargs='+', default=[224],
                         help='input size: H, or H W (default 224)')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction, metavar='KEY=VALUE',
+                        help='override settings of a config, e.g. model.backbone.arch=small')
     args = parser.parse_args(argv)
     if len(args.shape) not in (1, 2) or min(args.shape) < 4:
         parser.error(f'--shape takes H or H W, each at least 4, got {args.shape}')
@@ -99,13 +144,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    result = count(build_model(args.target), args.shape)
+    result = count(build_model(args.target, args.shape, args.cfg_options), args.shape)
     height, width = args.shape
     print(f'Input: 1x3x{height}x{width}   Model: {args.target}')
     print(f'Parameters: {result["params"] / 1e6:.2f} M')
     print(f'FLOPs (multiply-adds): {result["flops"] / 1e9:.2f} G')
     print('By operator: ' + ', '.join(f'{op} {n / 1e9:.3f} G' for op, n in
                                      sorted(result['by_op'].items(), key=lambda kv: -kv[1])))
+    if result['proposals'] is not None:
+        print(f'RoI heads counted on {result["proposals"]} proposals (the RPN\'s output on a random image)')
     if result['skipped']:
         print('Not counted: ' + ', '.join(f'{op} (x{n})' for op, n in sorted(result['skipped'].items())))
     return result
