@@ -11,8 +11,8 @@ from mmengine.logging import print_log
 from mmengine.model import BaseModule
 
 from mmdat.registry import register_model
-from ..layers import (ATTN_IMPLS, DeformableAttention, DeformableAttentionPP, NeighborhoodAttention,
-                      WindowAttention, natten_available)
+from ..layers import (DeformableAttention, DeformableAttentionPP, NeighborhoodAttention,
+                      WindowAttention, block_attn_impl, check_attn_impl)
 from ..utils import (CheckpointError, check_pretrained_file, dat_converter, extract_state_dict,
                      fit_position_tables, is_official_dat, is_official_datpp, load_checkpoint_file)
 
@@ -197,17 +197,15 @@ class DATStage(nn.Module):
         downsample (bool): Start with a stride-2 conv (no bias) and LayerNorm: 2x2 in v1,
             3x3 with padding 1 in DAT++.
         datpp (bool): DAT++ stage (blocks, downsampling and deformable attention of DAT++).
-        attn_impl (str): Implementation of the window and deformable blocks: ``'auto'``,
-            ``'sdpa'``, ``'reference'`` or ``'fused'`` (v1 deformable blocks only).
-        na_impl (str): Implementation of the neighborhood blocks: ``'auto'``, ``'sdpa'``,
-            ``'reference'`` or ``'natten'``.
+        attn_impl (str): The backbone's ``attn_impl``; each block gets
+            :func:`block_attn_impl` of it.
         with_cp (bool): Gradient checkpointing of every block.
     """
 
     def __init__(self, in_channels: int, embed_dims: int, block_types: str, num_heads: int,
                  offset_groups: int, window_size: int, offset_kernel_size: int, offset_stride: int,
                  table_size: int, drop_path_rates: Sequence[float], downsample: bool, datpp: bool,
-                 attn_impl: str, na_impl: str, with_cp: bool):
+                 attn_impl: str, with_cp: bool):
         super().__init__()
         if not downsample:
             self.downsample = None
@@ -217,23 +215,29 @@ class DATStage(nn.Module):
             self.downsample = ConvDownsample(in_channels, embed_dims, 2, bias=False)
         self.blocks = nn.ModuleList()
         for i, block_type in enumerate(block_types):
-            if block_type == 'W':
-                attn = WindowAttention(embed_dims, num_heads, window_size, 0, attn_impl)
-            elif block_type == 'S':
-                attn = WindowAttention(embed_dims, num_heads, window_size, -(-window_size // 2),
-                                       attn_impl)
+            layer = self.block_layer(block_type, datpp)
+            impl = block_attn_impl(attn_impl, layer.SUPPORTED_IMPLS, with_cp)
+            if block_type in 'WS':
+                shift = 0 if block_type == 'W' else -(-window_size // 2)
+                attn = WindowAttention(embed_dims, num_heads, window_size, shift, impl)
             elif block_type == 'N':
-                attn = NeighborhoodAttention(embed_dims, num_heads, window_size, na_impl)
-            elif block_type == 'D' and datpp:
+                attn = NeighborhoodAttention(embed_dims, num_heads, window_size, impl)
+            elif datpp:
                 attn = DeformableAttentionPP(embed_dims, num_heads, offset_groups,
-                                             offset_kernel_size, offset_stride, table_size,
-                                             attn_impl)
-            elif block_type == 'D':
-                attn = DeformableAttention(embed_dims, num_heads, offset_groups, offset_kernel_size,
-                                           table_size, OFFSET_RANGE_FACTOR, attn_impl)
+                                             offset_kernel_size, offset_stride, table_size, impl)
             else:
-                raise ValueError(f'Unknown block type {block_type!r}')
+                attn = DeformableAttention(embed_dims, num_heads, offset_groups, offset_kernel_size,
+                                           table_size, OFFSET_RANGE_FACTOR, impl)
             self.blocks.append(DATBlock(embed_dims, attn, drop_path_rates[i], with_cp, datpp))
+
+    @staticmethod
+    def block_layer(block_type: str, datpp: bool) -> type:
+        """The attention layer class of a block type letter (see the class docstring)."""
+        layers = dict(W=WindowAttention, S=WindowAttention, N=NeighborhoodAttention,
+                      D=DeformableAttentionPP if datpp else DeformableAttention)
+        if block_type not in layers:
+            raise ValueError(f'Unknown block type {block_type!r}')
+        return layers[block_type]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Args: x (Tensor): ``(B, H, W, C)``. Returns: Tensor ``(B, H', W', C')``."""
@@ -358,7 +362,7 @@ class DAT(BaseModule):
         if pretrain_img_size < STEM_STRIDE * 2**(NUM_STAGES - 1):
             raise ValueError(f'pretrain_img_size must be at least {STEM_STRIDE * 2**(NUM_STAGES - 1)}, '
                              f'got {pretrain_img_size!r}')
-        attn_impl, na_impl = self._resolve_attn_impl(attn_impl, datpp, with_cp)
+        self._check_attn_impl(attn_impl, arch['block_types'], datpp)
         self.arch = arch
         self.in_channels = in_channels
         self.frozen_stages = frozen_stages
@@ -388,34 +392,19 @@ class DAT(BaseModule):
                     downsample=i > 0,
                     datpp=datpp,
                     attn_impl=attn_impl,
-                    na_impl=na_impl,
                     with_cp=with_cp))
         for i in self.out_indices:
             self.add_module(f'norm{i}', nn.LayerNorm(self.num_features[i]))
         self._freeze_stages()
 
     @staticmethod
-    def _resolve_attn_impl(attn_impl: str, datpp: bool, with_cp: bool) -> Tuple[str, str]:
-        """``attn_impl`` of the window and deformable blocks, and of the neighborhood blocks."""
-        if attn_impl == 'natten':
-            if not datpp:
-                raise ValueError("attn_impl='natten' is for DAT++ archs (neighborhood attention)")
-            if not natten_available():
-                raise RuntimeError("attn_impl='natten' needs a compatible natten package")
-            return 'sdpa', 'natten'
-        if attn_impl not in ATTN_IMPLS:
-            raise ValueError(f"attn_impl must be one of {ATTN_IMPLS + ('natten', )}, got {attn_impl!r}")
-        if not datpp:
-            return attn_impl, attn_impl
-        if attn_impl == 'fused':
-            # the fused kernel is verified against v1's layout only
-            raise ValueError("attn_impl='fused' is for DAT v1 archs; DAT++ takes 'auto', 'sdpa', "
-                             "'reference' or 'natten'")
-        if attn_impl == 'auto':
-            # natten 0.14's backward reads its saved tensors twice, which the non-reentrant
-            # checkpointing of with_cp refuses; 'auto' then keeps the pure PyTorch path
-            return 'sdpa', 'natten' if not with_cp and natten_available() else 'auto'
-        return attn_impl, attn_impl
+    def _check_attn_impl(attn_impl: str, block_types: Sequence[str], datpp: bool) -> None:
+        """A known ``attn_impl`` whose kernels are installed; ``'natten'`` only with neighborhood
+        blocks (``'fused'`` is accepted anywhere: blocks without the kernel run SDPA)."""
+        layers = {DATStage.block_layer(t, datpp) for types in block_types for t in types}
+        if attn_impl == 'natten' and not any('natten' in layer.SUPPORTED_IMPLS for layer in layers):
+            raise ValueError("attn_impl='natten' is for DAT++ archs (neighborhood attention)")
+        check_attn_impl(attn_impl)
 
     @classmethod
     def _check_arch(cls, arch: Union[str, dict]) -> dict:

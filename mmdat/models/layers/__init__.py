@@ -1,5 +1,8 @@
-from .attention import ATTN_IMPLS, MASK_VALUE, biased_attention, check_attn_impl
-from .deformable_attention import DeformableAttention, OffsetNetwork, pixel_centre_grid
+from .attention import (ATTN_IMPLS, MASK_VALUE, attention_probabilities, biased_attention,
+                        block_attn_impl, check_attn_impl, resolve_attn_impl, sampled_position_bias)
+from .cpu_deformable_attention import cpu_deformable_attention, cpu_kernel_available
+from .deformable_attention import (DeformableAttention, OffsetNetwork, deformable_attention_kernel,
+                                   pixel_centre_grid)
 from .deformable_attention_pp import (DeformableAttentionPP, StridedOffsetNetwork,
                                       datpp_query_grid, datpp_reference_grid)
 from .neighborhood_attention import (NA_IMPLS, NeighborhoodAttention, natten_available,
@@ -7,8 +10,10 @@ from .neighborhood_attention import (NA_IMPLS, NeighborhoodAttention, natten_ava
 from .window_attention import WindowAttention, window_attention_mask
 
 __all__ = [
-    'ATTN_IMPLS', 'MASK_VALUE', 'biased_attention', 'check_attn_impl', 'DeformableAttention',
-    'OffsetNetwork', 'pixel_centre_grid', 'DeformableAttentionPP', 'StridedOffsetNetwork',
-    'datpp_query_grid', 'datpp_reference_grid', 'NA_IMPLS', 'NeighborhoodAttention',
-    'natten_available', 'neighborhood_attention', 'WindowAttention', 'window_attention_mask'
+    'ATTN_IMPLS', 'MASK_VALUE', 'attention_probabilities', 'biased_attention', 'block_attn_impl',
+    'check_attn_impl', 'resolve_attn_impl', 'sampled_position_bias', 'cpu_deformable_attention',
+    'cpu_kernel_available', 'DeformableAttention', 'OffsetNetwork', 'deformable_attention_kernel',
+    'pixel_centre_grid', 'DeformableAttentionPP', 'StridedOffsetNetwork', 'datpp_query_grid',
+    'datpp_reference_grid', 'NA_IMPLS', 'NeighborhoodAttention', 'natten_available',
+    'neighborhood_attention', 'WindowAttention', 'window_attention_mask'
 ]

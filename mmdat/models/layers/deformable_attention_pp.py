@@ -88,16 +88,14 @@ class DeformableAttentionPP(DeformableAttention):
             points in pixels.
         table_size (int | tuple[int, int]): Map size the position bias table is made for; the
             table has ``2 * size - 1`` entries a side.
-        attn_impl (str): ``'sdpa'`` or ``'reference'``; see :func:`biased_attention`.
+        attn_impl (str): As in :class:`DeformableAttention` (``'auto'``, ``'sdpa'``,
+            ``'reference'`` or ``'fused'``): the kernels take the DAT++ query grid and clamped
+            positions as they are, since the bias formula is v1's.
     """
 
     def __init__(self, embed_dims: int, num_heads: int, num_groups: int, offset_kernel_size: int,
                  offset_stride: int, table_size: Union[int, Sequence[int]],
                  attn_impl: str = 'sdpa'):
-        if attn_impl not in ('sdpa', 'reference'):
-            # the fused kernel is verified against v1's layout only
-            raise ValueError("DAT++ deformable attention supports attn_impl 'sdpa' and "
-                             f"'reference', got {attn_impl!r}")
         super().__init__(embed_dims, num_heads, num_groups, offset_kernel_size, table_size,
                          attn_impl=attn_impl)
         self.offset_stride = offset_stride

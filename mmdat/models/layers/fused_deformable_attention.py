@@ -18,6 +18,9 @@ from typing import Tuple
 
 import torch
 
+# sampled_position_bias is re-exported: the materialised bias of these kernels is the model's own
+from .attention import attention_probabilities, sampled_position_bias  # noqa: F401
+
 try:
     import triton
     import triton.language as tl
@@ -482,30 +485,12 @@ def fused_deformable_attention(query: torch.Tensor, key: torch.Tensor, value: to
     return FusedDeformableAttentionFunction.apply(query, key, value, reference, positions, table)
 
 
-def sampled_position_bias(reference: torch.Tensor, positions: torch.Tensor, table: torch.Tensor,
-                          batch: int) -> torch.Tensor:
-    """The bias of :func:`fused_deformable_attention` materialised: ``(B, heads, Nq, Nk)``.
-
-    Args:
-        reference, positions, table: As in :func:`fused_deformable_attention`.
-        batch (int): ``B``; ``positions`` holds ``B * groups`` sets of key positions.
-    """
-    num_heads = table.shape[0]
-    num_groups = positions.shape[0] // batch
-    displacement = (reference.view(1, -1, 1, 2) - positions.unsqueeze(1)) * 0.5
-    grouped_table = table.to(displacement.dtype).expand(batch, -1, -1, -1)
-    grouped_table = grouped_table.reshape(batch * num_groups, num_heads // num_groups, *table.shape[1:])
-    bias = torch.nn.functional.grid_sample(grouped_table, displacement.flip(-1), mode='bilinear',
-                                           padding_mode='zeros', align_corners=True)
-    return bias.view(batch, num_heads, reference.shape[0], -1)
-
-
 def reference_deformable_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                    reference: torch.Tensor, positions: torch.Tensor,
                                    table: torch.Tensor) -> torch.Tensor:
-    """:func:`fused_deformable_attention` materialised with ``grid_sample`` and matmuls (the
-    plain path of :class:`DeformableAttention`, written for these arguments; for tests and
-    benchmarks). Takes any float dtype, float64 included."""
+    """:func:`fused_deformable_attention` materialised: the model's own bias sampling and
+    reference softmax (:func:`~mmdat.models.layers.attention.sampled_position_bias`,
+    :func:`~mmdat.models.layers.attention.attention_probabilities`), for tests and benchmarks.
+    Takes any float dtype, float64 included."""
     bias = sampled_position_bias(reference, positions, table, query.shape[0])
-    scores = (query * query.shape[-1]**-0.5) @ key.transpose(-2, -1) + bias
-    return scores.softmax(dim=-1).to(value.dtype) @ value
+    return attention_probabilities(query, key, bias).to(value.dtype) @ value

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import biased_attention
+from .attention import biased_attention, check_attn_impl
 
 #: Implementations of :class:`NeighborhoodAttention`; ``'natten'`` needs the natten package.
 NA_IMPLS = ('auto', 'sdpa', 'reference', 'natten')
@@ -138,6 +138,8 @@ class NeighborhoodAttention(nn.Module):
         attn_impl (str): ``'auto'``, ``'sdpa'``, ``'reference'`` or ``'natten'``; see
             :func:`neighborhood_attention`.
     """
+    #: The ``attn_impl`` values this layer takes (see :mod:`mmdat.models.layers.attention`).
+    SUPPORTED_IMPLS = NA_IMPLS
 
     def __init__(self, embed_dims: int, num_heads: int, kernel_size: int = 7,
                  attn_impl: str = 'sdpa'):
@@ -146,14 +148,10 @@ class NeighborhoodAttention(nn.Module):
             raise ValueError(f'embed_dims ({embed_dims}) must be divisible by num_heads ({num_heads})')
         if not isinstance(kernel_size, int) or kernel_size < 3 or kernel_size % 2 != 1:
             raise ValueError(f'kernel_size must be an odd int >= 3, got {kernel_size!r}')
-        if attn_impl not in NA_IMPLS:
-            raise ValueError(f'attn_impl must be one of {NA_IMPLS}, got {attn_impl!r}')
-        if attn_impl == 'natten' and not natten_available():
-            raise RuntimeError("attn_impl='natten' needs a compatible natten package")
         self.embed_dims = embed_dims
         self.num_heads = num_heads
         self.kernel_size = kernel_size
-        self.attn_impl = attn_impl
+        self.attn_impl = check_attn_impl(attn_impl, self.SUPPORTED_IMPLS, type(self).__name__)
 
         self.qkv = nn.Linear(embed_dims, embed_dims * 3)
         self.proj = nn.Linear(embed_dims, embed_dims)

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import MASK_VALUE, biased_attention
+from .attention import MASK_VALUE, biased_attention, check_attn_impl
 
 
 @functools.lru_cache(maxsize=64)
@@ -64,9 +64,10 @@ class WindowAttention(nn.Module):
         window_size (int): Side of the square windows.
         shift_size (int): Cyclic shift of the windows; 0 for plain windows, otherwise in
             ``(0, window_size)``.
-        attn_impl (str): ``'auto'``, ``'sdpa'``, ``'reference'`` or ``'fused'`` (no fused kernel
-            here: SDPA); see :func:`biased_attention`.
+        attn_impl (str): ``'auto'``, ``'sdpa'`` or ``'reference'``; see :func:`biased_attention`.
     """
+    #: The ``attn_impl`` values this layer takes (see :mod:`mmdat.models.layers.attention`).
+    SUPPORTED_IMPLS = ('auto', 'sdpa', 'reference')
 
     def __init__(self, embed_dims: int, num_heads: int, window_size: int, shift_size: int = 0,
                  attn_impl: str = 'sdpa'):
@@ -79,7 +80,7 @@ class WindowAttention(nn.Module):
         self.num_heads = num_heads
         self.window_size = window_size
         self.shift_size = shift_size
-        self.attn_impl = attn_impl
+        self.attn_impl = check_attn_impl(attn_impl, self.SUPPORTED_IMPLS, type(self).__name__)
 
         self.qkv = nn.Linear(embed_dims, embed_dims * 3)
         self.proj = nn.Linear(embed_dims, embed_dims)

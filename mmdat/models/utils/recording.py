@@ -10,7 +10,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from ..layers import DeformableAttention
+from ..layers import DeformableAttention, attention_probabilities
 
 
 @dataclass
@@ -76,10 +76,9 @@ class _BlockRecorder:
                                      f'stage {self.stage} block {self.block}')
                 rows = torch.tensor(self.query_indices, device=query.device)
             # The softmax of the reference attention path, from the module's own q, k and bias;
-            # the SDPA path never materialises these weights.
-            query, bias = query[:, :, rows].detach().float(), bias[:, :, rows].detach().float()
-            scores = (query * query.shape[-1]**-0.5) @ key.detach().float().transpose(-2, -1)
-            attention = (scores + bias).softmax(dim=-1)
+            # the SDPA and fused paths never materialise these weights.
+            attention = attention_probabilities(query[:, :, rows].detach().float(),
+                                                key.detach().float(), bias[:, :, rows].detach().float())
         self.records.append(
             DeformableAttentionRecord(
                 stage=self.stage, block=self.block, map_size=tuple(map_size),

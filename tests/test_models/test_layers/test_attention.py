@@ -1,9 +1,11 @@
 import pytest
 import torch
 
-from mmdat.models.layers import ATTN_IMPLS, biased_attention, check_attn_impl
+from mmdat.models.layers import (DeformableAttention, DeformableAttentionPP, NeighborhoodAttention,
+                                 WindowAttention, biased_attention, block_attn_impl, check_attn_impl,
+                                 cpu_kernel_available, natten_available, resolve_attn_impl)
 from mmdat.models.layers import attention as attention_module
-from mmdat.models.layers.attention import CPU_SDPA_MIN_KEYS
+from mmdat.models.layers.attention import CPU_KERNEL_MIN_KEYS, CPU_SDPA_MIN_KEYS
 
 
 @pytest.mark.parametrize('dtype,tol', [(torch.float64, 1e-10), (torch.float32, 1e-5)])
@@ -43,12 +45,79 @@ def test_sdpa_casts_a_float32_bias_to_the_query_dtype():
 
 
 def test_check_attn_impl():
-    for impl in ATTN_IMPLS:
+    for impl in ('auto', 'sdpa', 'reference', 'fused'):
         assert check_attn_impl(impl) == impl  # 'auto' is resolved per call, from the input
     with pytest.raises(ValueError, match='attn_impl must be one of'):
         check_attn_impl('flash')
+    with pytest.raises(ValueError, match=r"WindowAttention supports attn_impl \('auto', 'sdpa', 'reference'\), got 'fused'"):
+        check_attn_impl('fused', ('auto', 'sdpa', 'reference'), 'WindowAttention')
     with pytest.raises(ValueError, match='attn_impl must be one of'):
         biased_attention(*(torch.randn(1, 1, 2, 2) for _ in range(3)), None, 'flash')
+    with pytest.raises(ValueError, match='attn_impl must be one of'):
+        biased_attention(*(torch.randn(1, 1, 2, 2) for _ in range(3)), None, 'fused')  # no kernel
+
+
+@pytest.mark.skipif(natten_available(), reason='natten is installed')
+def test_natten_is_checked_at_construction():
+    with pytest.raises(RuntimeError, match='needs a compatible natten'):
+        check_attn_impl('natten')
+
+
+def test_every_layer_validates_at_construction():
+    """One vocabulary, checked when the layer is built (not at its first call)."""
+    layers = [lambda impl: WindowAttention(8, 2, 3, attn_impl=impl),
+              lambda impl: NeighborhoodAttention(8, 2, 3, attn_impl=impl),
+              lambda impl: DeformableAttention(8, 2, 1, 3, 4, attn_impl=impl),
+              lambda impl: DeformableAttentionPP(8, 2, 1, 3, 1, 4, attn_impl=impl)]
+    for make in layers:
+        assert make('auto').attn_impl == 'auto'
+        with pytest.raises(ValueError, match='attn_impl must be one of'):
+            make('bogus')
+    with pytest.raises(ValueError, match="WindowAttention supports attn_impl .* got 'fused'"):
+        layers[0]('fused')
+    with pytest.raises(ValueError, match="DeformableAttention supports attn_impl .* got 'natten'"):
+        layers[2]('natten')
+    assert layers[3]('fused').attn_impl == 'fused'  # DAT++ deformable blocks take the kernels too
+
+
+def test_block_attn_impl():
+    window, deformable = WindowAttention.SUPPORTED_IMPLS, DeformableAttention.SUPPORTED_IMPLS
+    assert block_attn_impl('fused', window) == 'sdpa'  # a kernel the block lacks
+    assert block_attn_impl('fused', deformable) == 'fused'
+    assert block_attn_impl('auto', window) == 'auto'
+    assert block_attn_impl('natten', deformable) == 'sdpa'
+    expected = 'natten' if natten_available() else 'auto'
+    assert block_attn_impl('auto', NeighborhoodAttention.SUPPORTED_IMPLS) == expected
+    assert block_attn_impl('auto', NeighborhoodAttention.SUPPORTED_IMPLS, with_cp=True) == 'auto'
+    with pytest.raises(ValueError, match='attn_impl must be one of'):
+        block_attn_impl('bogus', window)
+
+
+@pytest.mark.parametrize('device,dtype,num_keys,bias_grad,expected', [
+    ('cpu', torch.float32, CPU_KERNEL_MIN_KEYS, False, 'fused'),
+    ('cpu', torch.float32, CPU_KERNEL_MIN_KEYS, True, 'fused'),
+    ('cpu', torch.float64, CPU_KERNEL_MIN_KEYS, True, 'fused'),
+    ('cpu', torch.float32, CPU_KERNEL_MIN_KEYS - 1, False, 'reference'),
+    ('cpu', torch.bfloat16, CPU_KERNEL_MIN_KEYS, False, 'sdpa'),  # no CPU kernel for bf16
+    ('cpu', torch.bfloat16, CPU_KERNEL_MIN_KEYS, True, 'reference'),
+    ('meta', torch.float32, 49, True, 'sdpa'),
+])
+def test_resolver_for_deformable_attention(device, dtype, num_keys, bias_grad, expected):
+    if expected == 'fused' and not cpu_kernel_available():
+        pytest.skip('the CPU kernel does not build here')
+    supported = DeformableAttention.SUPPORTED_IMPLS
+    assert resolve_attn_impl('auto', supported, torch.device(device), dtype, num_keys, bias_grad) == expected
+    for impl in ('sdpa', 'reference', 'fused'):  # explicit values are kept
+        assert resolve_attn_impl(impl, supported, torch.device(device), dtype, num_keys, bias_grad) == impl
+
+
+def test_resolver_without_the_cpu_kernel(monkeypatch):
+    """A machine where the kernel does not build: 'auto' falls back to the materialised bias."""
+    monkeypatch.setattr(attention_module, 'cpu_kernel_ready', lambda dtype: False)
+    supported = DeformableAttention.SUPPORTED_IMPLS
+    cpu = torch.device('cpu')
+    assert resolve_attn_impl('auto', supported, cpu, torch.float32, 4200, False) == 'sdpa'
+    assert resolve_attn_impl('auto', supported, cpu, torch.float32, 4200, True) == 'reference'
 
 
 @pytest.mark.parametrize('num_keys,bias_grad,uses_sdpa', [
@@ -72,7 +141,7 @@ def test_auto_on_cpu_runs_short_attention_and_training_through_matmuls(monkeypat
     assert bool(calls) == uses_sdpa
     calls.clear()
     assert torch.allclose(out, biased_attention(q, k, v, bias, 'reference'), atol=1e-12)
-    biased_attention(q, k, v, bias, 'fused')  # no kernel for a materialised bias: always SDPA
+    biased_attention(q, k, v, bias, 'sdpa')
     assert len(calls) == 1
 
 

@@ -205,7 +205,7 @@ def test_nothing_quadratic_is_saved_for_backward():
     assert max(saved_numels(make_module('fused').to(DEVICE), x)) <= 4 * batch * size * size * channels
 
 
-def test_auto_uses_the_fused_kernel_only_on_cuda(monkeypatch):
+def test_auto_uses_the_triton_kernel_only_on_cuda(monkeypatch):
     calls = []
 
     def spy(*args):
@@ -217,6 +217,8 @@ def test_auto_uses_the_fused_kernel_only_on_cuda(monkeypatch):
     auto = make_module('auto')(x)
     # CPU, 12 keys: the matmuls of the reference path (see CPU_SDPA_MIN_KEYS)
     assert calls == [] and torch.equal(auto, make_module('reference')(x))
+    # on CPU, 'fused' is the C++ kernel where it builds, Triton's interpreter otherwise
+    monkeypatch.setattr(deformable_attention, 'cpu_kernel_ready', lambda dtype: False)
     make_module('fused')(x)
     assert len(calls) == 1
     if torch.cuda.is_available():
@@ -273,7 +275,8 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
 
 
 def test_model_imports_and_runs_without_triton():
-    """Triton is optional: 'auto' runs without it and 'fused' says what is missing."""
+    """Triton is optional: 'auto' runs without it, 'fused' runs the C++ kernel on CPU, and the
+    Triton function says what is missing."""
     code = '\n'.join([
         'import sys', 'sys.modules["triton"] = None',  # makes `import triton` fail
         'import pytest, torch',
@@ -282,8 +285,12 @@ def test_model_imports_and_runs_without_triton():
         'assert not TRITON_AVAILABLE',
         'arch = dict(embed_dims=8, depths=(1, 1, 2, 2), num_heads=(1, 2, 2, 4), offset_groups=(0, 0, 1, 2))',
         'DAT(arch=arch)(torch.randn(1, 3, 64, 64))',
-        'with pytest.raises(RuntimeError, match="needs Triton"):',
+        'from mmdat.models.layers import cpu_kernel_available',
+        'from mmdat.models.layers.fused_deformable_attention import fused_deformable_attention',
+        'if cpu_kernel_available():',
         '    DAT(arch=arch, attn_impl="fused")(torch.randn(1, 3, 64, 64))',
+        'with pytest.raises(RuntimeError, match="needs Triton"):',
+        '    fused_deformable_attention(*(torch.zeros(1, 1, 1, 1) for _ in range(3)), None, None, None)',
     ])
     subprocess.run([sys.executable, '-c', code], check=True)
 

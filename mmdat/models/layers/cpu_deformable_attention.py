@@ -1,0 +1,149 @@
+"""Deformable attention on CPU without an ``N x N`` tensor: a C++ kernel built on first use.
+
+The kernel (``csrc/deformable_attention_cpu.cpp``) computes what
+:func:`~mmdat.models.layers.fused_deformable_attention.reference_deformable_attention` computes,
+for queries on a separable grid (rows ``ys``, columns ``xs``), one query row at a time: the bias
+is sampled inside the loop, so memory grows with ``row x N`` rather than ``N x N``. Backward
+recomputes each row and gives gradients for the queries, keys, values, key positions and table.
+
+It is compiled with :func:`torch.utils.cpp_extension.load` the first time it is needed and
+cached in torch's extension directory (``TORCH_EXTENSIONS_DIR``, by default
+``~/.cache/torch_extensions``). Where that fails (no C++ compiler), :func:`cpu_kernel_available`
+is False after one warning, and the deformable blocks use the materialised bias instead.
+"""
+import functools
+import hashlib
+import os
+import os.path as osp
+import platform
+import shutil
+import warnings
+from typing import Tuple
+
+import torch
+
+SOURCE = osp.join(osp.dirname(osp.abspath(__file__)), 'csrc', 'deformable_attention_cpu.cpp')
+#: Input dtypes the kernel takes (it computes in the input's dtype).
+SUPPORTED_DTYPES = (torch.float32, torch.float64)
+
+
+def _cpu_tag() -> str:
+    """A short tag of this CPU's instruction sets: the kernel is built with ``-march=native``, so
+    a build cached in a home directory shared by different machines must not be reused."""
+    flags = platform.machine()
+    try:
+        with open('/proc/cpuinfo') as f:
+            flags += next((line for line in f if line.startswith(('flags', 'Features'))), '')
+    except OSError:
+        pass
+    return hashlib.sha1(flags.encode()).hexdigest()[:8]
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_kernel_available() -> bool:
+    """Build (once per machine and source version) and load the kernel; False, after one
+    warning, when it cannot be built."""
+    compiler = os.environ.get('CXX', 'c++')
+    if shutil.which(compiler) is None:
+        warnings.warn(f'mmdat: no C++ compiler ({compiler!r}) found; deformable attention on CPU '
+                      'uses the materialised position bias (slower)')
+        return False
+    try:
+        from torch.utils.cpp_extension import load
+        load(name=f'mmdat_deformable_cpu_{_cpu_tag()}', sources=[SOURCE], is_python_module=False,
+             extra_cflags=['-O3', '-march=native', '-fopenmp'], extra_ldflags=['-fopenmp'],
+             verbose=False)
+    except Exception as error:  # a failed build must not stop the model: fall back
+        first_line = (str(error).strip().splitlines() or [''])[0]
+        warnings.warn(f'mmdat: the CPU deformable attention kernel did not build ({type(error).__name__}: '
+                      f'{first_line}); using the materialised position bias (slower)')
+        return False
+    return True
+
+
+class CPUDeformableAttentionFunction(torch.autograd.Function):
+    """Autograd function of :func:`cpu_deformable_attention` (inputs already validated)."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, ys, xs, positions, table):
+        out = torch.ops.mmdat_deformable_cpu.forward(query, key, value, ys, xs, positions, table)
+        ctx.save_for_backward(query, key, value, out, ys, xs, positions, table)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        query, key, value, out, ys, xs, positions, table = ctx.saved_tensors
+        batch, heads = query.shape[:2]
+        groups = positions.shape[0] // batch
+        dq, dk, dv, dpos, dtable = torch.ops.mmdat_deformable_cpu.backward(
+            grad_out.contiguous(), query, key, value, out, ys, xs, positions, table)
+        # heads of one offset group share its positions; every batch entry reads the same table
+        dpos = dpos.view(batch, groups, heads // groups, -1, 2).sum(2).view(batch * groups, -1, 2)
+        return dq, dk, dv, None, None, dpos, dtable.sum(0)
+
+
+def _check_inputs(query, key, value, ys, xs, positions, table) -> None:
+    tensors = dict(query=query, key=key, value=value, ys=ys, xs=xs, positions=positions, table=table)
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f'{name} must be a Tensor, got {type(t).__name__}')
+        if t.device.type != 'cpu' or t.dtype != query.dtype:
+            raise TypeError(f'All inputs must be CPU tensors of one dtype of {SUPPORTED_DTYPES}, '
+                            f'got {name} {t.dtype} on {t.device} (query: {query.dtype})')
+    if query.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f'The CPU kernel takes {SUPPORTED_DTYPES}, got {query.dtype}')
+    if query.dim() != 4 or key.shape != value.shape or key.dim() != 4:
+        raise ValueError('query, key and value must be (B, heads, N, head_dims), got shapes '
+                         f'{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}')
+    batch, heads, num_queries, dims = query.shape
+    if key.shape[:2] != (batch, heads) or key.shape[3] != dims or 0 in key.shape or 0 in query.shape:
+        raise ValueError(f'key and value must be (B, heads, Nk, head_dims) matching query '
+                         f'{tuple(query.shape)}, got {tuple(key.shape)}')
+    if ys.dim() != 1 or xs.dim() != 1 or ys.numel() * xs.numel() != num_queries:
+        raise ValueError(f'ys and xs must be 1-D with len(ys) * len(xs) = Nq = {num_queries}, got '
+                         f'{tuple(ys.shape)} and {tuple(xs.shape)}')
+    if ys.requires_grad or xs.requires_grad:
+        raise ValueError('The CPU kernel gives no gradient for the query coordinates; pass tensors '
+                         'that do not require grad')
+    if (positions.dim() != 3 or positions.shape[0] % batch or positions.shape[1:] != (key.shape[2], 2)
+            or heads % (positions.shape[0] // batch)):
+        raise ValueError(f'positions must be (B * groups, Nk, 2) with groups dividing heads ({heads}), '
+                         f'B = {batch}, Nk = {key.shape[2]}; got {tuple(positions.shape)}')
+    if table.dim() != 3 or table.shape[0] != heads or min(table.shape[1:]) < 1:
+        raise ValueError(f'table must be (heads, Th, Tw) with heads = {heads}, got {tuple(table.shape)}')
+
+
+def cpu_deformable_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                             ys: torch.Tensor, xs: torch.Tensor, positions: torch.Tensor,
+                             table: torch.Tensor) -> torch.Tensor:
+    """Deformable attention with the sampled relative position bias, on CPU, without ``N x N``.
+
+    The same computation as :func:`~mmdat.models.layers.fused_deformable_attention.
+    fused_deformable_attention` with ``reference`` the grid of ``(ys[r], xs[c])`` in row-major
+    order (query ``r * len(xs) + c``).
+
+    Args:
+        query (Tensor): ``(B, heads, Nq, head_dims)``, float32 or float64.
+        key (Tensor): ``(B, heads, Nk, head_dims)``.
+        value (Tensor): ``(B, heads, Nk, head_dims)``.
+        ys (Tensor): Normalised y of the query rows ``(H, )``.
+        xs (Tensor): Normalised x of the query columns ``(W, )``; ``H * W = Nq``.
+        positions (Tensor): Key positions ``(B * groups, Nk, 2)``, normalised ``(y, x)``.
+        table (Tensor): Per-head bias table ``(heads, Th, Tw)``.
+
+    Returns:
+        Tensor: ``(B, heads, Nq, head_dims)``.
+    """
+    _check_inputs(query, key, value, ys, xs, positions, table)
+    if not cpu_kernel_available():
+        raise RuntimeError('The CPU deformable attention kernel is not available (see the warning '
+                           'given when it failed to build)')
+    query, key, value, ys, xs, positions, table = (
+        t.contiguous() for t in (query, key, value, ys, xs, positions, table))
+    return CPUDeformableAttentionFunction.apply(query, key, value, ys, xs, positions, table)
+
+
+def grid_axes(grid: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The row ys and column xs of a separable ``(H, W, 2)`` grid of ``(y, x)`` points."""
+    return grid[:, 0, 0], grid[0, :, 1]

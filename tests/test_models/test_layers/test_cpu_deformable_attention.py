@@ -1,0 +1,191 @@
+"""The C++ CPU kernel of attn_impl='fused' against the reference path (the model's own bias and
+softmax), and the bias sampling grid against the formula it replaced."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmdat.models.layers import (DeformableAttention, DeformableAttentionPP, cpu_deformable_attention,
+                                 cpu_kernel_available, datpp_query_grid, pixel_centre_grid,
+                                 sampled_position_bias)
+from mmdat.models.layers.fused_deformable_attention import reference_deformable_attention
+
+needs_kernel = pytest.mark.skipif(not cpu_kernel_available(), reason='the CPU kernel does not build here')
+GRAD_NAMES = ('query', 'key', 'value', 'positions', 'table')
+
+
+def make_inputs(batch, heads, groups, rows, cols, keys, dims, table, dtype=torch.float64, seed=0,
+                grid=pixel_centre_grid, spread=1.1):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, rows * cols, dims, generator=g, dtype=dtype)
+    k = torch.randn(batch, heads, keys, dims, generator=g, dtype=dtype)
+    v = torch.randn(batch, heads, keys, dims, generator=g, dtype=dtype)
+    queries = grid(rows, cols, torch.device('cpu'), dtype)
+    # some keys outside the map, so part of the displacements leave the table
+    positions = (torch.rand(batch * groups, keys, 2, generator=g, dtype=dtype) * 2 - 1) * spread
+    table_ = torch.randn(heads, *table, generator=g, dtype=dtype)
+    return q, k, v, queries, positions, table_
+
+
+def run(fn, inputs, dtype, grad_out):
+    q, k, v, queries, positions, table = inputs
+    leaves = [t.detach().to(dtype).requires_grad_(True) for t in (q, k, v, positions, table)]
+    q, k, v, positions, table = leaves
+    out = fn(q, k, v, queries.to(dtype), positions, table)
+    grads = torch.autograd.grad(out, leaves, grad_out.to(dtype))
+    return out, grads
+
+
+def kernel(q, k, v, queries, positions, table):
+    return cpu_deformable_attention(q, k, v, queries[:, 0, 0], queries[0, :, 1], positions, table)
+
+
+def reference(q, k, v, queries, positions, table):
+    return reference_deformable_attention(q, k, v, queries.flatten(0, 1), positions, table)
+
+
+def relative_error(a, b):
+    """Relative error; the absolute one where the expected tensor is zero (one key: no query
+    gradient)."""
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1.0)).item()
+
+
+# (batch, heads, groups, rows, cols, keys, head dims, table (h, w)): odd sizes, several heads per
+# group and one group per head, fewer keys than queries (DAT++) and more.
+SHAPES = [(1, 2, 1, 1, 1, 1, 4, (3, 3)), (2, 3, 3, 5, 7, 29, 8, (5, 7)), (2, 4, 2, 9, 4, 13, 16, (9, 5)),
+          (1, 6, 3, 6, 11, 66, 32, (27, 27))]
+
+
+@needs_kernel
+@pytest.mark.parametrize('shape', SHAPES)
+def test_float32_matches_float64_reference(shape):
+    inputs = make_inputs(*shape)
+    grad_out = torch.randn(shape[0], shape[1], shape[3] * shape[4], shape[6], dtype=torch.float64)
+    out, grads = run(kernel, inputs, torch.float32, grad_out)
+    ref_out, ref_grads = run(reference, inputs, torch.float64, grad_out)
+    assert out.dtype == torch.float32 and out.shape == ref_out.shape
+    assert relative_error(out, ref_out) < 1e-5
+    for name, grad, ref_grad in zip(GRAD_NAMES, grads, ref_grads):
+        assert ref_grad.abs().sum() > 0 or shape[5] == 1, name
+        assert grad.shape == ref_grad.shape and relative_error(grad, ref_grad) < 2e-5, name
+
+
+@needs_kernel
+@pytest.mark.parametrize('shape', SHAPES[1:3])
+def test_float64_matches_reference_exactly(shape):
+    inputs = make_inputs(*shape, grid=datpp_query_grid)
+    grad_out = torch.randn(shape[0], shape[1], shape[3] * shape[4], shape[6], dtype=torch.float64)
+    out, grads = run(kernel, inputs, torch.float64, grad_out)
+    ref_out, ref_grads = run(reference, inputs, torch.float64, grad_out)
+    assert relative_error(out, ref_out) < 1e-12
+    for name, grad, ref_grad in zip(GRAD_NAMES, grads, ref_grads):
+        assert relative_error(grad, ref_grad) < 1e-12, name
+
+
+@needs_kernel
+def test_gradcheck():
+    q, k, v, queries, positions, table = make_inputs(1, 2, 1, 3, 4, 5, 4, (5, 5), spread=0.9)
+    leaves = [t.requires_grad_(True) for t in (q, k, v, positions, table)]
+    ys, xs = queries[:, 0, 0], queries[0, :, 1]
+    assert torch.autograd.gradcheck(lambda q, k, v, p, t: cpu_deformable_attention(q, k, v, ys, xs, p, t),
+                                    leaves, eps=1e-6, atol=1e-7)
+
+
+@needs_kernel
+def test_bilinear_corner_cases_match_grid_sample():
+    """Keys exactly on query points: displacements on table nodes and on the table's edges, where
+    the bilinear weights and their one-sided derivatives switch (the reference's convention)."""
+    inputs = list(make_inputs(1, 2, 1, 3, 3, 9, 8, (5, 5)))
+    grid = torch.stack(torch.meshgrid(*[torch.linspace(-1, 1, 3, dtype=torch.float64)] * 2, indexing='ij'), -1)
+    inputs[3] = grid
+    inputs[4] = grid.reshape(1, 9, 2).clone()  # displacements in {-1, -0.5, 0, 0.5, 1}
+    grad_out = torch.randn(1, 2, 9, 8, dtype=torch.float64)
+    out, grads = run(kernel, inputs, torch.float64, grad_out)
+    ref_out, ref_grads = run(reference, inputs, torch.float64, grad_out)
+    assert relative_error(out, ref_out) < 1e-12
+    for name, grad, ref_grad in zip(GRAD_NAMES, grads, ref_grads):
+        assert relative_error(grad, ref_grad) < 1e-12, name
+
+
+@needs_kernel
+@pytest.mark.parametrize('module_type,size', [(DeformableAttention, (7, 5)), (DeformableAttention, (1, 1)),
+                                              (DeformableAttentionPP, (9, 10))])
+def test_module_fused_matches_reference(module_type, size):
+    torch.manual_seed(0)
+    if module_type is DeformableAttention:
+        module = DeformableAttention(24, 6, 3, 3, table_size=4, attn_impl='fused')
+    else:
+        module = DeformableAttentionPP(24, 6, 3, 3, 2, table_size=4, attn_impl='fused')
+    torch.nn.init.normal_(module.rpe_table, std=1.0)
+    torch.nn.init.normal_(module.offset_net.proj.weight, std=1.0)
+    # float64: DAT++ clamps positions onto the map's edge, where displacements fall on table nodes
+    # and the one-sided derivative depends on the last bit of the coordinate
+    module.double()
+    x = torch.randn(2, *size, 24, dtype=torch.float64, requires_grad=True)
+    results = {}
+    for impl in ('fused', 'reference'):
+        module.attn_impl = impl
+        out = module(x)
+        grads = torch.autograd.grad(out.square().sum(), [x] + list(module.parameters()))
+        results[impl] = out, grads
+    torch.testing.assert_close(results['fused'][0], results['reference'][0], rtol=1e-10, atol=1e-10)
+    for grad, ref_grad in zip(results['fused'][1], results['reference'][1]):
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-9)
+
+
+def test_bad_inputs():
+    q, k, v, queries, positions, table = make_inputs(1, 2, 1, 3, 4, 5, 4, (5, 5))
+    ys, xs = queries[:, 0, 0], queries[0, :, 1]
+    with pytest.raises(TypeError, match='one dtype'):
+        cpu_deformable_attention(q.float(), k, v, ys, xs, positions, table)
+    with pytest.raises(TypeError, match='takes'):
+        cpu_deformable_attention(*(t.bfloat16() for t in (q, k, v, ys, xs, positions, table)))
+    with pytest.raises(ValueError, match='len\\(ys\\) \\* len\\(xs\\)'):
+        cpu_deformable_attention(q, k, v, ys[:2], xs, positions, table)
+    with pytest.raises(ValueError, match='positions must be'):
+        cpu_deformable_attention(q, k, v, ys, xs, positions[:, :3], table)
+    with pytest.raises(ValueError, match='table must be'):
+        cpu_deformable_attention(q, k, v, ys, xs, positions, table[:1])
+    with pytest.raises(ValueError, match='no gradient for the query coordinates'):
+        cpu_deformable_attention(q, k, v, ys.requires_grad_(True), xs, positions, table)
+
+
+def test_without_a_compiler_the_model_falls_back_with_one_warning(tmp_path):
+    """No C++ compiler: one warning line, and 'auto' gives the reference result."""
+    code = '\n'.join([
+        'import warnings, torch',
+        'from mmdat.models.layers import DeformableAttention, cpu_kernel_available',
+        'torch.manual_seed(0)',
+        "module = DeformableAttention(16, 4, 2, 3, table_size=5, attn_impl='auto')",
+        'x = torch.randn(1, 12, 12, 16)',
+        'with warnings.catch_warnings(record=True) as caught:',
+        "    warnings.simplefilter('always')",
+        '    auto = module(x)',
+        '    module(x)',
+        'assert not cpu_kernel_available()',
+        "assert len(caught) == 1 and 'no C++ compiler' in str(caught[0].message), caught",
+        "assert '\\n' not in str(caught[0].message)",
+        "module.attn_impl = 'reference'",
+        'assert torch.equal(auto, module(x))',  # the bias needs a gradient: the matmul rule
+    ])
+    env = dict(os.environ, CXX=str(tmp_path / 'no-such-compiler'))
+    subprocess.run([sys.executable, '-c', code], check=True, env=env)
+
+
+def test_bias_grid_is_bitwise_the_former_formula():
+    """One broadcast subtraction of halved, (x, y)-ordered points gives exactly the bias of the
+    former ``grid_sample(table, ((q - k) * 0.5).flip(-1))``."""
+    torch.manual_seed(0)
+    for grid, keys in ((pixel_centre_grid, (7, 9)), (datpp_query_grid, (3, 4))):
+        queries = grid(7, 9, torch.device('cpu'), torch.float32)
+        positions = torch.rand(2 * 3, *keys, 2) * 2.2 - 1.1
+        table = torch.randn(6, 13, 13)
+        batch = 2
+        displacement = (queries.view(1, -1, 1, 2) - positions.view(positions.shape[0], 1, -1, 2)) * 0.5
+        grouped = table.expand(batch, -1, -1, -1).reshape(batch * 3, 2, 13, 13)
+        former = F.grid_sample(grouped, displacement.flip(-1), mode='bilinear', padding_mode='zeros',
+                               align_corners=True).view(batch, 6, 63, -1)
+        assert torch.equal(sampled_position_bias(queries, positions, table, batch), former)
