@@ -27,22 +27,40 @@ SOURCE = osp.join(osp.dirname(osp.abspath(__file__)), 'csrc', 'deformable_attent
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
 
-def _cpu_tag() -> str:
-    """A short tag of this CPU's instruction sets: the kernel is built with ``-march=native``, so
-    a build cached in a home directory shared by different machines must not be reused."""
-    flags = platform.machine()
+#: Compiler flags of the kernel. ``-march=native``: the gathers of the bias loop vectorise only
+#: with the machine's own vector instructions (AVX2/AVX-512).
+CFLAGS = ['-O3', '-march=native', '-fopenmp']
+
+
+def _build_name() -> str:
+    """Name of this build: changes with the source, the flags, torch and the CPU's instruction
+    sets, so a build cached in a home directory shared by different machines is not reused."""
+    digest = hashlib.sha1()
+    with open(SOURCE, 'rb') as f:
+        digest.update(f.read())
+    digest.update(' '.join(CFLAGS + [torch.__version__, platform.machine()]).encode())
     try:
         with open('/proc/cpuinfo') as f:
-            flags += next((line for line in f if line.startswith(('flags', 'Features'))), '')
+            digest.update(next((line for line in f if line.startswith(('flags', 'Features'))), '').encode())
     except OSError:
         pass
-    return hashlib.sha1(flags.encode()).hexdigest()[:8]
+    return f'mmdat_deformable_cpu_{digest.hexdigest()[:12]}'
 
 
 @functools.lru_cache(maxsize=1)
 def cpu_kernel_available() -> bool:
     """Build (once per machine and source version) and load the kernel; False, after one
     warning, when it cannot be built."""
+    name = _build_name()
+    root = os.environ.get('TORCH_EXTENSIONS_DIR') or osp.join(osp.expanduser('~'), '.cache', 'torch_extensions')
+    build_dir = osp.join(root, name)
+    library = osp.join(build_dir, f'{name}.so')
+    if osp.exists(library):  # built before: load it without torch's (slow) freshness checks
+        try:
+            torch.ops.load_library(library)
+            return True
+        except Exception:  # e.g. a half-written file: rebuild below
+            pass
     compiler = os.environ.get('CXX', 'c++')
     if shutil.which(compiler) is None:
         warnings.warn(f'mmdat: no C++ compiler ({compiler!r}) found; deformable attention on CPU '
@@ -50,9 +68,9 @@ def cpu_kernel_available() -> bool:
         return False
     try:
         from torch.utils.cpp_extension import load
-        load(name=f'mmdat_deformable_cpu_{_cpu_tag()}', sources=[SOURCE], is_python_module=False,
-             extra_cflags=['-O3', '-march=native', '-fopenmp'], extra_ldflags=['-fopenmp'],
-             verbose=False)
+        os.makedirs(build_dir, exist_ok=True)
+        load(name=name, sources=[SOURCE], build_directory=build_dir, is_python_module=False,
+             extra_cflags=CFLAGS, extra_ldflags=['-fopenmp'], verbose=False)
     except Exception as error:  # a failed build must not stop the model: fall back
         first_line = (str(error).strip().splitlines() or [''])[0]
         warnings.warn(f'mmdat: the CPU deformable attention kernel did not build ({type(error).__name__}: '

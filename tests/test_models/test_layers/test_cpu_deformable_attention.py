@@ -171,7 +171,8 @@ def test_without_a_compiler_the_model_falls_back_with_one_warning(tmp_path):
         "module.attn_impl = 'reference'",
         'assert torch.equal(auto, module(x))',  # the bias needs a gradient: the matmul rule
     ])
-    env = dict(os.environ, CXX=str(tmp_path / 'no-such-compiler'))
+    # an empty extension directory too: a build cached there would load without a compiler
+    env = dict(os.environ, CXX=str(tmp_path / 'no-such-compiler'), TORCH_EXTENSIONS_DIR=str(tmp_path))
     subprocess.run([sys.executable, '-c', code], check=True, env=env)
 
 
