@@ -82,6 +82,8 @@ setup(
     keywords='computer vision, vision transformer, deformable attention, object detection, '
     'semantic segmentation, openmmlab',
     packages=find_packages(exclude=('tests', 'tests.*', 'configs', 'tools')),
+    # the C++ source of the CPU deformable attention kernel, compiled on first use
+    package_data={'mmdat': ['models/layers/csrc/*.cpp']},
     python_requires='>=3.8',
     install_requires=parse_requirements('requirements/runtime.txt'),
     extras_require={

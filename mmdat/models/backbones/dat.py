@@ -286,18 +286,20 @@ class DAT(BaseModule):
             Defaults to ``(0, 1, 2, 3)``.
         drop_path_rate (float): Stochastic depth rate, increasing linearly over the blocks from
             0 to this value. Defaults to 0.1.
-        attn_impl (str): ``'sdpa'`` (:func:`torch.nn.functional.scaled_dot_product_attention`
-            with the bias as ``attn_mask``), ``'reference'`` (plain matmul and softmax, the
-            same function), ``'fused'`` (v1 deformable blocks run a Triton kernel that samples
-            the position bias on the fly and never stores an ``N x N`` tensor; needs CUDA and
-            Triton; window blocks use SDPA), ``'natten'`` (DAT++: the neighborhood blocks run
-            natten's kernels, the others SDPA), or ``'auto'``: per call, fused for v1 deformable
-            blocks on CUDA when Triton is installed, SDPA otherwise, except on CPU when the
-            position bias needs a gradient (training) and for attention over fewer than 128
-            keys (windows, neighborhoods), where matmuls are faster; in DAT++, natten for the neighborhood blocks when a compatible natten
-            is installed and ``with_cp`` is off (natten 0.14's backward does not work under
-            non-reentrant checkpointing), and SDPA for its deformable blocks.
-            Defaults to ``'auto'``.
+        attn_impl (str): How attention is computed (one vocabulary for every block; see
+            :mod:`mmdat.models.layers.attention`): ``'sdpa'``
+            (:func:`torch.nn.functional.scaled_dot_product_attention` with the bias as
+            ``attn_mask``), ``'reference'`` (plain matmul and softmax, the same function),
+            ``'fused'`` (deformable blocks sample the position bias inside a kernel and never
+            store an ``N x N`` tensor: Triton on CUDA, a C++ kernel compiled on first use on CPU;
+            the other blocks use SDPA), ``'natten'`` (DAT++: the neighborhood blocks run natten's
+            kernels, the others SDPA), or ``'auto'``: per call, the deformable blocks run the
+            fused kernel on CUDA (with Triton) and on CPU from 1,024 keys (512 in training);
+            otherwise SDPA, except on CPU when the bias needs a gradient (training) and for
+            attention over fewer than 128 keys (windows, neighborhoods), where matmuls are
+            faster; in DAT++, natten for the neighborhood blocks when a compatible natten is
+            installed and ``with_cp`` is off (natten 0.14's backward does not work under
+            non-reentrant checkpointing). Defaults to ``'auto'``.
         with_cp (bool): Gradient checkpointing: less memory, same results, slower backward.
             Defaults to False.
         frozen_stages (int): Stages to freeze (no gradients, eval mode), ``-1..4``; 0 freezes

@@ -33,9 +33,13 @@ ATTN_IMPLS = ('auto', 'sdpa', 'reference', 'fused', 'natten')
 CPU_SDPA_MIN_KEYS = 128
 
 #: Under ``'auto'`` on CPU, deformable attention over at least this many keys runs the C++
-#: kernel (when it builds); below it the per-row overhead of the kernel outweighs the bias it
-#: saves. Measured on 2 cores; see docs/benchmarks.md.
-CPU_KERNEL_MIN_KEYS = 128
+#: kernel (when it builds), or from :data:`CPU_KERNEL_MIN_KEYS_GRAD` keys when the bias needs a
+#: gradient; below, the kernel's per-row overhead outweighs the bias it saves. Timed alone
+#: against the other paths (2 cores, 1 thread): at 196 keys it was 0.7x as fast as SDPA in
+#: inference and 0.7x the reference in training, at 512 keys 0.92x and 1.46x, at 1024 keys 1.27x
+#: and 1.52x; see docs/benchmarks.md.
+CPU_KERNEL_MIN_KEYS = 1024
+CPU_KERNEL_MIN_KEYS_GRAD = 512
 
 #: Added to the scores of keys a query must not see. A large finite value rather than ``-inf``
 #: so that a query whose keys are all masked (a padded query, cropped later) gets a finite
@@ -91,7 +95,8 @@ def resolve_attn_impl(attn_impl: str, supported: Sequence[str], device: torch.de
     An explicit value is returned as it is (checked against ``supported``). ``'auto'`` picks:
 
     1. ``'fused'`` where the layer has it and a kernel runs here: on CUDA (Triton), and on CPU
-       (the C++ kernel) from :data:`CPU_KERNEL_MIN_KEYS` keys, where it was measured faster;
+       (the C++ kernel) from :data:`CPU_KERNEL_MIN_KEYS` keys (:data:`CPU_KERNEL_MIN_KEYS_GRAD`
+       with ``bias_grad``), where it was measured faster;
     2. otherwise ``'reference'`` on CPU with fewer than :data:`CPU_SDPA_MIN_KEYS` keys or with
        a bias that needs a gradient (there the matmuls are faster: for such a bias SDPA falls
        back on CPU to its own math path, the same matmuls with more overhead);
@@ -115,7 +120,8 @@ def resolve_attn_impl(attn_impl: str, supported: Sequence[str], device: torch.de
     if 'fused' in supported:
         if device.type == 'cuda' and kernel_available('fused', device, dtype):
             return 'fused'
-        if device.type == 'cpu' and num_keys >= CPU_KERNEL_MIN_KEYS and cpu_kernel_ready(dtype):
+        min_keys = CPU_KERNEL_MIN_KEYS_GRAD if bias_grad else CPU_KERNEL_MIN_KEYS
+        if device.type == 'cpu' and num_keys >= min_keys and cpu_kernel_ready(dtype):
             return 'fused'
     if device.type == 'cpu' and (num_keys < CPU_SDPA_MIN_KEYS or bias_grad):
         return 'reference'

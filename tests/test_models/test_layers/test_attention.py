@@ -5,7 +5,7 @@ from mmdat.models.layers import (DeformableAttention, DeformableAttentionPP, Nei
                                  WindowAttention, biased_attention, block_attn_impl, check_attn_impl,
                                  cpu_kernel_available, natten_available, resolve_attn_impl)
 from mmdat.models.layers import attention as attention_module
-from mmdat.models.layers.attention import CPU_KERNEL_MIN_KEYS, CPU_SDPA_MIN_KEYS
+from mmdat.models.layers.attention import CPU_KERNEL_MIN_KEYS, CPU_KERNEL_MIN_KEYS_GRAD, CPU_SDPA_MIN_KEYS
 
 
 @pytest.mark.parametrize('dtype,tol', [(torch.float64, 1e-10), (torch.float32, 1e-5)])
@@ -95,9 +95,11 @@ def test_block_attn_impl():
 
 @pytest.mark.parametrize('device,dtype,num_keys,bias_grad,expected', [
     ('cpu', torch.float32, CPU_KERNEL_MIN_KEYS, False, 'fused'),
-    ('cpu', torch.float32, CPU_KERNEL_MIN_KEYS, True, 'fused'),
-    ('cpu', torch.float64, CPU_KERNEL_MIN_KEYS, True, 'fused'),
-    ('cpu', torch.float32, CPU_KERNEL_MIN_KEYS - 1, False, 'reference'),
+    ('cpu', torch.float32, CPU_KERNEL_MIN_KEYS_GRAD, True, 'fused'),
+    ('cpu', torch.float64, CPU_KERNEL_MIN_KEYS_GRAD, True, 'fused'),
+    ('cpu', torch.float32, CPU_KERNEL_MIN_KEYS - 1, False, 'sdpa'),
+    ('cpu', torch.float32, CPU_KERNEL_MIN_KEYS_GRAD - 1, True, 'reference'),
+    ('cpu', torch.float32, 49, False, 'reference'),
     ('cpu', torch.bfloat16, CPU_KERNEL_MIN_KEYS, False, 'sdpa'),  # no CPU kernel for bf16
     ('cpu', torch.bfloat16, CPU_KERNEL_MIN_KEYS, True, 'reference'),
     ('meta', torch.float32, 49, True, 'sdpa'),
