@@ -160,16 +160,17 @@ def test_without_a_compiler_the_model_falls_back_with_one_warning(tmp_path):
         'from mmdat.models.layers import DeformableAttention, cpu_kernel_available',
         'torch.manual_seed(0)',
         "module = DeformableAttention(16, 4, 2, 3, table_size=5, attn_impl='auto')",
-        'x = torch.randn(1, 12, 12, 16)',
-        'with warnings.catch_warnings(record=True) as caught:',
+        'x = torch.randn(1, 32, 32, 16)',  # 1,024 keys: where 'auto' asks for the kernel
+        'with warnings.catch_warnings(record=True) as caught, torch.no_grad():',
         "    warnings.simplefilter('always')",
         '    auto = module(x)',
         '    module(x)',
         'assert not cpu_kernel_available()',
         "assert len(caught) == 1 and 'no C++ compiler' in str(caught[0].message), caught",
         "assert '\\n' not in str(caught[0].message)",
-        "module.attn_impl = 'reference'",
-        'assert torch.equal(auto, module(x))',  # the bias needs a gradient: the matmul rule
+        "module.attn_impl = 'sdpa'",
+        'with torch.no_grad():',
+        '    assert torch.equal(auto, module(x))',  # the former rule: SDPA
     ])
     # an empty extension directory too: a build cached there would load without a compiler
     env = dict(os.environ, CXX=str(tmp_path / 'no-such-compiler'), TORCH_EXTENSIONS_DIR=str(tmp_path))
@@ -190,3 +191,25 @@ def test_bias_grid_is_bitwise_the_former_formula():
         former = F.grid_sample(grouped, displacement.flip(-1), mode='bilinear', padding_mode='zeros',
                                align_corners=True).view(batch, 6, 63, -1)
         assert torch.equal(sampled_position_bias(queries, positions, table, batch), former)
+
+
+@needs_kernel
+def test_auto_runs_the_kernel_on_large_maps(monkeypatch):
+    from mmdat.models.layers import deformable_attention
+    calls = []
+
+    def spy(*args):
+        calls.append(args[0].shape)
+        return cpu_deformable_attention(*args)
+
+    monkeypatch.setattr(deformable_attention, 'cpu_deformable_attention', spy)
+    torch.manual_seed(0)
+    module = DeformableAttention(16, 4, 2, 3, table_size=5, attn_impl='auto')
+    with torch.no_grad():
+        module(torch.randn(1, 8, 8, 16))  # 64 keys: the matmuls
+        assert calls == []
+        out = module(torch.randn(1, 32, 32, 16))  # 1,024 keys
+        assert len(calls) == 1
+    x = torch.randn(1, 16, 32, 16)
+    module(x).sum().backward()  # 512 keys in training
+    assert len(calls) == 2 and out.shape == (1, 32, 32, 16)
