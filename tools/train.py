@@ -46,13 +46,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             raise SystemExit('--auto-scale-lr needs auto_scale_lr.base_batch_size in the config')
         cfg.auto_scale_lr.enable = True
     set_up_resume(cfg, args.resume)
+    check_dataset_files(cfg, ['train_dataloader', 'val_dataloader'])
     check_backbone_weights(cfg)
     check_checkpoint_files(cfg)
     if args.trust_checkpoint and cfg.get('load_from'):
         trust_checkpoint(cfg.load_from)
     use_atomic_checkpoints(cfg)
     adapt_to_cpu(cfg)
-    check_dataset_files(cfg, ['train_dataloader', 'val_dataloader'])
     try:
         Runner.from_cfg(cfg).train()
     except CheckpointError as error:  # a one-line message naming the file
