@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from mmdat.models.layers import NeighborhoodAttention, natten_available, neighborhood_attention
 from mmdat.models.layers.neighborhood_attention import (NA_TILES, _tile_plan,
-                                                        _tiled_neighborhood_attention)
+                                                        _tiled_neighborhood_attention, neighborhood_path)
 
 
 def naive_neighborhood_attention(q, k, v, rpb, kernel_size):
@@ -79,6 +79,13 @@ def test_tiles_match_the_gathered_reference_forward_and_backward(height, width, 
     for grad, grad_expected in zip(grads, expected):
         assert grad_expected.abs().sum() > 0
         torch.testing.assert_close(grad, grad_expected, rtol=1e-10, atol=1e-10)
+
+
+def test_paths_of_each_attn_impl():
+    assert [neighborhood_path(impl) for impl in ('auto', 'sdpa', 'reference', 'natten')] == [
+        'tiles', 'tiles', 'gathered', 'natten']
+    with pytest.raises(ValueError, match='attn_impl must be one of'):
+        neighborhood_path('fused')
 
 
 def test_tile_plan_groups_the_interior_tiles_and_reads_every_pixel_once():
