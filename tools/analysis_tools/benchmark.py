@@ -101,9 +101,11 @@ def _mib(peak: Optional[int]) -> str:
 
 
 def _progress(row: dict, name: str = 'path') -> None:
+    """One line per finished row: ``arch size mode path`` (``--peers``: ``size mode model``)."""
     result = row.get('error') or f"{row['seconds'] * 1e3:.2f} ms"
-    print(f"  {row.get('arch', '')} {_format_size(row['size'])} {row['mode']} {row[name]}: {result}".replace('   ', ' '),
-          flush=True)
+    label = [row['arch']] if 'arch' in row else []
+    label += [_format_size(row['size']), row['mode'], row[name]]
+    print(f"  {' '.join(label)}: {result}", flush=True)
 
 
 def header(args: argparse.Namespace) -> str:
