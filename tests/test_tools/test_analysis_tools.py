@@ -109,30 +109,6 @@ def test_fused_cells_of_datpp_archs_are_skipped():
     assert benchmark.skip_reason('fused', 'cpu', 'tiny') == 'skipped: the fused kernel needs CUDA'
 
 
-def test_op_inputs_have_the_stage3_shapes():
-    q, k, v, reference, positions, table = benchmark.op_inputs('tiny', (800, 1333), 2, torch.float32, 'cpu')
-    assert q.shape == k.shape == v.shape == (2, 12, 50 * 84, 32)
-    assert reference.shape == (4200, 2) and positions.shape == (2 * 3, 4200, 2)
-    assert table.shape == (12, 27, 27)
-    assert (positions - reference).abs().amax() <= 2 / 50 + 1e-6
-
-
-def test_a_cell_runs_in_a_fresh_process():
-    cell = dict(kind='op', arch='tiny', size=(32, 32), mode='infer', path='sdpa-no-bias', device='cpu',
-                amp='none', batch=1, warmup=0, repeats=1, isolated=True, threads=1)
-    result = benchmark.run_cell(cell)
-    assert result['seconds'] > 0 and result['peak_bytes'] >= 0
-
-
-def test_a_cell_over_its_memory_limit_is_out_of_memory():
-    # The reference op at 1536x1536 materialises a 4 GiB bias (12 heads x 9,216^2 x 4 bytes).
-    cell = dict(kind='op', arch='tiny', size=(1536, 1536), mode='infer', path='reference', device='cpu',
-                amp='none', batch=1, warmup=0, repeats=1, isolated=True, threads=1, memory_limit_gib=2)
-    assert benchmark.run_cell(cell) == dict(error='out of memory')
-    cell.update(size=(64, 64))
-    assert benchmark.run_cell(cell)['seconds'] > 0
-
-
 def test_max_size_search():
     def size_of(height):
         return height, height
@@ -153,6 +129,41 @@ def test_max_size_search():
     assert benchmark._aspect_size(800) == (800, 1344)
 
 
+def test_peer_table_gives_ratios_to_swin_t(tmp_path):
+    """Timing in turns in one process, memory per model in processes of their own."""
+    pytest.importorskip('mmdet')
+    out = tmp_path / 'peers'  # no extension: written as given
+    rows, table = benchmark.main(['--peers', '--models', 'Swin-T', 'DAT-T', '--sizes', '64', '--modes', 'infer',
+                                  '--batch', '1', '--warmup', '0', '--repeats', '2', '--threads', '1',
+                                  '--device', 'cpu', '--out', str(out)])
+    assert [(r['model'], r['mode']) for r in rows] == [('Swin-T', 'infer'), ('DAT-T', 'infer')]
+    assert all(r['seconds'] > 0 and r['peak_bytes'] > 0 for r in rows)
+    assert '| Swin-T | 64x64 | inference |' in table and '| 1.00x |' in table
+    ratio = rows[1]['seconds'] / rows[0]['seconds']
+    assert f'| {ratio:.2f}x |' in table and 'models in turns' in table
+    assert out.read_text() == table + '\n'
+
+
+def test_out_into_a_missing_folder_fails_before_the_run(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        benchmark.main(['--archs', 'tiny', '--sizes', '32', '--out', str(tmp_path / 'missing' / 'table.md')])
+    err = capsys.readouterr()
+    assert 'does not exist' in err.err and 'Device' not in err.out  # nothing ran
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(['--out', str(tmp_path)])
+    assert 'is a folder' in capsys.readouterr().err
+
+
+def test_out_writes_the_file_it_names(tmp_path, capsys, keep_num_threads):
+    out = tmp_path / 'table'
+    _, table = benchmark.main(['--op', '--archs', 'tiny', '--sizes', '32', '--batch', '1', '--warmup', '0',
+                               '--repeats', '1', '--no-isolate', '--modes', 'infer', '--paths', 'sdpa-no-bias',
+                               '--threads', '1', '--out', str(out)])
+    assert [p.name for p in tmp_path.iterdir()] == ['table']
+    assert out.read_text() == table + '\n'
+    assert capsys.readouterr().out.endswith(f'Table written to {out.resolve()}\n')
+
+
 @pytest.mark.parametrize('argv,match', [
     (['--sizes', '16'], 'sides >= 32'),
     (['--sizes', '8x9x10'], 'H or HxW'),
@@ -162,6 +173,9 @@ def test_max_size_search():
     (['--batch', '0'], '--batch'),
     (['--threads', '0'], '--threads'),
     (['--op', '--interleave'], 'backbone table only'),
+    (['--peers', '--interleave'], 'backbone table only'),
+    (['--peers', '--models', 'Swin-B'], 'invalid choice'),
+    (['--peers', '--op'], 'not allowed with'),
     (['--blocks', '--op'], 'not allowed with'),
     (['--device', 'cpu', '--memory-limit', '0'], '--memory-limit'),
     (['--device', 'cpu', '--memory-limit', '8', '--no-isolate'], '--memory-limit'),

@@ -1,6 +1,8 @@
 """Speed and memory of the DAT backbone and of its deformable attention, per attention path.
 
-Four modes (imports only torch, mmengine and mmdat, so it runs where mmcv/mmdet are absent):
+A command line over :mod:`mmdat.utils.benchmark` (models, inputs, timing, one process per
+cell). Five modes; all but ``--peers`` import only torch, mmengine and mmdat, so they run where
+mmcv/mmdet are absent:
 
 * default: backbone throughput (images/s) and peak memory for inference and for a training
   step (forward + backward of the backbone, no optimizer), for each arch x input size x
@@ -27,6 +29,14 @@ Four modes (imports only torch, mmengine and mmdat, so it runs where mmcv/mmdet 
 
       python tools/analysis_tools/benchmark.py --max-size --archs tiny --batch 2 --amp bf16
 
+* ``--peers``: DAT-T, DAT-S and DAT-T++ (default ``attn_impl``) against mmdet's Swin-T and
+  Swin-S, inference and training step, time and peak memory, as ratios to Swin-T: the models
+  of each size and mode timed in turns in one process, the memory of each model in a process
+  of its own (needs mmdet)::
+
+      python tools/analysis_tools/benchmark.py --peers --device cpu --sizes 800x1333 --modes infer
+      python tools/analysis_tools/benchmark.py --peers --device cpu --sizes 512 --modes train
+
 Timing: ``--warmup`` untimed steps, then ``--repeats`` timed steps, each between device
 synchronisations; the median is reported. Every cell runs in a fresh Python process so that
 peak memory is per cell and an out-of-memory cell does not disturb the next; ``--no-isolate``
@@ -35,41 +45,27 @@ runs them in this process (faster; then CPU memory is not reported). Peak memory
 included); on CPU, the growth of the process's peak resident set size over its size before the
 first step; ``--memory-limit`` caps the growth of a CPU cell's address space so that it fails
 with "out of memory" instead of waking the kernel's OOM killer. The fused path needs CUDA; on CPU its cells
-are listed as skipped.
+are listed as skipped. ``--out FILE`` also writes the table there (its folder must exist).
 """
 import argparse
-import json
-import math
-import os
-import platform
-import resource
-import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 
-import mmdat
 from mmdat.models import DAT
 from mmdat.models.layers import fused_deformable_attention as fused_module
-from mmdat.models.layers.deformable_attention import pixel_centre_grid
+from mmdat.utils import benchmark as lib
+from mmdat.utils.benchmark import AMP_DTYPES, PEER_MODELS, markdown_table, run_cell
 
 #: 'auto' (the default of DAT: fused on CUDA; on CPU SDPA or matmuls, whichever is faster for
 #: the block) is accepted but not run by default.
 BACKBONE_PATHS = ('reference', 'sdpa', 'fused', 'auto')
 OP_PATHS = ('reference', 'sdpa', 'fused', 'sdpa-no-bias')
-AMP_DTYPES = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
-#: Stage whose deformable maps are the largest (stride 16), and the pre-training image size that
-#: sets its position bias table (27 x 27 entries).
-OP_STAGE = 2
-PRETRAIN_IMG_SIZE = 224
+#: The model the peer table divides by.
+PEER_BASE = 'Swin-T'
 MAX_SIZE_ASPECT = 1333 / 800
-#: How failed allocations read (CUDA, and torch's CPU allocator in its versions).
-ALLOCATION_FAILURES = ('out of memory', 'not enough memory', "can't allocate memory", 'bad_alloc')
 
 
 def parse_size(text: str) -> Tuple[int, int]:
@@ -85,268 +81,6 @@ def parse_size(text: str) -> Tuple[int, int]:
     return sides
 
 
-def device_name(device: str, threads: Optional[int] = None) -> str:
-    if device == 'cuda':
-        return torch.cuda.get_device_name()
-    model = platform.processor() or 'CPU'
-    try:
-        with open('/proc/cpuinfo') as f:
-            model = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
-    except (OSError, StopIteration):
-        pass
-    return f'{model}, {os.cpu_count()} cores, torch using {threads or torch.get_num_threads()} threads'
-
-
-def _rss_bytes() -> int:
-    with open('/proc/self/statm') as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
-
-
-def _address_space_bytes() -> int:
-    with open('/proc/self/statm') as f:
-        return int(f.read().split()[0]) * resource.getpagesize()
-
-
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-
-
-def _synchronize(device: str) -> None:
-    if device == 'cuda':
-        torch.cuda.synchronize()
-
-
-def time_steps(step: Callable[[], None], device: str, warmup: int, repeats: int,
-               isolated: bool) -> Dict[str, Optional[float]]:
-    """Median seconds per step after warm-up, and the peak memory in bytes (None if unknown)."""
-    cpu_base = _rss_bytes() if device == 'cpu' else 0
-    for _ in range(warmup):
-        step()
-    _synchronize(device)
-    if device == 'cuda':
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(repeats):
-        _synchronize(device)
-        start = time.perf_counter()
-        step()
-        _synchronize(device)
-        times.append(time.perf_counter() - start)
-    if device == 'cuda':
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        peak = max(0, _peak_rss_bytes() - cpu_base) if isolated else None
-    return dict(seconds=statistics.median(times), peak_bytes=peak)
-
-
-def _autocast(device: str, amp: str):
-    dtype = AMP_DTYPES[amp]
-    return torch.autocast(device, dtype=dtype, enabled=dtype is not None)
-
-
-def backbone_step(cell: dict, path: str) -> Callable[[], None]:
-    """One inference or training step of a freshly built backbone (the same weights for every path)."""
-    device, amp = cell['device'], cell['amp']
-    torch.manual_seed(0)
-    model = DAT(arch=cell['arch'], attn_impl=path, drop_path_rate=0.0).to(device)
-    images = torch.randn(cell['batch'], 3, *cell['size'], device=device)
-    if cell['mode'] == 'infer':
-        model.eval()
-
-        def step():
-            with torch.inference_mode(), _autocast(device, amp):
-                model(images)
-    else:
-        model.train()
-
-        def step():
-            with _autocast(device, amp):
-                loss = sum(out.float().mean() for out in model(images))
-            loss.backward()
-            model.zero_grad(set_to_none=True)
-
-    return step
-
-
-def backbone_cell(cell: dict) -> dict:
-    """One (arch, size, path, mode) measurement of the backbone."""
-    step = backbone_step(cell, cell['path'])
-    return time_steps(step, cell['device'], cell['warmup'], cell['repeats'], cell['isolated'])
-
-
-def interleaved_cell(cell: dict) -> dict:
-    """Several paths timed in turns, one step each per round (rotating the order), so that the
-    load of a shared machine weighs on all of them alike. Median seconds per path; no memory."""
-    paths = cell['paths']
-    steps = {path: backbone_step(cell, path) for path in paths}
-    for _ in range(cell['warmup']):
-        for step in steps.values():
-            step()
-    times = {path: [] for path in paths}
-    for round_index in range(cell['repeats']):
-        for i in range(len(paths)):
-            path = paths[(round_index + i) % len(paths)]
-            _synchronize(cell['device'])
-            start = time.perf_counter()
-            steps[path]()
-            _synchronize(cell['device'])
-            times[path].append(time.perf_counter() - start)
-    return {path: statistics.median(t) for path, t in times.items()}
-
-
-def op_inputs(arch: str, size: Tuple[int, int], batch: int, dtype: torch.dtype,
-              device: str) -> List[torch.Tensor]:
-    """Random q, k, v, reference points, key positions and table at the shapes of stage 3."""
-    zoo = DAT.arch_zoo[arch]
-    heads, groups = zoo['num_heads'][OP_STAGE], zoo['offset_groups'][OP_STAGE]
-    head_dims = zoo['embed_dims'] * 2**OP_STAGE // heads
-    stride = 4 * 2**OP_STAGE
-    height, width = (math.ceil(s / stride) for s in size)
-    table_side = 2 * (PRETRAIN_IMG_SIZE // stride) - 1
-    tokens = height * width
-    gen = torch.Generator(device=device).manual_seed(0)
-    qkv = [torch.randn(batch, heads, tokens, head_dims, device=device, dtype=dtype, generator=gen)
-           for _ in range(3)]
-    reference = pixel_centre_grid(height, width, torch.device(device), torch.float32).view(tokens, 2)
-    # Positions moved by up to one pixel, as the offsets of DAT (range factor 2) move them.
-    shift = (torch.rand(batch * groups, tokens, 2, device=device, generator=gen) * 2 - 1)
-    positions = reference + shift * reference.new_tensor([2 / height, 2 / width])
-    table = torch.randn(heads, table_side, table_side, device=device, generator=gen) * 0.02
-    return qkv + [reference, positions, table]
-
-
-def op_function(path: str) -> Callable[..., torch.Tensor]:
-    def materialised_sdpa(q, k, v, reference, positions, table):
-        bias = fused_module.sampled_position_bias(reference, positions, table, q.shape[0])
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
-
-    return dict(fused=fused_module.fused_deformable_attention,
-                reference=fused_module.reference_deformable_attention,
-                sdpa=materialised_sdpa,
-                **{'sdpa-no-bias': lambda q, k, v, *_: F.scaled_dot_product_attention(q, k, v)})[path]
-
-
-def op_cell(cell: dict) -> dict:
-    """The attention op alone: forward, or forward + backward into q, k, v, positions, table."""
-    device = cell['device']
-    dtype = AMP_DTYPES[cell['amp']] or torch.float32
-    inputs = op_inputs(cell['arch'], cell['size'], cell['batch'], dtype, device)
-    fn = op_function(cell['path'])
-    if cell['mode'] == 'infer':
-        def step():
-            with torch.inference_mode():
-                fn(*inputs)
-    else:
-        for i in (0, 1, 2, 4, 5):
-            inputs[i].requires_grad_(True)
-        grad_out = torch.randn_like(inputs[0])
-
-        def step():
-            fn(*inputs).backward(grad_out)
-            for t in inputs:
-                t.grad = None
-
-    return time_steps(step, device, cell['warmup'], cell['repeats'], cell['isolated'])
-
-
-def block_name(attn: torch.nn.Module) -> str:
-    """``'window'``, ``'shifted window'``, ``'deformable'``, ... for an attention module of DAT."""
-    name = type(attn).__name__
-    if name == 'WindowAttention':
-        return 'shifted window' if attn.shift_size else 'window'
-    return dict(DeformableAttention='deformable', DeformableAttentionPP='deformable++',
-                NeighborhoodAttention='neighborhood').get(name, name)
-
-
-def blocks_cell(cell: dict) -> dict:
-    """The attention modules of the first two blocks of every stage, each timed alone on the
-    input it receives in the backbone (captured in one forward). Seconds per block, in order."""
-    device, amp = cell['device'], cell['amp']
-    torch.manual_seed(0)
-    model = DAT(arch=cell['arch'], attn_impl=cell['path'], drop_path_rate=0.0).to(device)
-    attns = [block.attn for stage in model.stages for block in stage.blocks[:2]]
-    inputs = {}
-
-    def capture(module: torch.nn.Module, args: tuple) -> None:
-        inputs.setdefault(module, args[0])
-
-    hooks = [attn.register_forward_pre_hook(capture) for attn in attns]
-    with torch.no_grad(), _autocast(device, amp):
-        model(torch.randn(cell['batch'], 3, *cell['size'], device=device))
-    for hook in hooks:
-        hook.remove()
-    results = []
-    for attn in attns:
-        x = inputs[attn].detach()
-        if cell['mode'] == 'infer':
-            def step():
-                with torch.inference_mode(), _autocast(device, amp):
-                    attn(x)
-        else:
-            x.requires_grad_(True)
-
-            def step():
-                with _autocast(device, amp):
-                    out = attn(x)
-                out.float().sum().backward()
-                x.grad = None
-                attn.zero_grad(set_to_none=True)
-        timing = time_steps(step, device, cell['warmup'], cell['repeats'], isolated=False)
-        results.append(dict(block=block_name(attn), map='x'.join(map(str, x.shape[1:3])),
-                            seconds=timing['seconds']))
-    return dict(blocks=results)
-
-
-def probe_cell(cell: dict) -> dict:
-    """One training step (forward + backward) at one size: does it fit?"""
-    return backbone_cell(dict(cell, mode='train', warmup=0, repeats=1))
-
-
-CELL_FUNCTIONS = dict(backbone=backbone_cell, interleaved=interleaved_cell, op=op_cell, probe=probe_cell,
-                      blocks=blocks_cell)
-
-
-def _run_here(cell: dict) -> dict:
-    if cell['threads']:
-        torch.set_num_threads(cell['threads'])
-    if cell.get('memory_limit_gib'):
-        # Only ever set in a child process: a failed allocation then raises instead of
-        # waking the kernel's OOM killer, which may pick any process of the machine. Counted
-        # from the size the process has now (torch's libraries: ~1.3 GiB for a CPU build, more
-        # with CUDA), so that the option means the same for every build.
-        limit = _address_space_bytes() + int(cell['memory_limit_gib'] * 2**30)
-        hard = resource.getrlimit(resource.RLIMIT_AS)[1]
-        if hard != resource.RLIM_INFINITY:
-            limit = min(limit, hard)
-        resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
-    try:
-        return CELL_FUNCTIONS[cell['kind']](cell)
-    except (torch.cuda.OutOfMemoryError, MemoryError):
-        return dict(error='out of memory')
-    except RuntimeError as e:  # CPU allocation failures and kernel errors
-        if any(text in str(e).lower() for text in ALLOCATION_FAILURES):
-            return dict(error='out of memory')
-        return dict(error=f'{type(e).__name__}: {str(e).splitlines()[0]}')
-    finally:
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
-
-def run_cell(cell: dict) -> dict:
-    """Run a cell in a fresh Python process (or here with ``isolated=False``)."""
-    if not cell['isolated']:
-        return _run_here(cell)
-    # The child imports the mmdat this process uses, wherever it comes from.
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(Path(mmdat.__file__).resolve().parents[1])] + os.environ.get('PYTHONPATH', '').split(os.pathsep)))
-    child = subprocess.run([sys.executable, __file__, '--cell', json.dumps(cell)], env=env,
-                           capture_output=True, text=True)
-    lines = child.stdout.strip().splitlines()
-    if child.returncode != 0 or not lines:
-        reason = 'killed (out of memory?)' if child.returncode < 0 else f'exit code {child.returncode}'
-        tail = child.stderr.strip().splitlines()[-1:] or ['']
-        return dict(error=f'the process failed: {reason} {tail[0]}'.strip())
-    return json.loads(lines[-1])
 def skip_reason(path: str, device: str, arch: Optional[str] = None) -> Optional[str]:
     """Why a cell cannot run here (None if it can); ``arch`` when a whole DAT is built."""
     if path == 'fused' and arch is not None and DAT.arch_zoo[arch].get('version') == 2:
@@ -366,9 +100,12 @@ def _mib(peak: Optional[int]) -> str:
     return '-' if peak is None else f'{peak / 2**20:.0f}'
 
 
-def _progress(row: dict) -> None:
+def _progress(row: dict, name: str = 'path') -> None:
+    """One line per finished row: ``arch size mode path`` (``--peers``: ``size mode model``)."""
     result = row.get('error') or f"{row['seconds'] * 1e3:.2f} ms"
-    print(f"  {row['arch']} {_format_size(row['size'])} {row['mode']} {row['path']}: {result}", flush=True)
+    label = [row['arch']] if 'arch' in row else []
+    label += [_format_size(row['size']), row['mode'], row[name]]
+    print(f"  {' '.join(label)}: {result}", flush=True)
 
 
 def header(args: argparse.Namespace) -> str:
@@ -379,10 +116,12 @@ def header(args: argparse.Namespace) -> str:
               'not measured (--blocks)' if args.blocks else
               'peak allocated (torch.cuda.max_memory_allocated)' if args.device == 'cuda' else
               'peak RSS growth of the process' if args.isolated else 'not measured (--no-isolate)')
-    timing = 'paths in turns, ' if args.interleave else ''
-
-    return (f'Device: {device_name(args.device, args.threads)} ({args.device}); {versions}; amp: {args.amp}; '
-            f'batch {args.batch}; {timing}warm-up {args.warmup}, median of {args.repeats}; memory: {memory}.')
+    timing = 'paths in turns, ' if args.interleave else 'models in turns, ' if args.peers else ''
+    load = lib.load_average()
+    load = f'; load average at the start {load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f}' if load else ''
+    return (f'Device: {lib.device_name(args.device, args.threads)} ({args.device}){load}; {versions}; '
+            f'amp: {args.amp}; batch {args.batch}; {timing}warm-up {args.warmup}, median of {args.repeats}; '
+            f'memory: {memory}.')
 
 
 def benchmark_backbone(args: argparse.Namespace) -> Tuple[List[dict], List[str]]:
@@ -447,8 +186,8 @@ def benchmark_op(args: argparse.Namespace) -> Tuple[List[dict], List[str]]:
     lines = ['| arch (stage-3 shapes) | input | tokens | mode | path | ms | peak MiB | time / sdpa-no-bias |',
              '|---|---|---:|---|---|---:|---:|---:|']
     for row in rows:
-        stride = 4 * 2**OP_STAGE
-        tokens = math.ceil(row['size'][0] / stride) * math.ceil(row['size'][1] / stride)
+        shapes = lib.op_shapes(row['arch'], row['size'], args.batch)
+        tokens = shapes['height'] * shapes['width']
         base = next((r for r in rows if r['path'] == 'sdpa-no-bias' and 'seconds' in r
                      and (r['arch'], r['size'], r['mode']) == (row['arch'], row['size'], row['mode'])), None)
         cells = [row['arch'], _format_size(row['size']), str(tokens),
@@ -491,6 +230,43 @@ def benchmark_blocks(args: argparse.Namespace) -> Tuple[List[dict], List[str]]:
         cells += [str(row['stage']), row['block'], row['map'], 'fwd' if row['mode'] == 'infer' else 'fwd+bwd',
                   row['path'], f"{row['seconds'] * 1e3:.2f}", ratio]
         lines.append('| ' + ' | '.join(cells) + ' |')
+    return rows, lines
+
+
+def benchmark_peers(args: argparse.Namespace) -> Tuple[List[dict], List[str]]:
+    """The peer table: every model of each size and mode timed in turns in one process, then
+    the memory of each model in a process of its own."""
+    rows = []
+    models = {name: PEER_MODELS[name] for name in args.models}
+    for size in args.sizes:
+        for mode in args.modes:
+            group = [dict(model=name, size=size, mode=mode) for name in models]
+            times = run_cell(dict(kind='interleaved', size=size, mode=mode, models=models, **_common(args)))
+            for row in group:
+                row.update(dict(error=times['error']) if 'error' in times else dict(seconds=times[row['model']]))
+                if args.isolated and 'error' not in row:
+                    memory = run_cell(dict(kind='backbone', size=size, mode=mode, model=models[row['model']],
+                                           **dict(_common(args), warmup=0, repeats=1)))
+                    row['peak_bytes'] = memory.get('peak_bytes')
+                    if 'error' in memory:
+                        row['memory_error'] = memory['error']
+                _progress(row, 'model')
+            rows += group
+    table = []
+    for row in rows:
+        base = next((r for r in rows if r['model'] == PEER_BASE and 'seconds' in r
+                     and (r['size'], r['mode']) == (row['size'], row['mode'])), None)
+        cells = [row['model'], _format_size(row['size']), 'inference' if row['mode'] == 'infer' else 'training step']
+        if 'error' in row:
+            table.append(cells + [row['error'], '', '', ''])
+            continue
+        peak = row.get('peak_bytes')
+        speed = f"{row['seconds'] / base['seconds']:.2f}x" if base else ''
+        memory = (f"{peak / base['peak_bytes']:.2f}x" if base and peak is not None and base.get('peak_bytes')
+                  else '')
+        table.append(cells + [f"{row['seconds']:.3f}", speed, row.get('memory_error') or _mib(peak), memory])
+    lines = markdown_table(['model', 'input', 'mode', 's/iter', f'time / {PEER_BASE}', 'peak MiB',
+                            f'memory / {PEER_BASE}'], table, right=(3, 4, 5, 6))
     return rows, lines
 
 
@@ -577,7 +353,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                       help='benchmark the attention module of the first two blocks of each stage alone')
     task.add_argument('--max-size', action='store_true',
                       help='search the largest input whose training step fits (CUDA only)')
+    task.add_argument('--peers', action='store_true',
+                      help=f'DAT against mmdet\'s Swin Transformer, ratios to {PEER_BASE} (needs mmdet)')
     parser.add_argument('--archs', nargs='+', default=['tiny', 'small', 'base'], choices=sorted(DAT.arch_zoo))
+    parser.add_argument('--models', nargs='+', default=list(PEER_MODELS), choices=list(PEER_MODELS),
+                        help=f'--peers: the models (default: all; {PEER_BASE} is the base of the ratios)')
     parser.add_argument('--sizes', nargs='+', type=parse_size, default=None,
                         help='input sizes, H or HxW (default: 224 512 800x1333)')
     parser.add_argument('--paths', nargs='+', default=None,
@@ -606,7 +386,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help='run every cell in this process (no per-cell CPU memory)')
     parser.add_argument('--min-height', type=int, default=224, help='--max-size: smallest height tried')
     parser.add_argument('--max-height', type=int, default=4096, help='--max-size: largest height tried')
-    parser.add_argument('--out', help='also write the table (Markdown) to this file')
+    parser.add_argument('--out', help='also write the table (Markdown) to this file; its folder must exist')
     args = parser.parse_args(argv)
     allowed = OP_PATHS if args.op else BACKBONE_PATHS
     args.paths = args.paths or [p for p in allowed if p != 'auto']
@@ -618,8 +398,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error('--device cuda: CUDA is not available')
     if args.max_size and args.device != 'cuda':
         parser.error('--max-size searches GPU memory; it needs --device cuda')
-    if args.interleave and (args.op or args.blocks or args.max_size):
-        parser.error('--interleave applies to the backbone table only')
+    if args.interleave and (args.op or args.blocks or args.max_size or args.peers):
+        parser.error('--interleave applies to the backbone table only (--peers always times in turns)')
     if args.memory_limit is not None and (args.device != 'cpu' or not args.isolated
                                           or args.memory_limit <= 0):
         parser.error('--memory-limit is a positive number of GiB, for CPU cells in their own '
@@ -632,18 +412,18 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error('--min-height and --max-height must be multiples of 32 with 32 <= min <= max')
     if args.amp == 'fp16' and args.device == 'cpu':
         parser.error('--amp fp16 needs CUDA (CPU autocast runs bfloat16)')
+    if args.out is not None:
+        # checked now rather than after a run of many minutes
+        folder = Path(args.out).expanduser().resolve().parent
+        if not folder.is_dir():
+            parser.error(f'--out: the folder {folder} does not exist')
+        if Path(args.out).is_dir():
+            parser.error(f'--out: {args.out} is a folder; give a file name')
     return args
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Tuple[List[dict], str]:
-    if argv is None:
-        argv = sys.argv[1:]
-    if argv[:1] == ['--cell']:  # a child process of run_cell: one cell, the result as JSON
-        cell = json.loads(argv[1])
-        cell['size'] = tuple(cell['size'])
-        print(json.dumps(_run_here(cell)))
-        return [], ''
-    args = parse_args(argv)
+    args = parse_args(sys.argv[1:] if argv is None else argv)
     title = header(args)
     print(title, flush=True)
     if args.op:
@@ -652,13 +432,16 @@ def main(argv: Optional[Sequence[str]] = None) -> Tuple[List[dict], str]:
         rows, lines = benchmark_blocks(args)
     elif args.max_size:
         rows, lines = benchmark_max_size(args)
+    elif args.peers:
+        rows, lines = benchmark_peers(args)
     else:
         rows, lines = benchmark_backbone(args)
     table = '\n'.join([title, ''] + lines)
     print('\n' + table)
     if args.out:
-        with open(args.out, 'w') as f:
-            f.write(table + '\n')
+        out = Path(args.out).expanduser().resolve()
+        out.write_text(table + '\n')
+        print(f'\nTable written to {out}')
     return rows, table
 
 

@@ -1,8 +1,12 @@
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from mmdat.models.layers import NeighborhoodAttention, natten_available, neighborhood_attention
+from mmdat.models.layers.neighborhood_attention import (NA_TILES, _tile_plan,
+                                                        _tiled_neighborhood_attention, neighborhood_path)
 
 
 def naive_neighborhood_attention(q, k, v, rpb, kernel_size):
@@ -54,6 +58,87 @@ def test_kernel_covering_the_map_is_global_attention_with_a_shifted_bias():
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('height,width,kernel_size,tile', [
+    (7, 7, 7, 8),     # the map is one tile and one halo
+    (9, 11, 5, 4),    # sides not multiples of the tile: the last tiles overlap their neighbours
+    (23, 30, 7, 6),   # interior tiles, border tiles and corners
+    (30, 17, 7, 8),   # halo wider than the map on one side
+    (12, 13, 3, 3),   # another odd kernel
+    (10, 9, 9, 4),
+])
+@pytest.mark.parametrize('impl', ['auto', 'sdpa'])
+def test_tiles_match_the_gathered_reference_forward_and_backward(height, width, kernel_size, tile, impl):
+    """fp64, every input and the bias table: the tiled path is the reference path, tile by tile."""
+    q, k, v, rpb = (t.double().requires_grad_() for t in random_qkv(height, width, kernel_size=kernel_size))
+    weights = torch.randn(q.shape, dtype=torch.float64)
+    reference = neighborhood_attention(q, k, v, rpb, kernel_size, 'reference')
+    expected = torch.autograd.grad((reference * weights).sum(), (q, k, v, rpb))
+    out = _tiled_neighborhood_attention(q, k, v, rpb, kernel_size, impl, tile)
+    grads = torch.autograd.grad((out * weights).sum(), (q, k, v, rpb))
+    torch.testing.assert_close(out, reference, rtol=1e-12, atol=1e-12)
+    for grad, grad_expected in zip(grads, expected):
+        assert grad_expected.abs().sum() > 0
+        torch.testing.assert_close(grad, grad_expected, rtol=1e-10, atol=1e-10)
+
+
+def test_paths_of_each_attn_impl():
+    assert [neighborhood_path(impl) for impl in ('auto', 'sdpa', 'reference', 'natten')] == [
+        'tiles', 'tiles', 'gathered', 'natten']
+    with pytest.raises(ValueError, match='attn_impl must be one of'):
+        neighborhood_path('fused')
+
+
+def test_tile_plan_groups_the_interior_tiles_and_reads_every_pixel_once():
+    groups, queries, keys, order = _tile_plan(200, 334, 7, 8, torch.device('cpu'))
+    tiles = [g[0] for g in groups]
+    # 25 x 42 tiles: first, interior and last rows/columns of tiles; the interior is one group
+    assert sum(tiles) == 25 * 42 and max(tiles) == 23 * 40 and len(groups) <= 16
+    assert queries.numel() == sum(tiles) * 64 and keys.numel() == sum(tiles) * 14 * 14
+    assert torch.equal(queries[order], torch.arange(200 * 334))  # each pixel's own output
+    for _, bias_index, masked in groups:  # every query sees exactly K*K keys
+        assert torch.equal((~masked).sum(1), torch.full((64, ), 49))
+        assert 0 <= bias_index.min() and bias_index.max() < 13 * 13
+
+
+def test_tile_size_follows_the_gradient_mode(monkeypatch):
+    seen = []
+    real = _tile_plan.__wrapped__
+
+    def spy(height, width, kernel_size, tile, device):
+        seen.append(tile)
+        return real(height, width, kernel_size, tile, device)
+
+    monkeypatch.setattr(importlib.import_module('mmdat.models.layers.neighborhood_attention'), '_tile_plan', spy)
+    q, k, v, rpb = random_qkv(9, 9, kernel_size=5)
+    with torch.no_grad():
+        neighborhood_attention(q, k, v, rpb, 5, 'auto')
+    neighborhood_attention(q, k, v, rpb.requires_grad_(), 5, 'auto')
+    assert seen == [NA_TILES['inference'], NA_TILES['training']]
+
+
+@pytest.mark.parametrize('impl', ['auto', 'reference'])
+def test_training_after_inference_mode(impl):
+    """Index tables cached during inference_mode must serve a later backward."""
+    module = NeighborhoodAttention(8, 2, kernel_size=3, attn_impl=impl)
+    x = torch.randn(1, 7, 6, 8)
+    with torch.inference_mode():
+        module(x)
+    module(x).sum().backward()
+    assert module.rpb.grad.abs().sum() > 0
+
+
+def test_bf16_autocast_follows_fp32():
+    torch.manual_seed(0)
+    module = NeighborhoodAttention(32, 2, kernel_size=7)
+    x = torch.randn(1, 19, 23, 32)
+    with torch.no_grad():
+        expected = module(x)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            out = module(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, rtol=0.05, atol=0.05)
+
+
 def test_maps_smaller_than_the_kernel_are_refused_by_the_function():
     q, k, v, rpb = random_qkv(4, 9, kernel_size=5)
     with pytest.raises(ValueError, match='at least kernel_size=5 a side, got 4x9'):
@@ -75,12 +160,22 @@ def test_module_pads_small_maps_like_natten(height, width):
         torch.testing.assert_close(module(x), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_gradients_reach_inputs_and_bias():
-    module = NeighborhoodAttention(8, 2, kernel_size=3)
-    x = torch.randn(1, 6, 5, 8, requires_grad=True)
-    module(x).square().sum().backward()
-    assert x.grad.abs().sum() > 0 and module.rpb.grad.abs().sum() > 0
-    assert module.qkv.weight.grad.abs().sum() > 0
+@pytest.mark.parametrize('height,width', [(6, 5), (3, 9), (20, 11)])
+def test_module_gradients_match_the_reference(height, width):
+    """Maps smaller than the kernel (padded) and larger, every parameter and the input."""
+    torch.manual_seed(0)
+    module = NeighborhoodAttention(8, 2, kernel_size=7).double()
+    torch.nn.init.normal_(module.rpb, std=1.0)
+    x = torch.randn(1, height, width, 8, dtype=torch.float64, requires_grad=True)
+    results = {}
+    for impl in ('reference', 'auto', 'sdpa'):
+        module.attn_impl = impl
+        out = module(x)
+        results[impl] = [out] + list(torch.autograd.grad(out.square().sum(), [x] + list(module.parameters())))
+    for impl in ('auto', 'sdpa'):
+        for got, expected in zip(results[impl], results['reference']):
+            assert expected.abs().sum() > 0
+            torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.skipif(not natten_available(), reason='natten is not installed')
@@ -112,3 +207,26 @@ def test_bad_arguments(kwargs, error, match):
 def test_natten_impl_without_natten():
     with pytest.raises(RuntimeError, match='needs a compatible natten'):
         NeighborhoodAttention(8, 2, attn_impl='natten')
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a GPU')
+def test_tiles_match_the_reference_on_gpu():
+    """DAT-T++ stage 1 at 800x1333 (200 x 334, 2 heads of 32 dims), batch 2, forward and all
+    gradients in float32, and the tiles' peak memory under a quarter of the gathered path's."""
+    generator = torch.Generator(device='cuda').manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 200, 334, 32, device='cuda', generator=generator, requires_grad=True)
+               for _ in range(3))
+    rpb = torch.randn(2, 13, 13, device='cuda', generator=generator).requires_grad_()
+    weights = torch.randn(q.shape, device='cuda', generator=generator)
+    results, peaks = {}, {}
+    for impl in ('reference', 'auto', 'sdpa'):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        out = neighborhood_attention(q, k, v, rpb, 7, impl)
+        results[impl] = [out.detach()] + list(torch.autograd.grad((out * weights).sum(), (q, k, v, rpb)))
+        peaks[impl] = torch.cuda.max_memory_allocated() - start
+    for impl in ('auto', 'sdpa'):
+        for got, expected in zip(results[impl], results['reference']):
+            torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-4)
+        assert peaks[impl] < peaks['reference'] / 4, peaks

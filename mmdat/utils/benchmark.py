@@ -1,0 +1,417 @@
+"""Benchmark building blocks: models and inputs, timing, one process per measurement.
+
+Used by ``tools/analysis_tools/benchmark.py`` (the command line and its tables). Imports only
+torch, mmengine and mmdat; the peer models (mmdet's Swin Transformer) import mmdet when built.
+
+A measurement is a *cell*: a JSON-able dict whose ``kind`` names a function of
+:data:`CELL_FUNCTIONS`. :func:`run_cell` runs it in a fresh Python process (``python -m
+mmdat.utils.benchmark --cell JSON``) so that peak memory is per cell and an out-of-memory cell
+does not disturb the next, or in this process with ``isolated=False``.
+
+Common cell keys: ``device`` (``'cpu'``/``'cuda'``), ``amp`` (a key of :data:`AMP_DTYPES`),
+``batch``, ``warmup``, ``repeats``, ``isolated``, ``threads`` (torch's CPU threads or None) and
+``memory_limit_gib`` (CPU, isolated cells: the most the process's address space may grow).
+"""
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mmdat.models import DAT
+from mmdat.models.layers import DeformableAttention
+from mmdat.models.layers import fused_deformable_attention as fused_module
+from mmdat.models.layers.deformable_attention import pixel_centre_grid
+
+AMP_DTYPES = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+#: How failed allocations read (CUDA, and torch's CPU allocator in its versions).
+ALLOCATION_FAILURES = ('out of memory', 'not enough memory', "can't allocate memory", 'bad_alloc')
+#: Stage whose deformable maps are the largest (stride 16): the shapes of the ``op`` cells.
+OP_STAGE = 2
+
+#: The models of the peer table: mmdat's DAT archs and mmdet's Swin Transformer as in its
+#: detection configs (Swin-T: 2/2/6/2 blocks, Swin-S: 2/2/18/2; 96 channels, 3/6/12/24 heads,
+#: window 7). Stochastic depth is off in all of them, as in the backbone cells.
+PEER_MODELS = {
+    'Swin-T': dict(type='swin', depths=(2, 2, 6, 2)),
+    'Swin-S': dict(type='swin', depths=(2, 2, 18, 2)),
+    'DAT-T': dict(type='dat', arch='tiny'),
+    'DAT-S': dict(type='dat', arch='small'),
+    'DAT-T++': dict(type='dat', arch='tiny++'),
+}
+
+
+def build_model(spec: dict) -> nn.Module:
+    """A backbone from a spec: ``dict(type='dat', arch=..., attn_impl='auto')`` or
+    ``dict(type='swin', depths=...)`` (mmdet's SwinTransformer; needs mmdet)."""
+    spec = dict(spec)
+    kind = spec.pop('type')
+    if kind == 'dat':
+        return DAT(arch=spec['arch'], attn_impl=spec.get('attn_impl', 'auto'), drop_path_rate=0.0)
+    if kind == 'swin':
+        from mmdet.models.backbones import SwinTransformer  # only the peer table needs mmdet
+        return SwinTransformer(embed_dims=96, depths=spec['depths'], num_heads=(3, 6, 12, 24),
+                               window_size=7, drop_path_rate=0.0)
+    raise ValueError(f"model type must be 'dat' or 'swin', got {kind!r}")
+
+
+def capture_inputs(model: nn.Module, modules: Sequence[nn.Module],
+                   images: torch.Tensor) -> Dict[nn.Module, torch.Tensor]:
+    """The first positional input each of ``modules`` receives in one forward of ``model``
+    (under ``no_grad``; on the meta device this gives the shapes for free)."""
+    inputs = {}
+
+    def capture(module: nn.Module, args: tuple) -> None:
+        inputs.setdefault(module, args[0])
+
+    hooks = [module.register_forward_pre_hook(capture) for module in modules]
+    try:
+        with torch.no_grad():
+            model(images)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return inputs
+
+
+def attention_modules(model: DAT) -> List[nn.Module]:
+    """The attention modules of the first two blocks of every stage of a DAT."""
+    return [block.attn for stage in model.stages for block in stage.blocks[:2]]
+
+
+def op_shapes(arch: str, size: Tuple[int, int], batch: int) -> dict:
+    """The shapes of the first deformable block of stage 3 of a DAT built at ``arch``, read
+    from the module and from its input in a forward on the meta device."""
+    model = DAT(arch=arch).to('meta')
+    attn = next(m for m in model.stages[OP_STAGE].modules() if isinstance(m, DeformableAttention))
+    x = capture_inputs(model, [attn], torch.empty(batch, 3, *size, device='meta'))[attn]
+    _, height, width, channels = x.shape
+    return dict(batch=batch, heads=attn.num_heads, groups=attn.num_groups, height=height, width=width,
+                head_dims=channels // attn.num_heads, table=tuple(attn.rpe_table.shape))
+
+
+def op_inputs(arch: str, size: Tuple[int, int], batch: int, dtype: torch.dtype,
+              device: str) -> List[torch.Tensor]:
+    """Random q, k, v, reference points, key positions and table at the shapes of
+    :func:`op_shapes`; key positions are the reference points moved by up to one pixel, as
+    DAT's offsets (range factor 2) move them."""
+    shapes = op_shapes(arch, size, batch)
+    height, width = shapes['height'], shapes['width']
+    tokens = height * width
+    gen = torch.Generator(device=device).manual_seed(0)
+    qkv = [torch.randn(batch, shapes['heads'], tokens, shapes['head_dims'], device=device, dtype=dtype,
+                       generator=gen) for _ in range(3)]
+    reference = pixel_centre_grid(height, width, torch.device(device), torch.float32).view(tokens, 2)
+    shift = torch.rand(batch * shapes['groups'], tokens, 2, device=device, generator=gen) * 2 - 1
+    positions = reference + shift * reference.new_tensor([2 / height, 2 / width])
+    table = torch.randn(shapes['table'], device=device, generator=gen) * 0.02
+    return qkv + [reference, positions, table]
+
+
+def op_function(path: str) -> Callable[..., torch.Tensor]:
+    """The deformable attention op of a path: ``'fused'``, ``'reference'``, ``'sdpa'`` (the bias
+    materialised, then SDPA) or ``'sdpa-no-bias'`` (plain SDPA on the same q, k, v)."""
+    def materialised_sdpa(q, k, v, reference, positions, table):
+        bias = fused_module.sampled_position_bias(reference, positions, table, q.shape[0])
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
+
+    return dict(fused=fused_module.fused_deformable_attention,
+                reference=fused_module.reference_deformable_attention,
+                sdpa=materialised_sdpa,
+                **{'sdpa-no-bias': lambda q, k, v, *_: F.scaled_dot_product_attention(q, k, v)})[path]
+
+
+def device_name(device: str, threads: Optional[int] = None) -> str:
+    """The GPU's name, or the CPU model, its cores and torch's threads."""
+    if device == 'cuda':
+        return torch.cuda.get_device_name()
+    model = platform.processor() or 'CPU'
+    try:
+        with open('/proc/cpuinfo') as f:
+            model = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
+    except (OSError, StopIteration):
+        pass
+    return f'{model}, {os.cpu_count()} cores, torch using {threads or torch.get_num_threads()} threads'
+
+
+def load_average() -> Optional[Tuple[float, float, float]]:
+    """The machine's 1, 5 and 15 minute load averages (None where unknown)."""
+    try:
+        return os.getloadavg()
+    except OSError:
+        return None
+
+
+def _statm(field: int) -> int:
+    with open('/proc/self/statm') as f:
+        return int(f.read().split()[field]) * resource.getpagesize()
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def synchronize(device: str) -> None:
+    if device == 'cuda':
+        torch.cuda.synchronize()
+
+
+def autocast(device: str, amp: str):
+    dtype = AMP_DTYPES[amp]
+    return torch.autocast(device, dtype=dtype, enabled=dtype is not None)
+
+
+def time_steps(step: Callable[[], None], device: str, warmup: int, repeats: int,
+               isolated: bool) -> Dict[str, Optional[float]]:
+    """Median seconds per step after warm-up, and the peak memory in bytes (None if unknown).
+
+    Memory: on CUDA ``max_memory_allocated`` over the timed steps; on CPU, in an isolated
+    process only, the growth of the peak resident set size over its size before the first step.
+    """
+    cpu_base = _statm(1) if device == 'cpu' else 0
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    if device == 'cuda':
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        step()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    if device == 'cuda':
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = max(0, _peak_rss_bytes() - cpu_base) if isolated else None
+    return dict(seconds=statistics.median(times), peak_bytes=peak)
+
+
+def time_in_turns(steps: Dict[str, Callable[[], None]], device: str, warmup: int,
+                  repeats: int) -> Dict[str, float]:
+    """Median seconds per step of several steps timed in turns, one step each per round (the
+    order rotating), so that the load of a shared machine weighs on all of them alike."""
+    names = list(steps)
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    times = {name: [] for name in names}
+    for round_index in range(repeats):
+        for i in range(len(names)):
+            name = names[(round_index + i) % len(names)]
+            synchronize(device)
+            start = time.perf_counter()
+            steps[name]()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def model_step(model: nn.Module, images: torch.Tensor, mode: str, amp: str) -> Callable[[], None]:
+    """One inference step (forward under ``inference_mode``) or training step (forward and
+    backward of the loss ``sum(mean(output))``, no optimizer) of a backbone."""
+    device = images.device.type
+    if mode == 'infer':
+        model.eval()
+
+        def step():
+            with torch.inference_mode(), autocast(device, amp):
+                model(images)
+    else:
+        model.train()
+
+        def step():
+            with autocast(device, amp):
+                loss = sum(out.float().mean() for out in model(images))
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _model_spec(cell: dict, path: Optional[str] = None) -> dict:
+    """A cell's model: ``model`` (a spec), or ``arch`` and the attention ``path`` of a DAT."""
+    if 'model' in cell:
+        return cell['model']
+    return dict(type='dat', arch=cell['arch'], attn_impl=path or cell['path'])
+
+
+def _backbone_step(cell: dict, spec: dict) -> Callable[[], None]:
+    torch.manual_seed(0)  # the same weights for every path
+    model = build_model(spec).to(cell['device'])
+    images = torch.randn(cell['batch'], 3, *cell['size'], device=cell['device'])
+    return model_step(model, images, cell['mode'], cell['amp'])
+
+
+def backbone_cell(cell: dict) -> dict:
+    """One (model, size, mode) measurement: median seconds per step and peak memory."""
+    step = _backbone_step(cell, _model_spec(cell))
+    return time_steps(step, cell['device'], cell['warmup'], cell['repeats'], cell['isolated'])
+
+
+def interleaved_cell(cell: dict) -> dict:
+    """Several DAT paths (``paths``) or models (``models``: name -> spec) timed in turns in
+    one process: median seconds per path or model; no memory."""
+    if 'models' in cell:
+        specs = cell['models']
+    else:
+        specs = {path: _model_spec(cell, path) for path in cell['paths']}
+    steps = {name: _backbone_step(cell, spec) for name, spec in specs.items()}
+    return time_in_turns(steps, cell['device'], cell['warmup'], cell['repeats'])
+
+
+def op_cell(cell: dict) -> dict:
+    """The deformable attention op alone: forward, or forward + backward into q, k, v, key
+    positions and table."""
+    device = cell['device']
+    dtype = AMP_DTYPES[cell['amp']] or torch.float32
+    inputs = op_inputs(cell['arch'], cell['size'], cell['batch'], dtype, device)
+    fn = op_function(cell['path'])
+    if cell['mode'] == 'infer':
+        def step():
+            with torch.inference_mode():
+                fn(*inputs)
+    else:
+        for i in (0, 1, 2, 4, 5):
+            inputs[i].requires_grad_(True)
+        grad_out = torch.randn_like(inputs[0])
+
+        def step():
+            fn(*inputs).backward(grad_out)
+            for t in inputs:
+                t.grad = None
+
+    return time_steps(step, device, cell['warmup'], cell['repeats'], cell['isolated'])
+
+
+def block_name(attn: nn.Module) -> str:
+    """``'window'``, ``'shifted window'``, ``'deformable'``, ... for an attention module of DAT."""
+    name = type(attn).__name__
+    if name == 'WindowAttention':
+        return 'shifted window' if attn.shift_size else 'window'
+    return dict(DeformableAttention='deformable', DeformableAttentionPP='deformable++',
+                NeighborhoodAttention='neighborhood').get(name, name)
+
+
+def blocks_cell(cell: dict) -> dict:
+    """The attention modules of the first two blocks of every stage, each timed alone on the
+    input it receives in the backbone (captured in one forward). Seconds per block, in order."""
+    device, amp = cell['device'], cell['amp']
+    torch.manual_seed(0)
+    model = DAT(arch=cell['arch'], attn_impl=cell['path'], drop_path_rate=0.0).to(device)
+    attns = attention_modules(model)
+    with autocast(device, amp):
+        inputs = capture_inputs(model, attns, torch.randn(cell['batch'], 3, *cell['size'], device=device))
+    results = []
+    for attn in attns:
+        x = inputs[attn].detach()
+        if cell['mode'] == 'infer':
+            def step():
+                with torch.inference_mode(), autocast(device, amp):
+                    attn(x)
+        else:
+            x.requires_grad_(True)
+
+            def step():
+                with autocast(device, amp):
+                    out = attn(x)
+                out.float().sum().backward()
+                x.grad = None
+                attn.zero_grad(set_to_none=True)
+        timing = time_steps(step, device, cell['warmup'], cell['repeats'], isolated=False)
+        results.append(dict(block=block_name(attn), map='x'.join(map(str, x.shape[1:3])),
+                            seconds=timing['seconds']))
+    return dict(blocks=results)
+
+
+def probe_cell(cell: dict) -> dict:
+    """One training step (forward + backward) at one size: does it fit?"""
+    return backbone_cell(dict(cell, mode='train', warmup=0, repeats=1))
+
+
+CELL_FUNCTIONS = dict(backbone=backbone_cell, interleaved=interleaved_cell, op=op_cell, probe=probe_cell,
+                      blocks=blocks_cell)
+
+
+def _limit_memory(gib: float) -> None:
+    """Let this process's address space grow by at most ``gib``: a failed allocation then
+    raises instead of waking the kernel's OOM killer, which may pick any process of the
+    machine. Counted from the size the process has now (torch's libraries: ~1.3 GiB for a
+    CPU build, more with CUDA), so that the limit means the same for every build."""
+    limit = _statm(0) + int(gib * 2**30)
+    hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+
+
+def run_here(cell: dict) -> dict:
+    """Run a cell in this process; errors (out of memory included) come back as ``error``."""
+    if cell.get('threads'):
+        torch.set_num_threads(cell['threads'])
+    if cell.get('memory_limit_gib'):
+        if not cell['isolated']:
+            raise ValueError('memory_limit_gib is for isolated cells (it limits the whole process)')
+        _limit_memory(cell['memory_limit_gib'])
+    try:
+        return CELL_FUNCTIONS[cell['kind']](cell)
+    except (torch.cuda.OutOfMemoryError, MemoryError):
+        return dict(error='out of memory')
+    except RuntimeError as e:  # CPU allocation failures and kernel errors
+        if any(text in str(e).lower() for text in ALLOCATION_FAILURES):
+            return dict(error='out of memory')
+        return dict(error=f'{type(e).__name__}: {str(e).splitlines()[0]}')
+    finally:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def run_cell(cell: dict) -> dict:
+    """Run a cell in a fresh Python process (or here with ``isolated=False``)."""
+    if cell['kind'] not in CELL_FUNCTIONS:
+        raise ValueError(f'cell kind must be one of {sorted(CELL_FUNCTIONS)}, got {cell["kind"]!r}')
+    if not cell['isolated']:
+        return run_here(cell)
+    # The child imports the mmdat this process uses, wherever it comes from.
+    root = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root] + os.environ.get('PYTHONPATH', '').split(os.pathsep)))
+    child = subprocess.run([sys.executable, '-m', 'mmdat.utils.benchmark', '--cell', json.dumps(cell)],
+                           env=env, capture_output=True, text=True)
+    lines = child.stdout.strip().splitlines()
+    if child.returncode != 0 or not lines:
+        reason = 'killed (out of memory?)' if child.returncode < 0 else f'exit code {child.returncode}'
+        tail = child.stderr.strip().splitlines()[-1:] or ['']
+        return dict(error=f'the process failed: {reason} {tail[0]}'.strip())
+    return json.loads(lines[-1])
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[int] = ()) -> List[str]:
+    """Lines of a Markdown table; the columns in ``right`` right-aligned."""
+    align = ['---:' if i in right else '---' for i in range(len(header))]
+    return ['| ' + ' | '.join(cells) + ' |' for cells in [list(header), align] + [list(r) for r in rows]]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """``--cell JSON``: run one cell here and print its result as JSON (the child of
+    :func:`run_cell`)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if len(argv) != 2 or argv[0] != '--cell':
+        raise SystemExit('usage: python -m mmdat.utils.benchmark --cell JSON')
+    cell = json.loads(argv[1])
+    if 'size' in cell:
+        cell['size'] = tuple(cell['size'])
+    print(json.dumps(run_here(cell)))
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,71 @@
+"""mmdat.utils.benchmark: shapes from built models, timing, cells in fresh processes."""
+import pytest
+import torch
+
+from mmdat.models import DAT
+from mmdat.utils import benchmark
+
+
+def test_op_inputs_have_the_stage3_shapes_of_the_built_model():
+    assert benchmark.op_shapes('tiny', (800, 1333), 2) == dict(
+        batch=2, heads=12, groups=3, height=50, width=84, head_dims=32, table=(12, 27, 27))
+    q, k, v, reference, positions, table = benchmark.op_inputs('tiny', (800, 1333), 2, torch.float32, 'cpu')
+    assert q.shape == k.shape == v.shape == (2, 12, 50 * 84, 32)
+    assert reference.shape == (4200, 2) and positions.shape == (2 * 3, 4200, 2)
+    assert table.shape == (12, 27, 27)
+    assert (positions - reference).abs().amax() <= 2 / 50 + 1e-6
+    # DAT++ keeps its offset groups per stage: read from the module, not from a formula
+    assert benchmark.op_shapes('tiny++', (224, 224), 1)['groups'] == 4
+
+
+def test_capture_inputs_reads_each_module_input_once():
+    model = DAT('tiny').to('meta')
+    attns = benchmark.attention_modules(model)
+    inputs = benchmark.capture_inputs(model, attns, torch.empty(1, 3, 64, 96, device='meta'))
+    assert [tuple(inputs[a].shape[1:3]) for a in attns] == [(16, 24)] * 2 + [(8, 12)] * 2 + [(4, 6)] * 2 + [(2, 3)] * 2
+    assert [benchmark.block_name(a) for a in attns] == ['window', 'shifted window'] * 2 + ['window', 'deformable'] * 2
+    assert not model._forward_pre_hooks and not any(a._forward_pre_hooks for a in attns)
+
+
+def test_models_in_turns_in_one_process():
+    cell = dict(kind='interleaved', size=(32, 32), mode='infer', device='cpu', amp='none', batch=1, warmup=0,
+                repeats=2, isolated=False, threads=None,
+                models={'a': dict(type='dat', arch='tiny'), 'b': dict(type='dat', arch='tiny', attn_impl='reference')})
+    result = benchmark.run_cell(cell)
+    assert set(result) == {'a', 'b'} and all(t > 0 for t in result.values())
+
+
+def test_time_in_turns_rotates_the_order():
+    order = []
+    steps = {name: (lambda name=name: order.append(name)) for name in 'abc'}
+    benchmark.time_in_turns(steps, 'cpu', warmup=0, repeats=3)
+    assert order == list('abc') + list('bca') + list('cab')
+
+
+def test_a_cell_runs_in_a_fresh_process():
+    cell = dict(kind='op', arch='tiny', size=(32, 32), mode='infer', path='sdpa-no-bias', device='cpu',
+                amp='none', batch=1, warmup=0, repeats=1, isolated=True, threads=1)
+    result = benchmark.run_cell(cell)
+    assert result['seconds'] > 0 and result['peak_bytes'] >= 0
+
+
+def test_a_cell_over_its_memory_limit_is_out_of_memory():
+    # The reference op at 1536x1536 materialises a 4 GiB bias (12 heads x 9,216^2 x 4 bytes).
+    cell = dict(kind='op', arch='tiny', size=(1536, 1536), mode='infer', path='reference', device='cpu',
+                amp='none', batch=1, warmup=0, repeats=1, isolated=True, threads=1, memory_limit_gib=2)
+    assert benchmark.run_cell(cell) == dict(error='out of memory')
+    cell.update(size=(64, 64))
+    assert benchmark.run_cell(cell)['seconds'] > 0
+
+
+def test_bad_cells():
+    with pytest.raises(ValueError, match='cell kind must be one of'):
+        benchmark.run_cell(dict(kind='nope', isolated=False))
+    with pytest.raises(ValueError, match='for isolated cells'):
+        benchmark.run_here(dict(kind='op', isolated=False, memory_limit_gib=1))
+    with pytest.raises(ValueError, match="model type must be 'dat' or 'swin'"):
+        benchmark.build_model(dict(type='vit'))
+
+
+def test_markdown_table():
+    assert benchmark.markdown_table(['a', 'b'], [['1', '2']], right=(1, )) == ['| a | b |', '| --- | ---: |', '| 1 | 2 |']
