@@ -56,6 +56,7 @@ import torch
 
 from mmdat.models import DAT
 from mmdat.models.layers import fused_deformable_attention as fused_module
+from mmdat.models.layers.attention import kernel_available
 from mmdat.utils import benchmark as lib
 from mmdat.utils.benchmark import AMP_DTYPES, PEER_MODELS, markdown_table, run_cell
 
@@ -81,14 +82,13 @@ def parse_size(text: str) -> Tuple[int, int]:
     return sides
 
 
-def skip_reason(path: str, device: str, arch: Optional[str] = None) -> Optional[str]:
-    """Why a cell cannot run here (None if it can); ``arch`` when a whole DAT is built."""
-    if path == 'fused' and arch is not None and DAT.arch_zoo[arch].get('version') == 2:
-        return 'skipped: the fused kernel is for DAT v1 archs'
-    if path == 'fused' and device != 'cuda':
-        return 'skipped: the fused kernel needs CUDA'
-    if path == 'fused' and not fused_module.TRITON_AVAILABLE:
-        return 'skipped: Triton is not installed'
+def skip_reason(path: str, device: str, amp: str = 'none') -> Optional[str]:
+    """Why a cell of ``path`` cannot run here (None if it can), by the attention policy's own
+    rule: ``'fused'`` needs its kernel for the device and dtype (Triton on CUDA, the C++ kernel
+    on CPU in float32)."""
+    dtype = AMP_DTYPES[amp] or torch.float32
+    if path == 'fused' and not kernel_available('fused', torch.device(device), dtype):
+        return f'skipped: no fused kernel for {device} {str(dtype).replace("torch.", "")} here'
     return None
 
 
@@ -131,7 +131,7 @@ def benchmark_backbone(args: argparse.Namespace) -> Tuple[List[dict], List[str]]
             for mode in args.modes:
                 group = [dict(arch=arch, size=size, mode=mode, path=path) for path in args.paths]
                 for row in group:
-                    reason = skip_reason(row['path'], args.device, arch)
+                    reason = skip_reason(row['path'], args.device, args.amp)
                     if reason:
                         row['error'] = reason
                 runnable = [row for row in group if 'error' not in row]
@@ -175,7 +175,7 @@ def benchmark_op(args: argparse.Namespace) -> Tuple[List[dict], List[str]]:
             for mode in args.modes:
                 for path in args.paths:
                     row = dict(arch=arch, size=size, mode=mode, path=path)
-                    reason = skip_reason(path, args.device)
+                    reason = skip_reason(path, args.device, args.amp)
                     if reason:
                         row['error'] = reason
                     else:
@@ -207,7 +207,7 @@ def benchmark_blocks(args: argparse.Namespace) -> Tuple[List[dict], List[str]]:
         for size in args.sizes:
             for mode in args.modes:
                 for path in args.paths:
-                    reason = skip_reason(path, args.device, arch)
+                    reason = skip_reason(path, args.device, args.amp)
                     result = dict(error=reason) if reason else run_cell(
                         dict(kind='blocks', arch=arch, size=size, mode=mode, path=path, **_common(args)))
                     row = dict(arch=arch, size=size, mode=mode, path=path)
@@ -304,7 +304,7 @@ def benchmark_max_size(args: argparse.Namespace) -> Tuple[List[dict], List[str]]
     for arch in args.archs:
         for path in args.paths:
             row = dict(arch=arch, path=path)
-            reason = skip_reason(path, args.device, arch)
+            reason = skip_reason(path, args.device, args.amp)
             if reason:
                 row['error'] = reason
             else:
