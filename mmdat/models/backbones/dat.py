@@ -13,6 +13,7 @@ from mmengine.model import BaseModule
 from mmdat.registry import register_model
 from ..layers import (DeformableAttention, DeformableAttentionPP, NeighborhoodAttention,
                       WindowAttention, block_attn_impl, check_attn_impl)
+from ..layers.tracing import pad_to_multiple
 from ..utils import (CheckpointError, check_pretrained_file, dat_converter, extract_state_dict,
                      fit_position_tables, is_official_dat, is_official_datpp, load_checkpoint_file)
 
@@ -67,7 +68,7 @@ class ConvDownsample(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Args: x (Tensor): ``(B, C, H, W)``. Returns: Tensor ``(B, H', W', C')``."""
         height, width = x.shape[2:]
-        x = F.pad(x, (0, -width % self.stride, 0, -height % self.stride))
+        x = F.pad(x, (0, pad_to_multiple(width, self.stride), 0, pad_to_multiple(height, self.stride)))
         return self.norm(self.conv(x).permute(0, 2, 3, 1))
 
 

@@ -7,7 +7,7 @@ from .deformable_attention_pp import (DeformableAttentionPP, StridedOffsetNetwor
                                       datpp_query_grid, datpp_reference_grid)
 from .neighborhood_attention import (NA_IMPLS, NeighborhoodAttention, natten_available,
                                      neighborhood_attention)
-from .window_attention import WindowAttention, window_attention_mask
+from .window_attention import WindowAttention, build_window_attention_mask, window_attention_mask
 
 __all__ = [
     'ATTN_IMPLS', 'MASK_VALUE', 'attention_probabilities', 'biased_attention', 'block_attn_impl',
@@ -15,5 +15,6 @@ __all__ = [
     'cpu_kernel_available', 'DeformableAttention', 'OffsetNetwork', 'deformable_attention_kernel',
     'pixel_centre_grid', 'DeformableAttentionPP', 'StridedOffsetNetwork', 'datpp_query_grid',
     'datpp_reference_grid', 'NA_IMPLS', 'NeighborhoodAttention', 'natten_available',
-    'neighborhood_attention', 'WindowAttention', 'window_attention_mask'
+    'neighborhood_attention', 'WindowAttention',
+    'build_window_attention_mask', 'window_attention_mask'
 ]

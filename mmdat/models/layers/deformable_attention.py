@@ -144,9 +144,11 @@ class DeformableAttention(nn.Module):
         """
         height, width = query.shape[1:3]
         offset = self.offset_net(self._split_groups(query)).tanh()
-        scale = offset.new_tensor([1.0 / height, 1.0 / width]) * self.offset_range_factor
+        # per-axis scales as scalars, not a tensor made from the sizes, which tracing would fix
+        offset = torch.cat((offset[..., :1] * (self.offset_range_factor / height),
+                            offset[..., 1:] * (self.offset_range_factor / width)), dim=-1)
         reference = pixel_centre_grid(height, width, query.device, offset.dtype)
-        return reference, reference + offset * scale
+        return reference, reference + offset
 
     def query_points(self, height: int, width: int, reference: torch.Tensor) -> torch.Tensor:
         """Normalised ``(y, x)`` positions of the queries for the position bias: ``(H, W, 2)``.

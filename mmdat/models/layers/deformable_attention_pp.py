@@ -19,11 +19,17 @@ import torch.nn as nn
 from .deformable_attention import DeformableAttention, OffsetNetwork
 
 
-def _axis_coordinates(size: int, first: float, step: float, single: float, device: torch.device,
+def _axis_coordinates(size, first: float, step: float, single: float, device: torch.device,
                       dtype: torch.dtype) -> torch.Tensor:
-    if size == 1:
-        return torch.full((1, ), single, device=device, dtype=dtype)
-    return (torch.arange(size, device=device, dtype=dtype) + first) * (step / (size - 1)) - 1
+    """``(i + first) * step / (size - 1) - 1`` for ``i < size``, or ``[single]`` when ``size == 1``.
+
+    Without a Python branch on ``size`` (``size - 1`` is read off the last index), so that a
+    traced or symbolic size stays symbolic.
+    """
+    index = torch.arange(size, device=device, dtype=dtype)
+    last = index[-1:]  # size - 1
+    coords = (index + first) * (step / last.clamp(min=1)) - 1
+    return torch.where(last > 0, coords, torch.full_like(coords, single))
 
 
 def datpp_reference_grid(height: int, width: int, device: torch.device,
@@ -116,7 +122,8 @@ class DeformableAttentionPP(DeformableAttention):
         offset = self.offset_net(self._split_groups(query))
         height, width = offset.shape[1:3]
         # a 1-point axis keeps its position at the border (see datpp_reference_grid)
-        keep = offset.new_tensor([height > 1, width > 1])
+        keep = torch.cat([torch.arange(n, device=offset.device)[-1:] > 0 for n in (height, width)])
+        keep = keep.to(offset.dtype)
         reference = datpp_reference_grid(height, width, query.device, offset.dtype)
         return reference, (reference + offset * keep).clamp(-1.0, 1.0)
 

@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import biased_attention, check_attn_impl
+from .tracing import clamp_size_min, is_tracing
 
 #: Implementations of :class:`NeighborhoodAttention`; ``'natten'`` needs the natten package.
 NA_IMPLS = ('auto', 'sdpa', 'reference', 'natten')
@@ -67,17 +68,22 @@ def neighborhood_indices(length: int, kernel_size: int,
         tuple[Tensor, Tensor]: ``keys`` ``(length, kernel_size)``, the key index of each query
         and neighborhood slot, and ``bias`` of the same shape, the index into an axis of the
         ``2 * kernel_size - 1`` bias table (``key - query + kernel_size - 1``). Cached per
-        size; callers must not modify them.
+        size; callers must not modify them. Not for traced or compiled code (see
+        :func:`build_neighborhood_indices`).
     """
     with torch.inference_mode(False):  # cached: must also serve calls that record gradients
-        return _neighborhood_indices(length, kernel_size, device)
+        return build_neighborhood_indices(length, kernel_size, device)
 
 
-def _neighborhood_indices(length: int, kernel_size: int,
-                          device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+def build_neighborhood_indices(length, kernel_size: int,
+                               device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`neighborhood_indices` uncached; ``length`` may be a traced or symbolic size (the
+    tables are built from ``arange`` alone)."""
     queries = torch.arange(length, device=device)
-    # the neighborhood is centred on the query and shifted inwards at the borders
-    start = (queries - kernel_size // 2).clamp(0, length - kernel_size)
+    # the neighborhood is centred on the query and shifted inwards at the borders; the last
+    # start is length - kernel_size, read off the last query rather than from length
+    start = (queries - kernel_size // 2).clamp(min=0)
+    start = torch.minimum(start, queries[-1] - (kernel_size - 1))
     keys = start[:, None] + torch.arange(kernel_size, device=device)
     return keys, keys - queries[:, None] + kernel_size - 1
 
@@ -252,7 +258,8 @@ def neighborhood_attention(query: torch.Tensor,
         Tensor: ``(B, heads, H, W, d)``.
     """
     batch, heads, height, width, head_dims = query.shape
-    if height < kernel_size or width < kernel_size:
+    # a check on traced sizes would fix them; NeighborhoodAttention pads small maps anyway
+    if not is_tracing() and (height < kernel_size or width < kernel_size):
         raise ValueError(f'Neighborhood attention needs maps of at least kernel_size={kernel_size} '
                          f'a side, got {height}x{width}')
     path = neighborhood_path(attn_impl)
@@ -264,10 +271,13 @@ def neighborhood_attention(query: torch.Tensor,
         qk_rpb, av = functions
         attn = qk_rpb(query * head_dims**-0.5, key, rpb.to(query.dtype), kernel_size)
         return av(attn.softmax(dim=-1), value, kernel_size)
-    if path == 'tiles':
+    # the tile plan is Python-side and per size: traced or compiled code takes the gathered
+    # path, whose index tables are built in the graph
+    if path == 'tiles' and not is_tracing():
         return _tiled_neighborhood_attention(query, key, value, rpb, kernel_size, attn_impl)
-    rows, row_bias = neighborhood_indices(height, kernel_size, query.device)
-    cols, col_bias = neighborhood_indices(width, kernel_size, query.device)
+    indices = build_neighborhood_indices if is_tracing() else neighborhood_indices
+    rows, row_bias = indices(height, kernel_size, query.device)
+    cols, col_bias = indices(width, kernel_size, query.device)
     # (H, W, K, K) index maps of the keys of every query
     rows, cols = rows[:, None, :, None], cols[None, :, None, :]
 
@@ -319,16 +329,19 @@ class NeighborhoodAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Args: x (Tensor): ``(B, H, W, C)``. Returns: Tensor ``(B, H, W, C)``."""
         batch, height, width, channels = x.shape
-        pad_h = max(0, self.kernel_size - height)
-        pad_w = max(0, self.kernel_size - width)
-        if pad_h or pad_w:
+        pad_h = clamp_size_min(self.kernel_size - height, 0)
+        pad_w = clamp_size_min(self.kernel_size - width, 0)
+        # traced or symbolic sizes: always pad (maybe by 0), a branch on them would fix them
+        if is_tracing() or pad_h or pad_w:
             x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
         padded_h, padded_w = x.shape[1:3]
         qkv = self.qkv(x).view(batch, padded_h, padded_w, 3, self.num_heads, -1)
         query, key, value = qkv.permute(3, 0, 4, 1, 2, 5).unbind(0)  # B, heads, H, W, d
         out = neighborhood_attention(query, key, value, self.rpb, self.kernel_size, self.attn_impl)
         out = out.permute(0, 2, 3, 1, 4).reshape(batch, padded_h, padded_w, channels)
-        return self.proj(out[:, :height, :width])
+        if is_tracing() or pad_h or pad_w:
+            out = F.pad(out, (0, 0, 0, -pad_w, 0, -pad_h))  # crop; see WindowAttention.forward
+        return self.proj(out)
 
     def extra_repr(self) -> str:
         return (f'embed_dims={self.embed_dims}, num_heads={self.num_heads}, '

@@ -1,54 +1,68 @@
 """Window attention and shifted-window attention for maps of any size."""
 import functools
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import MASK_VALUE, biased_attention, check_attn_impl
+from .tracing import is_tracing, pad_to_multiple
 
 
-@functools.lru_cache(maxsize=64)
-def window_attention_mask(height: int, width: int, window_size: int, shift_size: int,
-                          device: torch.device) -> Optional[torch.Tensor]:
+def _axis_labels(size, padded, window_size: int, shift_size: int,
+                 device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Seam region (0-2) and padding flag of each position of one axis of the rolled map."""
+    positions = torch.arange(padded, device=device)
+    is_pad = torch.roll((positions >= size).long(), -shift_size) if shift_size else positions >= size
+    # In the rolled frame the last window of the axis joins pixels from both ends of the map;
+    # the seam sits shift_size from the end.
+    region = ((positions >= padded - window_size).long() + (positions >= padded - shift_size).long()
+              if shift_size else torch.zeros_like(positions))
+    return region, is_pad.long()
+
+
+def build_window_attention_mask(height, width, window_size: int, shift_size: int,
+                                device: torch.device) -> torch.Tensor:
     """Mask of the keys each query may attend to, per window, for one map size.
 
     The map of ``height x width`` is padded at the bottom and right to a multiple of
     ``window_size`` and, when ``shift_size > 0``, rolled up and left by ``shift_size``.
     A query may attend to a key only if both lie in the same region: the same side of every
     wrap-around seam made by the roll, and both real pixels or both padding. The result
-    therefore does not depend on how much padding there is.
+    therefore does not depend on how much padding there is. Built from ``arange`` and
+    comparisons only, so ``height`` and ``width`` may be traced or symbolic sizes.
 
     Returns:
-        Tensor | None: ``(num_windows, 1, window_size**2, window_size**2)`` holding 0 where
-        attention is allowed and :data:`MASK_VALUE` elsewhere, or ``None`` when every key is
-        allowed (no shift and no padding). Cached per size; callers must not modify it.
+        Tensor: ``(num_windows, 1, window_size**2, window_size**2)`` holding 0 where attention
+        is allowed and :data:`MASK_VALUE` elsewhere.
     """
-    pad_h = -height % window_size
-    pad_w = -width % window_size
-    if shift_size == 0 and pad_h == 0 and pad_w == 0:
-        return None
-    padded_h, padded_w = height + pad_h, width + pad_w
-    is_pad = torch.ones(padded_h, padded_w, dtype=torch.long, device=device)
-    is_pad[:height, :width] = 0
-    is_pad = torch.roll(is_pad, (-shift_size, -shift_size), dims=(0, 1))
-
-    region = torch.zeros(padded_h, padded_w, dtype=torch.long, device=device)
-    if shift_size > 0:
-        # In the rolled frame the last window row/column joins pixels from both ends of the
-        # map; the seam sits shift_size from the end.
-        bounds = ((0, -window_size), (-window_size, -shift_size), (-shift_size, None))
-        for i, (h0, h1) in enumerate(bounds):
-            for j, (w0, w1) in enumerate(bounds):
-                region[h0:h1, w0:w1] = 3 * i + j
-    label = region * 2 + is_pad
+    padded_h = height + pad_to_multiple(height, window_size)
+    padded_w = width + pad_to_multiple(width, window_size)
+    row_region, row_pad = _axis_labels(height, padded_h, window_size, shift_size, device)
+    col_region, col_pad = _axis_labels(width, padded_w, window_size, shift_size, device)
+    region = row_region[:, None] * 3 + col_region[None, :]
+    label = region * 2 + torch.maximum(row_pad[:, None], col_pad[None, :])
 
     label = label.view(padded_h // window_size, window_size, padded_w // window_size, window_size)
     label = label.permute(0, 2, 1, 3).reshape(-1, window_size * window_size)
     blocked = label[:, :, None] != label[:, None, :]
-    mask = torch.zeros(blocked.shape, device=device).masked_fill_(blocked, MASK_VALUE)
+    mask = torch.zeros_like(blocked, dtype=torch.float32).masked_fill(blocked, MASK_VALUE)
     return mask.unsqueeze(1)
+
+
+@functools.lru_cache(maxsize=64)
+def window_attention_mask(height: int, width: int, window_size: int, shift_size: int,
+                          device: torch.device) -> Optional[torch.Tensor]:
+    """:func:`build_window_attention_mask` for eager calls: cached per size, and ``None``
+    when every key is allowed (no shift and no padding). Callers must not modify the result.
+
+    Not for traced or compiled code: the cache would hold traced values and the ``None``
+    branch would fix the map size (see :func:`mmdat.models.layers.tracing.is_tracing`).
+    """
+    if shift_size == 0 and height % window_size == 0 and width % window_size == 0:
+        return None
+    return build_window_attention_mask(height, width, window_size, shift_size, device)
 
 
 class WindowAttention(nn.Module):
@@ -103,7 +117,7 @@ class WindowAttention(nn.Module):
         """Args: x (Tensor): ``(B, H, W, C)``. Returns: Tensor ``(B, H, W, C)``."""
         batch, height, width, channels = x.shape
         ws, shift = self.window_size, self.shift_size
-        x = F.pad(x, (0, 0, 0, -width % ws, 0, -height % ws))
+        x = F.pad(x, (0, 0, 0, pad_to_multiple(width, ws), 0, pad_to_multiple(height, ws)))
         padded_h, padded_w = x.shape[1:3]
         if shift:
             x = torch.roll(x, (-shift, -shift), dims=(1, 2))
@@ -115,7 +129,11 @@ class WindowAttention(nn.Module):
         query, key, value = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)  # B, nW, heads, N, d
 
         bias = self.relative_position_bias()
-        mask = window_attention_mask(height, width, ws, shift, x.device)
+        if is_tracing():
+            # sizes may be traced or symbolic: build the mask in the graph, always
+            mask = build_window_attention_mask(height, width, ws, shift, x.device)
+        else:
+            mask = window_attention_mask(height, width, ws, shift, x.device)
         if mask is not None:
             bias = bias + mask
         out = biased_attention(query, key, value, bias, self.attn_impl)

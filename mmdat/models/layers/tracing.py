@@ -1,0 +1,35 @@
+"""Shape arithmetic that TorchScript tracing, torch.export and torch.compile follow.
+
+When a model is traced or compiled, sizes read from ``tensor.shape`` are not plain ints: 0-dim
+tensors under TorchScript tracing (``torch.onnx.export(dynamo=False)``), ``SymInt`` under
+torch.export and dynamic torch.compile. Python branches on them and caches keyed by them bake
+the first input size into the graph, so layers ask :func:`is_tracing` and then build their
+masks and index tables from the sizes, uncached and without branching on them.
+"""
+import torch
+
+
+def is_tracing() -> bool:
+    """Whether the forward pass is being traced, exported or compiled rather than run eagerly."""
+    return (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+            or torch.compiler.is_compiling() or torch.compiler.is_exporting())
+
+
+def pad_to_multiple(size, multiple: int):
+    """Padding that brings ``size`` up to a multiple of ``multiple``: ``ceil(size / m) * m - size``.
+
+    Works on ints, traced 0-dim tensors and ``SymInt``. Floor division rather than
+    ``-size % multiple``: inductor fails to recompile for a new size on ``%`` of a symbolic
+    size (``TensorReferenceAnalysis`` has no ``python_mod``, torch 2.13).
+    """
+    return (size + multiple - 1) // multiple * multiple - size
+
+
+def clamp_size_min(size, low: int):
+    """``max(size, low)`` for an int, a traced 0-dim tensor (TorchScript) or a ``SymInt``.
+
+    The builtin ``max`` would turn a traced size into a constant.
+    """
+    if isinstance(size, torch.Tensor):
+        return size.clamp(min=low)
+    return torch.sym_max(size, low)
