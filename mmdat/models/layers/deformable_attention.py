@@ -128,8 +128,11 @@ class DeformableAttention(nn.Module):
     def _split_groups(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, H, W, C)`` -> ``(B * groups, C / groups, H, W)``."""
         batch, height, width, _ = x.shape
-        x = x.view(batch, height, width, self.num_groups, -1).permute(0, 3, 4, 1, 2)
-        return x.reshape(batch * self.num_groups, -1, height, width)
+        group_dims = self.embed_dims // self.num_groups
+        x = x.view(batch, height, width, self.num_groups, group_dims).permute(0, 3, 4, 1, 2)
+        # explicit .contiguous() and sizes (no -1): reshapes of permuted tensors with symbolic
+        # sizes make torch.export guard on sizes being 1
+        return x.clone(memory_format=torch.contiguous_format).view(batch * self.num_groups, group_dims, height, width)
 
     def sampling_positions(self, query: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Reference points and the deformed sampling positions of each offset group.
@@ -177,12 +180,14 @@ class DeformableAttention(nn.Module):
 
         sampled = F.grid_sample(self._split_groups(x), positions.flip(-1).to(x.dtype),
                                 mode='bilinear', padding_mode='zeros', align_corners=True)
-        sampled = sampled.view(batch, channels, -1).transpose(1, 2)  # B, Nk, C
+        num_keys = positions.shape[1] * positions.shape[2]
+        sampled = sampled.view(batch, channels, num_keys).transpose(1, 2)  # B, Nk, C
 
-        def heads(t: torch.Tensor) -> torch.Tensor:
-            return t.reshape(batch, -1, self.num_heads, channels // self.num_heads).transpose(1, 2)
+        def heads(t: torch.Tensor, length) -> torch.Tensor:
+            return t.reshape(batch, length, self.num_heads, channels // self.num_heads).transpose(1, 2)
 
-        query, key, value = heads(query), heads(self.proj_k(sampled)), heads(self.proj_v(sampled))
+        query = heads(query, height * width)
+        key, value = heads(self.proj_k(sampled), num_keys), heads(self.proj_v(sampled), num_keys)
         bias_grad = torch.is_grad_enabled() and (positions.requires_grad or self.rpe_table.requires_grad)
         impl = resolve_attn_impl(self.attn_impl, self.SUPPORTED_IMPLS, query.device, query.dtype,
                                  key.shape[-2], bias_grad)

@@ -14,7 +14,7 @@ def _axis_labels(size, padded, window_size: int, shift_size: int,
                  device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
     """Seam region (0-2) and padding flag of each position of one axis of the rolled map."""
     positions = torch.arange(padded, device=device)
-    is_pad = torch.roll((positions >= size).long(), -shift_size) if shift_size else positions >= size
+    is_pad = torch.roll((positions >= size).long(), -shift_size, 0) if shift_size else positions >= size
     # In the rolled frame the last window of the axis joins pixels from both ends of the map;
     # the seam sits shift_size from the end.
     region = ((positions >= padded - window_size).long() + (positions >= padded - shift_size).long()
@@ -117,15 +117,19 @@ class WindowAttention(nn.Module):
         """Args: x (Tensor): ``(B, H, W, C)``. Returns: Tensor ``(B, H, W, C)``."""
         batch, height, width, channels = x.shape
         ws, shift = self.window_size, self.shift_size
-        x = F.pad(x, (0, 0, 0, pad_to_multiple(width, ws), 0, pad_to_multiple(height, ws)))
+        pad_h, pad_w = pad_to_multiple(height, ws), pad_to_multiple(width, ws)
+        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
         padded_h, padded_w = x.shape[1:3]
         if shift:
             x = torch.roll(x, (-shift, -shift), dims=(1, 2))
 
         rows, cols = padded_h // ws, padded_w // ws
         windows = x.view(batch, rows, ws, cols, ws, channels).permute(0, 1, 3, 2, 4, 5)
-        windows = windows.reshape(batch, rows * cols, ws * ws, channels)
-        qkv = self.qkv(windows).view(batch, rows * cols, ws * ws, 3, self.num_heads, -1)
+        # explicit .contiguous() and sizes (no -1): reshapes of permuted tensors with symbolic
+        # sizes make torch.export guard on sizes being 1
+        windows = windows.clone(memory_format=torch.contiguous_format).view(batch, rows * cols, ws * ws, channels)
+        qkv = self.qkv(windows).view(batch, rows * cols, ws * ws, 3, self.num_heads,
+                                     channels // self.num_heads)
         query, key, value = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)  # B, nW, heads, N, d
 
         bias = self.relative_position_bias()
@@ -138,9 +142,11 @@ class WindowAttention(nn.Module):
             bias = bias + mask
         out = biased_attention(query, key, value, bias, self.attn_impl)
 
-        out = out.transpose(2, 3).reshape(batch, rows, cols, ws, ws, channels)
-        out = out.transpose(2, 3).reshape(batch, padded_h, padded_w, channels)
+        out = out.transpose(2, 3).clone(memory_format=torch.contiguous_format).view(batch, rows, cols, ws, ws, channels)
+        out = out.transpose(2, 3).clone(memory_format=torch.contiguous_format).view(batch, padded_h, padded_w, channels)
         if shift:
             out = torch.roll(out, (shift, shift), dims=(1, 2))
-        out = out[:, :height, :width]
+        # cropped by negative padding: a slice [:height] of a symbolic size makes torch.export
+        # guard on height <= padded_h, which it cannot prove
+        out = F.pad(out, (0, 0, 0, -pad_w, 0, -pad_h))
         return self.proj(out)
