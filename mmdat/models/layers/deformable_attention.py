@@ -202,5 +202,8 @@ class DeformableAttention(nn.Module):
                                               self.rpe_table)
         else:
             out = biased_attention(query, key, value, bias, impl)
-        out = out.transpose(1, 2).reshape(batch, height, width, channels)
+        # a copy whatever the strides: torch.export records a reshape of SDPA's output as a view,
+        # which ONNX's decomposition of SDPA (other strides) then cannot apply
+        out = out.transpose(1, 2).clone(memory_format=torch.contiguous_format)
+        out = out.view(batch, height, width, channels)
         return self.proj_out(out)

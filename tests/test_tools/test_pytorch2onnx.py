@@ -1,0 +1,123 @@
+"""tools/deployment/pytorch2onnx.py: dynamic-size ONNX exports checked by onnxruntime."""
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from mmdat.models import DAT
+
+pytest.importorskip('onnxruntime')
+pytest.importorskip('onnx')
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TOOL = REPO_ROOT / 'tools' / 'deployment' / 'pytorch2onnx.py'
+# every attention of each version, in as few blocks as the arch allows: shifted windows in
+# stage 0, deformable attention in stage 2 (v1); neighborhood and DAT++ deformable (v2)
+V1_ARCH = dict(embed_dims=16, depths=(2, 1, 2, 1), num_heads=(1, 2, 2, 4), offset_groups=(0, 0, 1, 2))
+V2_ARCH = dict(version=2, embed_dims=16, depths=(2, 1, 1, 1), num_heads=(1, 2, 2, 4),
+               offset_groups=(1, 1, 1, 2), block_types=('ND', 'N', 'D', 'D'))
+
+
+def load_tool():
+    spec = importlib.util.spec_from_file_location('pytorch2onnx', TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+pytorch2onnx = load_tool()
+
+
+def small_dat(arch, **kwargs):
+    torch.manual_seed(0)
+    model = DAT(arch, drop_path_rate=0.0, **kwargs)
+    model.init_weights()
+    return model.eval()
+
+
+class BakesTheWidth(nn.Module):
+    """Multiplies by the width as a Python float: the TorchScript trace freezes it."""
+
+    def forward(self, x):
+        return x * float(x.shape[-1])
+
+
+@pytest.mark.parametrize('arch', [V1_ARCH, V2_ARCH], ids=['v1', 'v2'])
+def test_torchscript_export_agrees_at_another_size(arch, tmp_path):
+    output = tmp_path / 'model.onnx'
+    # 100x84 pads every v1 stage to whole windows and leaves DAT++ a 4x3 last stage; 36x200
+    # has a 2x7 last stage (DAT++ 1-pixel rows of reference points from stage 2 on)
+    report = pytorch2onnx.export_checked(small_dat(arch), str(output), (100, 84), (36, 200))
+    assert output.is_file()
+    assert set(report) == {(100, 84), (36, 200)}
+    assert all(len(errors) == 4 and max(errors) < 1e-4 for errors in report.values())
+
+
+@pytest.mark.parametrize('arch', [V1_ARCH, V2_ARCH], ids=['v1', 'v2'])
+def test_dynamo_export_agrees_at_another_size(arch, tmp_path):
+    pytest.importorskip('onnxscript')
+    model = small_dat(arch, window_size=3 if arch is V1_ARCH else 7)
+    # v1 at window 3: torch.export needs sizes of at least 32 * 3 + 1
+    assert pytorch2onnx.dynamo_min_size(model) == (97 if arch is V1_ARCH else 33)
+    output = tmp_path / 'model.onnx'
+    report = pytorch2onnx.export_checked(model, str(output), (128, 112), (100, 260), dynamo=True)
+    assert output.is_file()
+    assert all(max(errors) < 1e-4 for errors in report.values())
+
+
+def test_refuses_a_model_that_disagrees_and_writes_nothing(tmp_path):
+    output = tmp_path / 'model.onnx'
+    with pytest.raises(pytorch2onnx.ExportError, match='disagrees with PyTorch at 8x12'):
+        pytorch2onnx.export_checked(BakesTheWidth(), str(output), (8, 8), (8, 12))
+    assert os.listdir(tmp_path) == []  # neither the model nor the temporary file
+
+
+def test_cli_exits_with_one_line_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(pytorch2onnx, 'build_model', lambda *args: BakesTheWidth())
+    output = tmp_path / 'model.onnx'
+    with pytest.raises(SystemExit) as exit_info:
+        pytorch2onnx.main(['tiny', str(output), '--shape', '8', '--check-shape', '8', '12'])
+    message = str(exit_info.value.code)
+    assert message.startswith('pytorch2onnx: the ONNX model disagrees') and '\n' not in message
+    assert not output.exists()
+
+
+@pytest.mark.parametrize('argv,match', [
+    (['tiny', 'x.onnx', '--shape', '64', '--check-shape', '64'], 'must differ'),
+    (['nano', 'x.onnx'], 'target must be one of'),
+])
+def test_cli_bad_arguments(argv, match, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match=match):
+        pytorch2onnx.main(argv)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize('argv', [['tiny', 'x.onnx', '--shape', '2'], ['tiny', 'x.onnx', '--tol', '0']])
+def test_cli_rejects_bad_options(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        pytorch2onnx.parse_args(argv)
+    assert exit_info.value.code == 2
+
+
+def test_dynamo_export_below_the_minimum_size_is_refused(tmp_path):
+    pytest.importorskip('onnxscript')
+    model = small_dat(V2_ARCH)
+    with pytest.raises(pytorch2onnx.ExportError, match='at least 33 a side'):
+        pytorch2onnx.export_checked(model, str(tmp_path / 'm.onnx'), (32, 64), (64, 64), dynamo=True)
+    assert os.listdir(tmp_path) == []
+
+
+def test_cli_exports_dat_tiny(tmp_path):
+    output = tmp_path / 'dat_t.onnx'
+    result = subprocess.run([sys.executable, str(TOOL), 'tiny', str(output), '--shape', '64',
+                             '--check-shape', '96', '136'], capture_output=True, text=True,
+                            cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert output.is_file()
+    assert 'at 96x136: max relative error' in result.stdout

@@ -1,0 +1,287 @@
+"""Export a DAT backbone, or the feature extractor of an mmdet/mmseg config, to ONNX with a
+dynamic input height and width, and keep the file only if onnxruntime agrees with PyTorch.
+
+Examples::
+
+    python tools/deployment/pytorch2onnx.py tiny dat_t.onnx
+    python tools/deployment/pytorch2onnx.py tiny++ datpp_t.onnx --dynamo --checkpoint dat_pp_t.pth
+    python tools/deployment/pytorch2onnx.py configs/retinanet_dat_t_coco.py retinanet_feats.onnx \\
+        --shape 512 512 --check-shape 480 640
+
+The model is exported at ``--shape`` with the height and width as dynamic axes (the batch is
+fixed at 1), then run by onnxruntime at ``--shape`` and at ``--check-shape`` and compared with
+PyTorch. The relative error of an output is ``max |onnx - torch| / max |torch|``; if any output
+at either size exceeds ``--tol`` (or onnxruntime cannot run the model at one of the sizes) no
+file is written and the tool exits with status 1 and a one-line error.
+
+Exporters: the TorchScript exporter (default, ``torch.onnx.export(dynamo=False)``) or, with
+``--dynamo``, torch.export. For torch.export the height and width are ``Dim`` s from the
+smallest size at which every stage has more than one window (DAT: ``32 * window_size + 1``) or
+more than one pixel (DAT++: 33) up to 8192: below that, torch.export would have to specialise
+on size-1 dimensions; ``--shape`` must lie in that range. The ONNX graph itself does not depend
+on it and is checked at both sizes like the other.
+
+Targets: an arch name builds a DAT backbone (outputs: the four stage outputs). A config builds
+the whole model and exports ``extract_feat`` (backbone and neck: ``--part features``, the
+default) or the raw head outputs of ``model(inputs, mode='tensor')`` (``--part tensor``: for
+single-stage detectors and segmentors; two-stage detectors need data samples there). Box
+decoding and NMS are left to the deployment framework (e.g. mmdeploy).
+"""
+import argparse
+import importlib
+import os
+import os.path as osp
+import tempfile
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from mmdat.models import DAT
+from mmdat.models.backbones.dat import NUM_STAGES, STEM_STRIDE
+
+#: Largest height and width of the dynamic axes of a torch.export (``--dynamo``) export.
+MAX_SIZE = 8192
+
+
+class ExportError(RuntimeError):
+    """The export failed, or its result disagrees with PyTorch; the message is one line."""
+
+
+class FlatOutputs(nn.Module):
+    """Calls ``fn`` and returns its (possibly nested) tuple/list of tensors as one flat tuple."""
+
+    def __init__(self, model: nn.Module, part: str):
+        super().__init__()
+        self.model = model
+        self.part = part
+
+    def forward(self, inputs: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        if self.part == 'features':
+            outputs = self.model.extract_feat(inputs)
+        else:
+            outputs = self.model(inputs, mode='tensor')
+        flat: List[torch.Tensor] = []
+        stack = [outputs]
+        while stack:
+            item = stack.pop(0)
+            if isinstance(item, torch.Tensor):
+                flat.append(item)
+            elif isinstance(item, (tuple, list)):
+                stack[:0] = list(item)
+            else:
+                raise ExportError(f'{self.part} outputs hold a {type(item).__name__}, not only tensors')
+        return tuple(flat)
+
+
+def build_model(target: str, checkpoint: Optional[str] = None, part: str = 'features') -> nn.Module:
+    """An eval-mode DAT backbone from an arch name, or a config's model wrapped by :class:`FlatOutputs`.
+
+    Args:
+        target (str): A key of :attr:`DAT.arch_zoo` or an mmdet/mmseg config file (``.py``).
+        checkpoint (str, optional): Weights to load (an mmdat checkpoint or, for an arch, an
+            official DAT/DAT++ file); random weights otherwise.
+        part (str): For a config, ``'features'`` or ``'tensor'`` (see the module docstring).
+    """
+    if part not in ('features', 'tensor'):
+        raise ValueError(f"part must be 'features' or 'tensor', got {part!r}")
+    if target in DAT.arch_zoo:
+        init_cfg = dict(type='Pretrained', checkpoint=checkpoint) if checkpoint else None
+        model = DAT(arch=target, drop_path_rate=0.0, init_cfg=init_cfg)
+        model.init_weights()
+        return model.eval()
+    if not target.endswith('.py') or not osp.isfile(target):
+        raise ValueError(f'target must be one of {sorted(DAT.arch_zoo)} or an existing config '
+                         f'file (.py), got {target!r}')
+    from mmengine.config import Config
+    from mmengine.runner import load_checkpoint
+
+    from mmdat.utils.setup_cfg import register_scope
+    cfg = Config.fromfile(target)
+    scope = register_scope(cfg)
+    backbone = cfg.model.get('backbone', {})
+    if backbone.get('type') == 'DAT':
+        backbone.pop('init_cfg', None)  # the weights come from --checkpoint, or none
+    model = importlib.import_module(f'{scope}.registry').MODELS.build(cfg.model)
+    if checkpoint:
+        load_checkpoint(model, checkpoint, map_location='cpu')
+    return FlatOutputs(model, part).eval()
+
+
+def find_backbone(model: nn.Module) -> Optional[DAT]:
+    """The first :class:`DAT` in ``model`` (itself included), or ``None``."""
+    return next((m for m in model.modules() if isinstance(m, DAT)), None)
+
+
+def dynamo_min_size(model: nn.Module) -> int:
+    """Smallest height/width of a torch.export export of ``model`` (see the module docstring)."""
+    backbone = find_backbone(model)
+    if backbone is None:
+        return 2
+    last_stride = STEM_STRIDE * 2**(NUM_STAGES - 1)
+    size = last_stride + 1  # the last stage has more than one pixel
+    for module in backbone.modules():
+        window = getattr(module, 'window_size', None)  # WindowAttention: more than one window
+        if isinstance(window, int):
+            size = max(size, last_stride * window + 1)
+    return size
+
+
+def export_onnx(model: nn.Module, path: str, shape: Sequence[int], dynamo: bool = False,
+                opset: int = 18) -> None:
+    """Export ``model`` at a ``(1, C, H, W)`` input of ``shape`` with dynamic H and W.
+
+    Raises:
+        ExportError: When the exporter fails.
+    """
+    backbone = find_backbone(model)
+    inputs = torch.randn(1, backbone.in_channels if backbone is not None else 3, *shape)
+    try:
+        if dynamo:
+            from torch.export import Dim
+            low = dynamo_min_size(model)
+            if min(shape) < low:
+                raise ExportError(f'--dynamo exports need --shape of at least {low} a side for this '
+                                  f'model (every stage with more than one window/pixel), got {shape}')
+            dims = {'inputs': {2: Dim('height', min=low, max=MAX_SIZE),
+                               3: Dim('width', min=low, max=MAX_SIZE)}}
+            # torch.export would otherwise guard on every size-1 check of views and broadcasts
+            import torch.fx.experimental._config as fx_config
+            with fx_config.patch(backed_size_oblivious=True), torch.no_grad():
+                torch.onnx.export(model, (inputs, ), path, dynamo=True, opset_version=opset,
+                                  input_names=['inputs'], dynamic_shapes=dims,
+                                  external_data=False)
+        else:
+            with torch.no_grad():
+                torch.onnx.export(model, (inputs, ), path, dynamo=False, opset_version=opset,
+                                  input_names=['inputs'],
+                                  dynamic_axes={'inputs': {2: 'height', 3: 'width'}})
+    except ExportError:
+        raise
+    except Exception as error:  # the exporters raise many types; report the first line
+        message = str(error).strip().splitlines()[0] if str(error).strip() else ''
+        raise ExportError(f'export failed: {type(error).__name__}: {message}') from error
+
+
+def relative_errors(model: nn.Module, path: str, shape: Sequence[int]) -> List[float]:
+    """``max |onnx - torch| / max |torch|`` of each output at a ``(1, C, H, W)`` input of ``shape``.
+
+    Raises:
+        ExportError: When onnxruntime cannot run the model at this size, or the number or shapes
+            of the outputs differ.
+    """
+    import onnxruntime as ort
+    session = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
+    feed = session.get_inputs()[0]
+    inputs = torch.randn(1, feed.shape[1] if isinstance(feed.shape[1], int) else 3, *shape)
+    with torch.no_grad():
+        expected = model(inputs)
+    expected = [expected] if isinstance(expected, torch.Tensor) else list(expected)
+    try:
+        actual = session.run(None, {feed.name: inputs.numpy()})
+    except Exception as error:
+        message = str(error).strip().splitlines()[0]
+        raise ExportError(f'onnxruntime cannot run the model at {shape[0]}x{shape[1]}: {message}') \
+            from error
+    if len(actual) != len(expected):
+        raise ExportError(f'the ONNX model has {len(actual)} outputs, PyTorch {len(expected)}')
+    errors = []
+    for i, (onnx_out, torch_out) in enumerate(zip(actual, expected)):
+        torch_out = torch_out.numpy()
+        if onnx_out.shape != torch_out.shape:
+            raise ExportError(f'output {i} at {shape[0]}x{shape[1]}: ONNX shape {onnx_out.shape}, '
+                              f'PyTorch {torch_out.shape}')
+        scale = max(float(np.abs(torch_out).max()), 1e-12)
+        errors.append(float(np.abs(onnx_out - torch_out).max()) / scale)
+    return errors
+
+
+def export_checked(model: nn.Module, output: str, shape: Sequence[int],
+                   check_shape: Sequence[int], dynamo: bool = False, opset: int = 18,
+                   tol: float = 1e-4) -> dict:
+    """Export to a temporary file, compare with PyTorch at both sizes, then move it to ``output``.
+
+    Returns:
+        dict: ``{(H, W): [relative error of each output]}`` for both sizes.
+
+    Raises:
+        ExportError: When the export fails or disagrees; ``output`` is then not written.
+    """
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError as error:
+        raise ExportError('checking the export needs onnxruntime: pip install onnxruntime') from error
+    if tuple(shape) == tuple(check_shape):
+        raise ExportError(f'--check-shape must differ from --shape ({shape[0]}x{shape[1]}): '
+                          'the point is a size the export did not see')
+    model.eval()
+    directory = osp.dirname(osp.abspath(output))
+    os.makedirs(directory, exist_ok=True)
+    handle, tmp_path = tempfile.mkstemp(suffix='.onnx', dir=directory)
+    os.close(handle)
+    try:
+        export_onnx(model, tmp_path, shape, dynamo=dynamo, opset=opset)
+        report = {}
+        for size in (tuple(shape), tuple(check_shape)):
+            report[size] = relative_errors(model, tmp_path, size)
+            worst = max(report[size])
+            if not worst <= tol:  # also NaN
+                raise ExportError(f'the ONNX model disagrees with PyTorch at {size[0]}x{size[1]}: '
+                                  f'relative error {worst:.2e} > tol {tol:.0e}; not written')
+        os.replace(tmp_path, output)
+        return report
+    finally:
+        if osp.exists(tmp_path):
+            os.remove(tmp_path)
+
+
+def parse_shape(parser: argparse.ArgumentParser, values: List[int], option: str) -> Tuple[int, int]:
+    if len(values) not in (1, 2) or min(values) < STEM_STRIDE:
+        parser.error(f'{option} takes H or H W, each at least {STEM_STRIDE}, got {values}')
+    return (values[0], values[-1])
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('target', help=f'a DAT arch ({", ".join(DAT.arch_zoo)}) or an mmdet/mmseg config')
+    parser.add_argument('output', help='the .onnx file to write')
+    parser.add_argument('--checkpoint', help='weights to load (random weights without)')
+    parser.add_argument('--part', choices=('features', 'tensor'), default='features',
+                        help="config only: 'features' (backbone + neck, default) or 'tensor' "
+                        '(raw head outputs)')
+    parser.add_argument('--shape', type=int, nargs='+', default=[256],
+                        help='export size: H, or H W (default 256)')
+    parser.add_argument('--check-shape', type=int, nargs='+', default=[320, 480],
+                        help='second size checked with onnxruntime: H, or H W (default 320 480)')
+    parser.add_argument('--dynamo', action='store_true',
+                        help='export through torch.export (default: the TorchScript exporter)')
+    parser.add_argument('--opset', type=int, default=18, help='ONNX opset (default 18)')
+    parser.add_argument('--tol', type=float, default=1e-4,
+                        help='largest relative error accepted at each size (default 1e-4)')
+    args = parser.parse_args(argv)
+    args.shape = parse_shape(parser, args.shape, '--shape')
+    args.check_shape = parse_shape(parser, args.check_shape, '--check-shape')
+    if not args.tol > 0:
+        parser.error(f'--tol must be positive, got {args.tol}')
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    try:
+        model = build_model(args.target, args.checkpoint, args.part)
+        report = export_checked(model, args.output, args.shape, args.check_shape, args.dynamo,
+                                args.opset, args.tol)
+    except (ExportError, ValueError) as error:
+        raise SystemExit(f'pytorch2onnx: {error}')
+    exporter = 'torch.export (dynamo)' if args.dynamo else 'TorchScript'
+    print(f'Wrote {args.output} ({exporter} exporter, opset {args.opset}, dynamic height/width)')
+    for (height, width), errors in report.items():
+        print(f'  onnxruntime vs PyTorch at {height}x{width}: max relative error {max(errors):.2e} '
+              f'over {len(errors)} outputs')
+    return report
+
+
+if __name__ == '__main__':
+    main()
