@@ -113,11 +113,14 @@ def test_dynamo_export_below_the_minimum_size_is_refused(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_cli_exports_dat_tiny(tmp_path):
-    output = tmp_path / 'dat_t.onnx'
-    result = subprocess.run([sys.executable, str(TOOL), 'tiny', str(output), '--shape', '64',
-                             '--check-shape', '96', '136'], capture_output=True, text=True,
-                            cwd=REPO_ROOT)
+def test_cli_exports_a_whole_detector(tmp_path):
+    """A RetinaNet config (small DAT, FPN, head): the raw head outputs, checked at two sizes."""
+    output = tmp_path / 'retinanet.onnx'
+    config = REPO_ROOT / 'tests' / 'data' / 'configs' / 'retinanet_dat_shapes_tiny.py'
+    result = subprocess.run([sys.executable, str(TOOL), str(config), str(output), '--part', 'tensor',
+                             '--shape', '64', '--check-shape', '96', '136'], capture_output=True,
+                            text=True, cwd=REPO_ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
     assert output.is_file()
-    assert 'at 96x136: max relative error' in result.stdout
+    # 3 FPN levels x (class scores, box deltas)
+    assert 'at 96x136: max relative error' in result.stdout and 'over 6 outputs' in result.stdout

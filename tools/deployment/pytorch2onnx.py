@@ -144,8 +144,7 @@ def export_onnx(model: nn.Module, path: str, shape: Sequence[int], dynamo: bool 
             if min(shape) < low:
                 raise ExportError(f'--dynamo exports need --shape of at least {low} a side for this '
                                   f'model (every stage with more than one window/pixel), got {shape}')
-            dims = {'inputs': {2: Dim('height', min=low, max=MAX_SIZE),
-                               3: Dim('width', min=low, max=MAX_SIZE)}}
+            dims = ({2: Dim('height', min=low, max=MAX_SIZE), 3: Dim('width', min=low, max=MAX_SIZE)}, )
             # torch.export would otherwise guard on every size-1 check of views and broadcasts
             import torch.fx.experimental._config as fx_config
             with fx_config.patch(backed_size_oblivious=True), torch.no_grad():
@@ -159,9 +158,13 @@ def export_onnx(model: nn.Module, path: str, shape: Sequence[int], dynamo: bool 
                                   dynamic_axes={'inputs': {2: 'height', 3: 'width'}})
     except ExportError:
         raise
-    except Exception as error:  # the exporters raise many types; report the first line
-        message = str(error).strip().splitlines()[0] if str(error).strip() else ''
-        raise ExportError(f'export failed: {type(error).__name__}: {message}') from error
+    except Exception as error:  # the exporters raise many types; report the root cause
+        root = error
+        while root.__cause__ is not None:
+            root = root.__cause__
+        lines = str(root).strip().splitlines()
+        raise ExportError(f'export failed: {type(root).__name__}: {lines[0] if lines else ""}') \
+            from error
 
 
 def relative_errors(model: nn.Module, path: str, shape: Sequence[int]) -> List[float]:
