@@ -2,8 +2,8 @@
 
 Compiling is slow on small CPUs, so the backbones are tiny arch dicts compiled per size
 (``dynamic=False``) through AOT autograd without code generation (``aot_eager``: the graphs,
-guards and backward that inductor would get), and inductor itself compiles the layers whose
-padding arithmetic broke its dynamic-shape recompiles (``%`` of a symbolic size).
+guards and backward that inductor would get), and inductor itself compiles, with dynamic sizes,
+the layers whose padding arithmetic broke its dynamic-shape recompiles (``%`` of a symbolic size).
 """
 import pytest
 import torch
@@ -53,13 +53,14 @@ def test_compiled_backbone_at_three_sizes(arch):
                 torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
-def test_inductor_recompiles_padding_for_new_sizes():
-    """The first call compiles for its size, the second recompiles with dynamic sizes (where
-    inductor failed on ``-size % stride``), the third reuses that graph."""
+def test_inductor_compiles_padding_for_any_size():
+    """Inductor with dynamic sizes, where it failed on ``-size % stride`` (the automatic dynamic
+    recompile at a second size compiles the same symbolic code): one compile, three sizes, a
+    training step each."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = nn.Sequential(ConvDownsample(3, 8, 4, bias=True), WindowAttention(8, 2, 7, 4, 'reference'))
-    compiled = torch.compile(model)
+    compiled = torch.compile(model, dynamic=True)
     for size in SIZES:
         x = torch.randn(1, 3, *size, requires_grad=True)
         out = compiled(x)
@@ -69,5 +70,3 @@ def test_inductor_recompiles_padding_for_new_sizes():
         ref.square().mean().backward()
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(grad, x.grad, atol=1e-6, rtol=1e-4)
-        with torch.no_grad():
-            torch.testing.assert_close(compiled(x), ref, atol=1e-5, rtol=1e-5)

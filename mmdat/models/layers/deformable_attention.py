@@ -9,6 +9,7 @@ from .attention import (biased_attention, check_attn_impl, cpu_kernel_ready, res
                         sampled_position_bias)
 from .cpu_deformable_attention import cpu_deformable_attention, grid_axes
 from .fused_deformable_attention import fused_deformable_attention, interpreter_enabled
+from .tracing import copy_view
 
 
 def pixel_centre_grid(height: int, width: int, device: torch.device,
@@ -130,9 +131,7 @@ class DeformableAttention(nn.Module):
         batch, height, width, _ = x.shape
         group_dims = self.embed_dims // self.num_groups
         x = x.view(batch, height, width, self.num_groups, group_dims).permute(0, 3, 4, 1, 2)
-        # explicit .contiguous() and sizes (no -1): reshapes of permuted tensors with symbolic
-        # sizes make torch.export guard on sizes being 1
-        return x.clone(memory_format=torch.contiguous_format).view(batch * self.num_groups, group_dims, height, width)
+        return copy_view(x, batch * self.num_groups, group_dims, height, width)
 
     def sampling_positions(self, query: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Reference points and the deformed sampling positions of each offset group.
@@ -202,8 +201,5 @@ class DeformableAttention(nn.Module):
                                               self.rpe_table)
         else:
             out = biased_attention(query, key, value, bias, impl)
-        # a copy whatever the strides: torch.export records a reshape of SDPA's output as a view,
-        # which ONNX's decomposition of SDPA (other strides) then cannot apply
-        out = out.transpose(1, 2).clone(memory_format=torch.contiguous_format)
-        out = out.view(batch, height, width, channels)
+        out = copy_view(out.transpose(1, 2), batch, height, width, channels)
         return self.proj_out(out)

@@ -33,3 +33,14 @@ def clamp_size_min(size, low: int):
     if isinstance(size, torch.Tensor):
         return size.clamp(min=low)
     return torch.sym_max(size, low)
+
+
+def copy_view(tensor: torch.Tensor, *shape) -> torch.Tensor:
+    """``tensor.reshape(*shape)`` through a contiguous copy, with explicit sizes (no ``-1``).
+
+    ``reshape`` of a permuted tensor decides between a view and a copy from its strides, and
+    with symbolic sizes torch.export then guards on sizes being 1 (or records a view that the
+    ONNX decomposition of SDPA, with other strides, cannot apply). A copy is always valid; where
+    the tensor is permuted, ``reshape`` copied in eager mode anyway.
+    """
+    return tensor.clone(memory_format=torch.contiguous_format).view(*shape)

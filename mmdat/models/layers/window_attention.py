@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import MASK_VALUE, biased_attention, check_attn_impl
-from .tracing import is_tracing, pad_to_multiple
+from .tracing import copy_view, is_tracing, pad_to_multiple
 
 
 def _axis_labels(size, padded, window_size: int, shift_size: int,
@@ -125,9 +125,7 @@ class WindowAttention(nn.Module):
 
         rows, cols = padded_h // ws, padded_w // ws
         windows = x.view(batch, rows, ws, cols, ws, channels).permute(0, 1, 3, 2, 4, 5)
-        # explicit .contiguous() and sizes (no -1): reshapes of permuted tensors with symbolic
-        # sizes make torch.export guard on sizes being 1
-        windows = windows.clone(memory_format=torch.contiguous_format).view(batch, rows * cols, ws * ws, channels)
+        windows = copy_view(windows, batch, rows * cols, ws * ws, channels)
         qkv = self.qkv(windows).view(batch, rows * cols, ws * ws, 3, self.num_heads,
                                      channels // self.num_heads)
         query, key, value = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)  # B, nW, heads, N, d
@@ -142,8 +140,8 @@ class WindowAttention(nn.Module):
             bias = bias + mask
         out = biased_attention(query, key, value, bias, self.attn_impl)
 
-        out = out.transpose(2, 3).clone(memory_format=torch.contiguous_format).view(batch, rows, cols, ws, ws, channels)
-        out = out.transpose(2, 3).clone(memory_format=torch.contiguous_format).view(batch, padded_h, padded_w, channels)
+        out = copy_view(out.transpose(2, 3), batch, rows, cols, ws, ws, channels)
+        out = copy_view(out.transpose(2, 3), batch, padded_h, padded_w, channels)
         if shift:
             out = torch.roll(out, (shift, shift), dims=(1, 2))
         # cropped by negative padding: a slice [:height] of a symbolic size makes torch.export
