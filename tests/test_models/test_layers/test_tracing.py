@@ -85,5 +85,5 @@ def test_shape_helpers():
     assert clamp_size_min(torch.tensor(-3), 0).item() == 0
     assert not is_tracing()
     seen = []
-    torch.jit.trace(lambda x: seen.append(is_tracing()) or x * 2, torch.ones(1))
-    assert seen == [True]
+    torch.jit.trace(lambda x: seen.append(is_tracing()) or x * 2, torch.ones(1), check_trace=False)
+    assert seen and all(seen)
