@@ -16,7 +16,8 @@ from mmengine.config import DictAction
 
 import mmdat  # noqa: F401  (registers DAT; mmengine reads checkpoints with mmdat's safe loader)
 from mmdat.models.utils import CheckpointError, trust_checkpoint
-from mmdat.utils import build_inferencer, check_file, check_out_file, load_dat_config, read_image
+from mmdat.utils import (add_checkpoint_arguments, build_inferencer, check_file, check_out_file,
+                         load_dat_config, read_image)
 
 #: Detections listed by name in the printed summary.
 MAX_LISTED = 10
@@ -31,12 +32,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('checkpoint', nargs='?', help='weights (random initialisation without)')
     parser.add_argument('--out', required=True,
                         help=f'output image, e.g. demo.png (one of .{", .".join(OUT_FORMATS)})')
-    parser.add_argument('--trust-checkpoint', action='store_true',
-                        help='read the checkpoint with an unrestricted unpickler: only for a file '
-                        'you trust, it may run code it holds')
-    parser.add_argument('--allow-partial-weights', action='store_true',
-                        help='run even if the checkpoint leaves over 10%% of the model\'s '
-                        'parameters at random init')
+    add_checkpoint_arguments(parser)
     parser.add_argument('--device', default='cpu', help='e.g. cpu or cuda:0')
     parser.add_argument('--seed', type=int, default=0,
                         help='seed of the random initialisation (without a checkpoint)')

@@ -10,7 +10,7 @@ from mmengine.model import is_model_wrapper
 from mmengine.runner import Runner
 
 from mmdat.models.utils import CheckpointError, check_weights_fit, trust_checkpoint
-from mmdat.utils import adapt_to_cpu, check_dataset_files, load_tool_config
+from mmdat.utils import add_checkpoint_arguments, adapt_to_cpu, check_dataset_files, load_tool_config
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -20,12 +20,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--work-dir', help='where the evaluation logs go '
                         '(default: work_dirs/<config name>)')
     parser.add_argument('--amp', action='store_true', help='mixed precision inference')
-    parser.add_argument('--trust-checkpoint', action='store_true',
-                        help='read the checkpoint with an unrestricted unpickler: only for a file '
-                        'you trust, it may run code it holds')
-    parser.add_argument('--allow-partial-weights', action='store_true',
-                        help='run even if the checkpoint leaves over 10%% of the model\'s '
-                        'parameters at random init')
+    add_checkpoint_arguments(parser)
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override config entries, e.g. test_dataloader.batch_size=2')
     parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none')

@@ -27,7 +27,8 @@ import mmdat  # noqa: F401  (registers DAT; mmengine reads checkpoints with mmda
 from mmdat.models import DAT
 from mmdat.models.utils import (CheckpointError, check_unloaded, deformable_blocks,
                                 record_deformable_attention, trust_checkpoint)
-from mmdat.utils import build_inferencer, check_file, check_out_file, load_dat_config, read_image
+from mmdat.utils import (add_checkpoint_arguments, build_inferencer, check_file, check_out_file,
+                         load_dat_config, read_image)
 from mmdat.visualization import STAGE_STRIDES, draw_deformable_attention, query_index
 
 #: RGB ImageNet statistics, used for backbone-only configs without a data_preprocessor.
@@ -61,12 +62,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--out', required=True,
                         help='output image, e.g. deformable.png (a format matplotlib writes: '
                         '.png, .pdf, .svg, .jpg, ...)')
-    parser.add_argument('--trust-checkpoint', action='store_true',
-                        help='read the checkpoint with an unrestricted unpickler: only for a file '
-                        'you trust, it may run code it holds')
-    parser.add_argument('--allow-partial-weights', action='store_true',
-                        help='run even if the checkpoint leaves over 10%% of the model\'s '
-                        'parameters at random init')
+    add_checkpoint_arguments(parser)
     parser.add_argument('--device', default='cpu', help='e.g. cpu or cuda:0')
     parser.add_argument('--seed', type=int, default=0,
                         help='seed of the random initialisation (without a checkpoint)')

@@ -15,6 +15,18 @@ from .setup_cfg import register_scope
 DAT_TYPES = ('DAT', 'mmdet.DAT', 'mmseg.DAT')
 
 
+def add_checkpoint_arguments(parser) -> None:
+    """``--trust-checkpoint`` and ``--allow-partial-weights``, for the tools that run a model
+    from a checkpoint (test, demo, visualize); see :func:`load_checkpoint_file` and
+    :func:`check_weights_fit`."""
+    parser.add_argument('--trust-checkpoint', action='store_true',
+                        help='read the checkpoint with an unrestricted unpickler: only for a file '
+                        'you trust, it may run code it holds')
+    parser.add_argument('--allow-partial-weights', action='store_true',
+                        help='run even if the checkpoint leaves over 10%% of the model\'s '
+                        'parameters at random init')
+
+
 def check_file(path: Optional[str], what: str) -> None:
     """Stop with a one-line message when ``path`` is given but is not a file."""
     if path is not None and not osp.isfile(path):
