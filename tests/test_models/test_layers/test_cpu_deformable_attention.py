@@ -73,16 +73,21 @@ def test_float32_matches_float64_reference(shape):
         assert grad.shape == ref_grad.shape and relative_error(grad, ref_grad) < 2e-5, name
 
 
-@needs_kernel
-@pytest.mark.parametrize('shape', SHAPES[1:3])
-def test_float64_matches_reference_exactly(shape):
-    inputs = make_inputs(*shape, grid=datpp_query_grid)
-    grad_out = torch.randn(shape[0], shape[1], shape[3] * shape[4], shape[6], dtype=torch.float64)
+def assert_float64_matches_reference(inputs, grad_out):
+    """The kernel's output and every gradient equal the reference's in float64."""
     out, grads = run(kernel, inputs, torch.float64, grad_out)
     ref_out, ref_grads = run(reference, inputs, torch.float64, grad_out)
     assert relative_error(out, ref_out) < 1e-12
     for name, grad, ref_grad in zip(GRAD_NAMES, grads, ref_grads):
         assert relative_error(grad, ref_grad) < 1e-12, name
+
+
+@needs_kernel
+@pytest.mark.parametrize('shape', SHAPES[1:3])
+def test_float64_matches_reference_exactly(shape):
+    inputs = make_inputs(*shape, grid=datpp_query_grid)
+    grad_out = torch.randn(shape[0], shape[1], shape[3] * shape[4], shape[6], dtype=torch.float64)
+    assert_float64_matches_reference(inputs, grad_out)
 
 
 @needs_kernel
@@ -103,11 +108,7 @@ def test_bilinear_corner_cases_match_grid_sample():
     inputs[3] = grid
     inputs[4] = grid.reshape(1, 9, 2).clone()  # displacements in {-1, -0.5, 0, 0.5, 1}
     grad_out = torch.randn(1, 2, 9, 8, dtype=torch.float64)
-    out, grads = run(kernel, inputs, torch.float64, grad_out)
-    ref_out, ref_grads = run(reference, inputs, torch.float64, grad_out)
-    assert relative_error(out, ref_out) < 1e-12
-    for name, grad, ref_grad in zip(GRAD_NAMES, grads, ref_grads):
-        assert relative_error(grad, ref_grad) < 1e-12, name
+    assert_float64_matches_reference(inputs, grad_out)
 
 
 @needs_kernel
