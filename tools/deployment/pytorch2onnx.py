@@ -232,6 +232,9 @@ def export_checked(model: nn.Module, output: str, shape: Sequence[int],
             if not worst <= tol:  # also NaN
                 raise ExportError(f'the ONNX model disagrees with PyTorch at {size[0]}x{size[1]}: '
                                   f'relative error {worst:.2e} > tol {tol:.0e}; not written')
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp's 0600 is not what a plain open() makes
         os.replace(tmp_path, output)
         return report
     finally:
