@@ -32,14 +32,16 @@ ATTN_IMPLS = ('auto', 'sdpa', 'reference', 'fused', 'natten')
 #: Measured with torch 2.13 on 2 cores; see docs/benchmarks.md.
 CPU_SDPA_MIN_KEYS = 128
 
-#: Under ``'auto'`` on CPU, deformable attention over at least this many keys runs the C++
-#: kernel (when it builds), or from :data:`CPU_KERNEL_MIN_KEYS_GRAD` keys when the bias needs a
-#: gradient; below, the kernel's per-row overhead outweighs the bias it saves. Timed alone
-#: against the other paths (2 cores, 1 thread): at 196 keys it was 0.7x as fast as SDPA in
-#: inference and 0.7x the reference in training, at 512 keys 0.92x and 1.46x, at 1024 keys 1.27x
-#: and 1.52x; see docs/benchmarks.md.
-CPU_KERNEL_MIN_KEYS = 1024
-CPU_KERNEL_MIN_KEYS_GRAD = 512
+#: Under ``'auto'`` on CPU, deformable attention runs the C++ kernel (when it builds) where each
+#: of its tasks, one query row against all keys, computes at least this many scores
+#: (``row_queries * num_keys``); below, the kernel's fixed cost per row outweighs the bias it
+#: saves. Each deformable block of DAT-T and DAT-T++ at 224, 512 and 384x640, timed alone
+#: against the materialised bias (batch 1, 2 threads, in turns): 0.7-0.9x as fast at 343-4,800
+#: scores a row, 0.9-1.0x at 8,192-9,600, 1.0-1.15x at 16,384-19,200 and 1.4-2.8x from 32,768,
+#: in inference and training alike. From 8,192 the whole DAT-T++ at 512x512 (batch 2, 1 thread,
+#: in turns) was level in inference and 5% faster in training than from 16,384, and its blocks
+#: keep no ``heads x N x N`` tensors for backward; see docs/benchmarks.md.
+CPU_KERNEL_MIN_ROW_SCORES = 8192
 
 #: Added to the scores of keys a query must not see. A large finite value rather than ``-inf``
 #: so that a query whose keys are all masked (a padded query, cropped later) gets a finite
@@ -89,14 +91,15 @@ def check_attn_impl(attn_impl: str, supported: Sequence[str] = ATTN_IMPLS,
 
 
 def resolve_attn_impl(attn_impl: str, supported: Sequence[str], device: torch.device,
-                      dtype: torch.dtype, num_keys: int, bias_grad: bool) -> str:
+                      dtype: torch.dtype, num_keys: int, bias_grad: bool,
+                      row_queries: int = 1) -> str:
     """The path one call runs: ``'sdpa'``, ``'reference'``, ``'fused'`` or ``'natten'``.
 
     An explicit value is returned as it is (checked against ``supported``). ``'auto'`` picks:
 
     1. ``'fused'`` where the layer has it and a kernel runs here: on CUDA (Triton), and on CPU
-       (the C++ kernel) from :data:`CPU_KERNEL_MIN_KEYS` keys (:data:`CPU_KERNEL_MIN_KEYS_GRAD`
-       with ``bias_grad``), where it was measured faster;
+       (the C++ kernel) from :data:`CPU_KERNEL_MIN_ROW_SCORES` scores per query row
+       (``row_queries * num_keys``), where it was measured faster;
     2. otherwise ``'reference'`` on CPU with fewer than :data:`CPU_SDPA_MIN_KEYS` keys or with
        a bias that needs a gradient (there the matmuls are faster: for such a bias SDPA falls
        back on CPU to its own math path, the same matmuls with more overhead);
@@ -112,6 +115,9 @@ def resolve_attn_impl(attn_impl: str, supported: Sequence[str], device: torch.de
         dtype (torch.dtype): Dtype of the queries.
         num_keys (int): Keys per query.
         bias_grad (bool): Whether the bias needs a gradient in this call.
+        row_queries (int): Queries per row of the query grid (the width of the attended map):
+            the C++ kernel's unit of work is one row against all keys. Only layers supporting
+            ``'fused'`` need to pass it.
     """
     if attn_impl not in supported or attn_impl not in ATTN_IMPLS:
         raise ValueError(f'attn_impl must be one of {tuple(supported)}, got {attn_impl!r}')
@@ -120,8 +126,8 @@ def resolve_attn_impl(attn_impl: str, supported: Sequence[str], device: torch.de
     if 'fused' in supported:
         if device.type == 'cuda' and kernel_available('fused', device, dtype):
             return 'fused'
-        min_keys = CPU_KERNEL_MIN_KEYS_GRAD if bias_grad else CPU_KERNEL_MIN_KEYS
-        if device.type == 'cpu' and num_keys >= min_keys and cpu_kernel_ready(dtype):
+        if (device.type == 'cpu' and row_queries * num_keys >= CPU_KERNEL_MIN_ROW_SCORES
+                and cpu_kernel_ready(dtype)):
             return 'fused'
     if device.type == 'cpu' and (num_keys < CPU_SDPA_MIN_KEYS or bias_grad):
         return 'reference'

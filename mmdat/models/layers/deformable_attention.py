@@ -189,7 +189,7 @@ class DeformableAttention(nn.Module):
         key, value = heads(self.proj_k(sampled), num_keys), heads(self.proj_v(sampled), num_keys)
         bias_grad = torch.is_grad_enabled() and (positions.requires_grad or self.rpe_table.requires_grad)
         impl = resolve_attn_impl(self.attn_impl, self.SUPPORTED_IMPLS, query.device, query.dtype,
-                                 key.shape[-2], bias_grad)
+                                 key.shape[-2], bias_grad, row_queries=width)
         # the kernels sample the bias themselves; recording needs it materialised anyway
         bias = None
         if impl != 'fused' or self.recorder is not None:

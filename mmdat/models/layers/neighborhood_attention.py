@@ -21,6 +21,7 @@ from typing import Callable, Optional, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint as cp
 
 from .attention import biased_attention, check_attn_impl
 from .tracing import clamp_size_min, is_tracing
@@ -226,9 +227,10 @@ def _tiled_neighborhood_attention(query: torch.Tensor, key: torch.Tensor, value:
 def neighborhood_path(attn_impl: str) -> str:
     """How :func:`neighborhood_attention` computes ``attn_impl``: ``'natten'``, ``'tiles'``
     (``'auto'`` and ``'sdpa'``: faster than the gathered path on CPU at every map size
-    measured, and with a fraction of its memory) or ``'gathered'`` (``'reference'``)."""
-    if attn_impl not in NA_IMPLS:
-        raise ValueError(f'attn_impl must be one of {NA_IMPLS}, got {attn_impl!r}')
+    measured, and with a fraction of its memory; each tile's attention then runs as
+    :func:`~mmdat.models.layers.attention.resolve_attn_impl` picks) or ``'gathered'`` (``'reference'``). Validated by
+    :func:`check_attn_impl` against :data:`NA_IMPLS`."""
+    check_attn_impl(attn_impl, NA_IMPLS, 'neighborhood attention')
     return dict(natten='natten', reference='gathered').get(attn_impl, 'tiles')
 
 
@@ -264,16 +266,17 @@ def neighborhood_attention(query: torch.Tensor,
                          f'a side, got {height}x{width}')
     path = neighborhood_path(attn_impl)
     if path == 'natten':
-        functions = natten_functions()
-        if functions is None:
-            raise RuntimeError("attn_impl='natten' needs a compatible natten package "
-                               '(natten2dqkrpb/natten2dav or na2d_qk with rpb)')
-        qk_rpb, av = functions
+        qk_rpb, av = natten_functions()  # check_attn_impl made sure it is there
         attn = qk_rpb(query * head_dims**-0.5, key, rpb.to(query.dtype), kernel_size)
         return av(attn.softmax(dim=-1), value, kernel_size)
     # the tile plan is Python-side and per size: traced or compiled code takes the gathered
     # path, whose index tables are built in the graph
     if path == 'tiles' and not is_tracing():
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, rpb)):
+            # recomputed in backward: autograd would keep every tile's gathered keys and values,
+            # scores and probabilities (4-8x the inputs); this keeps the inputs alone
+            return cp.checkpoint(_tiled_neighborhood_attention, query, key, value, rpb, kernel_size,
+                                 attn_impl, use_reentrant=False)
         return _tiled_neighborhood_attention(query, key, value, rpb, kernel_size, attn_impl)
     indices = build_neighborhood_indices if is_tracing() else neighborhood_indices
     rows, row_bias = indices(height, kernel_size, query.device)

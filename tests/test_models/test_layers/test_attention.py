@@ -5,7 +5,7 @@ from mmdat.models.layers import (DeformableAttention, DeformableAttentionPP, Nei
                                  WindowAttention, biased_attention, block_attn_impl, check_attn_impl,
                                  cpu_kernel_available, natten_available, resolve_attn_impl)
 from mmdat.models.layers import attention as attention_module
-from mmdat.models.layers.attention import CPU_KERNEL_MIN_KEYS, CPU_KERNEL_MIN_KEYS_GRAD, CPU_SDPA_MIN_KEYS
+from mmdat.models.layers.attention import CPU_KERNEL_MIN_ROW_SCORES, CPU_SDPA_MIN_KEYS
 
 
 @pytest.mark.parametrize('dtype,tol', [(torch.float64, 1e-10), (torch.float32, 1e-5)])
@@ -93,24 +93,27 @@ def test_block_attn_impl():
         block_attn_impl('bogus', window)
 
 
-@pytest.mark.parametrize('device,dtype,num_keys,bias_grad,expected', [
-    ('cpu', torch.float32, CPU_KERNEL_MIN_KEYS, False, 'fused'),
-    ('cpu', torch.float32, CPU_KERNEL_MIN_KEYS_GRAD, True, 'fused'),
-    ('cpu', torch.float64, CPU_KERNEL_MIN_KEYS_GRAD, True, 'fused'),
-    ('cpu', torch.float32, CPU_KERNEL_MIN_KEYS - 1, False, 'sdpa'),
-    ('cpu', torch.float32, CPU_KERNEL_MIN_KEYS_GRAD - 1, True, 'reference'),
-    ('cpu', torch.float32, 49, False, 'reference'),
-    ('cpu', torch.bfloat16, CPU_KERNEL_MIN_KEYS, False, 'sdpa'),  # no CPU kernel for bf16
-    ('cpu', torch.bfloat16, CPU_KERNEL_MIN_KEYS, True, 'reference'),
-    ('meta', torch.float32, 49, True, 'sdpa'),
+@pytest.mark.parametrize('device,dtype,num_keys,row_queries,bias_grad,expected', [
+    # the kernel from CPU_KERNEL_MIN_ROW_SCORES scores per query row, in inference and training
+    ('cpu', torch.float32, 256, CPU_KERNEL_MIN_ROW_SCORES // 256, False, 'fused'),
+    ('cpu', torch.float32, 256, CPU_KERNEL_MIN_ROW_SCORES // 256, True, 'fused'),
+    ('cpu', torch.float64, 4200, 84, True, 'fused'),
+    ('cpu', torch.float32, 256, CPU_KERNEL_MIN_ROW_SCORES // 256 - 1, False, 'sdpa'),
+    ('cpu', torch.float32, 256, CPU_KERNEL_MIN_ROW_SCORES // 256 - 1, True, 'reference'),
+    ('cpu', torch.float32, 1024, 1, False, 'sdpa'),  # many keys but one query per row
+    ('cpu', torch.float32, 49, 7, False, 'reference'),
+    ('cpu', torch.bfloat16, 4200, 84, False, 'sdpa'),  # no CPU kernel for bf16
+    ('cpu', torch.bfloat16, 4200, 84, True, 'reference'),
+    ('meta', torch.float32, 49, 7, True, 'sdpa'),
 ])
-def test_resolver_for_deformable_attention(device, dtype, num_keys, bias_grad, expected):
+def test_resolver_for_deformable_attention(device, dtype, num_keys, row_queries, bias_grad, expected):
     if expected == 'fused' and not cpu_kernel_available():
         pytest.skip('the CPU kernel does not build here')
     supported = DeformableAttention.SUPPORTED_IMPLS
-    assert resolve_attn_impl('auto', supported, torch.device(device), dtype, num_keys, bias_grad) == expected
+    device = torch.device(device)
+    assert resolve_attn_impl('auto', supported, device, dtype, num_keys, bias_grad, row_queries) == expected
     for impl in ('sdpa', 'reference', 'fused'):  # explicit values are kept
-        assert resolve_attn_impl(impl, supported, torch.device(device), dtype, num_keys, bias_grad) == impl
+        assert resolve_attn_impl(impl, supported, device, dtype, num_keys, bias_grad, row_queries) == impl
 
 
 def test_resolver_without_the_cpu_kernel(monkeypatch):
@@ -118,8 +121,8 @@ def test_resolver_without_the_cpu_kernel(monkeypatch):
     monkeypatch.setattr(attention_module, 'cpu_kernel_ready', lambda dtype: False)
     supported = DeformableAttention.SUPPORTED_IMPLS
     cpu = torch.device('cpu')
-    assert resolve_attn_impl('auto', supported, cpu, torch.float32, 4200, False) == 'sdpa'
-    assert resolve_attn_impl('auto', supported, cpu, torch.float32, 4200, True) == 'reference'
+    assert resolve_attn_impl('auto', supported, cpu, torch.float32, 4200, False, 84) == 'sdpa'
+    assert resolve_attn_impl('auto', supported, cpu, torch.float32, 4200, True, 84) == 'reference'
 
 
 @pytest.mark.parametrize('num_keys,bias_grad,uses_sdpa', [

@@ -161,7 +161,7 @@ def test_without_a_compiler_the_model_falls_back_with_one_warning(tmp_path):
         'from mmdat.models.layers import DeformableAttention, cpu_kernel_available',
         'torch.manual_seed(0)',
         "module = DeformableAttention(16, 4, 2, 3, table_size=5, attn_impl='auto')",
-        'x = torch.randn(1, 32, 32, 16)',  # 1,024 keys: where 'auto' asks for the kernel
+        'x = torch.randn(1, 32, 32, 16)',  # 32 x 1,024 scores a row: where 'auto' asks for the kernel
         'with warnings.catch_warnings(record=True) as caught, torch.no_grad():',
         "    warnings.simplefilter('always')",
         '    auto = module(x)',
@@ -195,7 +195,7 @@ def test_bias_grid_is_bitwise_the_former_formula():
 
 
 @needs_kernel
-def test_auto_runs_the_kernel_on_large_maps(monkeypatch):
+def test_auto_runs_the_kernel_from_enough_scores_per_query_row(monkeypatch):
     from mmdat.models.layers import deformable_attention
     calls = []
 
@@ -207,10 +207,15 @@ def test_auto_runs_the_kernel_on_large_maps(monkeypatch):
     torch.manual_seed(0)
     module = DeformableAttention(16, 4, 2, 3, table_size=5, attn_impl='auto')
     with torch.no_grad():
-        module(torch.randn(1, 8, 8, 16))  # 64 keys: the matmuls
+        module(torch.randn(1, 8, 8, 16))  # 8 x 64 scores a row: the matmuls
         assert calls == []
-        out = module(torch.randn(1, 32, 32, 16))  # 1,024 keys
-        assert len(calls) == 1
-    x = torch.randn(1, 16, 32, 16)
-    module(x).sum().backward()  # 512 keys in training
-    assert len(calls) == 2 and out.shape == (1, 32, 32, 16)
+        out = module(torch.randn(1, 32, 32, 16))  # 32 x 1,024
+        assert len(calls) == 1 and out.shape == (1, 32, 32, 16)
+    module(torch.randn(1, 16, 32, 16)).sum().backward()  # 32 x 512, in training as well
+    assert len(calls) == 2
+    # DAT++: fewer keys (one per offset_stride pixels) than queries; what counts is their product
+    strided = DeformableAttentionPP(16, 4, 2, 5, 4, table_size=5, attn_impl='auto')
+    strided(torch.randn(1, 32, 32, 16)).sum().backward()  # 32 x 64 scores a row
+    assert len(calls) == 2
+    strided(torch.randn(1, 64, 64, 16)).sum().backward()  # 64 x 256
+    assert len(calls) == 3

@@ -3,6 +3,7 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from mmdat.models.layers import NeighborhoodAttention, natten_available, neighborhood_attention
 from mmdat.models.layers.neighborhood_attention import (NA_TILES, _tile_plan,
@@ -81,11 +82,47 @@ def test_tiles_match_the_gathered_reference_forward_and_backward(height, width, 
         torch.testing.assert_close(grad, grad_expected, rtol=1e-10, atol=1e-10)
 
 
+def saved_bytes(fn):
+    """Run ``fn`` and return its result and the bytes of the distinct storages autograd saved."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(storages.values())
+
+
+@pytest.mark.parametrize('impl', ['auto', 'sdpa'])
+def test_tiles_keep_only_their_inputs_for_backward(impl):
+    """In training the tiles are recomputed in backward: no gathered halos, scores or
+    probabilities are kept (the gathered path keeps K*K copies of the keys and values), and
+    the gradients are still the reference's, also inside a checkpointed block (with_cp)."""
+    q, k, v, rpb = (t.double().requires_grad_() for t in random_qkv(23, 30, kernel_size=7))
+    inputs = sum(t.numel() * t.element_size() for t in (q, k, v, rpb))
+    weights = torch.randn(q.shape, dtype=torch.float64)
+    reference, reference_saved = saved_bytes(lambda: neighborhood_attention(q, k, v, rpb, 7, 'reference'))
+    expected = torch.autograd.grad((reference * weights).sum(), (q, k, v, rpb))
+    out, saved = saved_bytes(lambda: neighborhood_attention(q, k, v, rpb, 7, impl))
+    assert saved <= inputs < reference_saved / 10
+    for attempt in (out, torch.utils.checkpoint.checkpoint(neighborhood_attention, q, k, v, rpb, 7, impl,
+                                                           use_reentrant=False)):
+        grads = torch.autograd.grad((attempt * weights).sum(), (q, k, v, rpb))
+        for grad, grad_expected in zip(grads, expected):
+            torch.testing.assert_close(grad, grad_expected, rtol=1e-10, atol=1e-10)
+
+
 def test_paths_of_each_attn_impl():
-    assert [neighborhood_path(impl) for impl in ('auto', 'sdpa', 'reference', 'natten')] == [
-        'tiles', 'tiles', 'gathered', 'natten']
-    with pytest.raises(ValueError, match='attn_impl must be one of'):
+    assert [neighborhood_path(impl) for impl in ('auto', 'sdpa', 'reference')] == ['tiles', 'tiles', 'gathered']
+    if natten_available():
+        assert neighborhood_path('natten') == 'natten'
+    # the one check of every layer (check_attn_impl), per call too
+    with pytest.raises(ValueError, match=r"neighborhood attention supports attn_impl \('auto', 'sdpa', 'reference', 'natten'\)"):
         neighborhood_path('fused')
+    with pytest.raises(ValueError, match='attn_impl must be one of'):
+        neighborhood_attention(*random_qkv(7, 7), 5, 'flash')
 
 
 def test_tile_plan_groups_the_interior_tiles_and_reads_every_pixel_once():
@@ -207,6 +244,8 @@ def test_bad_arguments(kwargs, error, match):
 def test_natten_impl_without_natten():
     with pytest.raises(RuntimeError, match='needs a compatible natten'):
         NeighborhoodAttention(8, 2, attn_impl='natten')
+    with pytest.raises(RuntimeError, match='needs a compatible natten'):
+        neighborhood_attention(*random_qkv(7, 7), 5, 'natten')
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a GPU')
