@@ -17,7 +17,10 @@ max_iters = 1000
 lr = 1e-3
 
 model = dict(
-    data_preprocessor=dict(size=None, size_divisor=32),
+    # Label maps are padded with background (0), not mmseg's ignore value 255: with class_weight,
+    # mmseg 1.2.2's cross entropy indexes the weights with every label and fails on 255 (images
+    # whose sides are not multiples of 32). The padded pixels are black, and background.
+    data_preprocessor=dict(size=None, size_divisor=32, seg_pad_val=0),
     backbone=dict(arch=dict(_delete_=True, **demo_arch), drop_path_rate=0.0),
     neck=dict(in_channels=embed_dims, out_channels=neck_channels),
     decode_head=dict(
