@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from mmdat.models import DAT
+from mmdat.models.layers import DeformableAttention
 
 pytest.importorskip('onnxruntime')
 pytest.importorskip('onnx')
@@ -47,6 +48,27 @@ class BakesTheWidth(nn.Module):
         return x * float(x.shape[-1])
 
 
+class BakesTheBatch(nn.Module):
+    """Multiplies by the batch as a Python float: the TorchScript trace freezes it."""
+
+    def forward(self, x):
+        return x * float(x.shape[0])
+
+
+class LargeDeformableAttention(nn.Module):
+    """A DeformableAttention on a map where 'auto' runs the CPU kernel in eager mode (32 query
+    rows of 32 x 1,024 scores), which no exporter can record."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Conv2d(3, 16, 1)
+        self.attn = DeformableAttention(16, 4, 2, 3, table_size=5, attn_impl='auto')
+
+    def forward(self, x):
+        return self.attn(self.embed(x).permute(0, 2, 3, 1))
+
+
 @pytest.mark.parametrize('arch', [V1_ARCH, V2_ARCH], ids=['v1', 'v2'])
 def test_torchscript_export_agrees_at_another_size(arch, tmp_path):
     output = tmp_path / 'model.onnx'
@@ -54,7 +76,8 @@ def test_torchscript_export_agrees_at_another_size(arch, tmp_path):
     # has a 2x7 last stage (DAT++ 1-pixel rows of reference points from stage 2 on)
     report = pytorch2onnx.export_checked(small_dat(arch), str(output), (100, 84), (36, 200))
     assert output.is_file()
-    assert set(report) == {(100, 84), (36, 200)}
+    # exported at a batch of 2, checked at 1 and 2: the batch is dynamic too
+    assert set(report) == {(1, 100, 84), (2, 36, 200)}
     assert all(len(errors) == 4 and max(errors) < 1e-4 for errors in report.values())
 
 
@@ -72,9 +95,27 @@ def test_dynamo_export_agrees_at_another_size(arch, tmp_path):
 
 def test_refuses_a_model_that_disagrees_and_writes_nothing(tmp_path):
     output = tmp_path / 'model.onnx'
-    with pytest.raises(pytorch2onnx.ExportError, match='disagrees with PyTorch at 8x12'):
+    with pytest.raises(pytorch2onnx.ExportError, match='disagrees with PyTorch at 2x8x12'):
         pytorch2onnx.export_checked(BakesTheWidth(), str(output), (8, 8), (8, 12))
     assert os.listdir(tmp_path) == []  # neither the model nor the temporary file
+
+
+def test_refuses_a_model_that_bakes_the_batch(tmp_path):
+    with pytest.raises(pytorch2onnx.ExportError, match='disagrees with PyTorch at 1x8x8'):
+        pytorch2onnx.export_checked(BakesTheBatch(), str(tmp_path / 'model.onnx'), (8, 8), (8, 12))
+
+
+@pytest.mark.parametrize('dynamo', [False, True], ids=['torchscript', 'dynamo'])
+def test_exports_where_eager_mode_runs_the_kernel(dynamo, tmp_path):
+    """Exports take SDPA where 'auto' would run a kernel (and 'fused' too): same results."""
+    if dynamo:
+        pytest.importorskip('onnxscript')
+    model = LargeDeformableAttention().eval()
+    for impl in ('auto', 'fused'):
+        model.attn.attn_impl = impl
+        report = pytorch2onnx.export_checked(model, str(tmp_path / 'attn.onnx'), (32, 32), (40, 24),
+                                             dynamo=dynamo)
+        assert all(max(errors) < 1e-4 for errors in report.values())
 
 
 def test_cli_exits_with_one_line_error(tmp_path, monkeypatch, capsys):
@@ -123,4 +164,4 @@ def test_cli_exports_a_whole_detector(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert output.is_file()
     # 3 FPN levels x (class scores, box deltas)
-    assert 'at 96x136: max relative error' in result.stdout and 'over 6 outputs' in result.stdout
+    assert 'at 2x96x136: max relative error' in result.stdout and 'over 6 outputs' in result.stdout

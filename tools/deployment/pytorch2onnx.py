@@ -1,5 +1,5 @@
 """Export a DAT backbone, or the feature extractor of an mmdet/mmseg config, to ONNX with a
-dynamic input height and width, and keep the file only if onnxruntime agrees with PyTorch.
+dynamic batch, height and width, and keep the file only if onnxruntime agrees with PyTorch.
 
 Examples::
 
@@ -8,9 +8,9 @@ Examples::
     python tools/deployment/pytorch2onnx.py configs/retinanet_dat_t_coco.py retinanet_feats.onnx \\
         --shape 512 512 --check-shape 480 640
 
-The model is exported at ``--shape`` with the height and width as dynamic axes (the batch is
-fixed at 1), then run by onnxruntime at ``--shape`` and at ``--check-shape`` and compared with
-PyTorch. The relative error of an output is ``max |onnx - torch| / max |torch|``; if any output
+The model is exported at ``--shape`` and a batch of :data:`EXPORT_BATCH` with the batch, height
+and width as dynamic axes, then run by onnxruntime at ``--shape`` with a batch of 1 and at
+``--check-shape`` with a batch of 2, and compared with PyTorch. The relative error of an output is ``max |onnx - torch| / max |torch|``; if any output
 at either size exceeds ``--tol`` (or onnxruntime cannot run the model at one of the sizes) no
 file is written and the tool exits with status 1 and a one-line error.
 
@@ -43,6 +43,13 @@ from mmdat.models.backbones.dat import NUM_STAGES, STEM_STRIDE
 
 #: Largest height and width of the dynamic axes of a torch.export (``--dynamo``) export.
 MAX_SIZE = 8192
+#: Batch of the example input of an export: not 1, which torch.export would specialise on.
+EXPORT_BATCH = 2
+#: Largest batch of a torch.export (``--dynamo``) export.
+MAX_BATCH = 1024
+#: The batch of the check at ``--shape`` and of the check at ``--check-shape``: each differs
+#: from the export in one thing.
+CHECK_BATCHES = (1, EXPORT_BATCH)
 
 
 class ExportError(RuntimeError):
@@ -130,13 +137,13 @@ def dynamo_min_size(model: nn.Module) -> int:
 
 def export_onnx(model: nn.Module, path: str, shape: Sequence[int], dynamo: bool = False,
                 opset: int = 18) -> None:
-    """Export ``model`` at a ``(1, C, H, W)`` input of ``shape`` with dynamic H and W.
+    """Export ``model`` at an ``(EXPORT_BATCH, C, H, W)`` input of ``shape`` with dynamic B, H and W.
 
     Raises:
         ExportError: When the exporter fails.
     """
     backbone = find_backbone(model)
-    inputs = torch.randn(1, backbone.in_channels if backbone is not None else 3, *shape)
+    inputs = torch.randn(EXPORT_BATCH, backbone.in_channels if backbone is not None else 3, *shape)
     try:
         if dynamo:
             from torch.export import Dim
@@ -144,7 +151,8 @@ def export_onnx(model: nn.Module, path: str, shape: Sequence[int], dynamo: bool 
             if min(shape) < low:
                 raise ExportError(f'--dynamo exports need --shape of at least {low} a side for this '
                                   f'model (every stage with more than one window/pixel), got {shape}')
-            dims = ({2: Dim('height', min=low, max=MAX_SIZE), 3: Dim('width', min=low, max=MAX_SIZE)}, )
+            dims = ({0: Dim('batch', min=1, max=MAX_BATCH), 2: Dim('height', min=low, max=MAX_SIZE),
+                     3: Dim('width', min=low, max=MAX_SIZE)}, )
             # torch.export would otherwise guard on every size-1 check of views and broadcasts
             import torch.fx.experimental._config as fx_config
             with fx_config.patch(backed_size_oblivious=True), torch.no_grad():
@@ -155,7 +163,7 @@ def export_onnx(model: nn.Module, path: str, shape: Sequence[int], dynamo: bool 
             with torch.no_grad():
                 torch.onnx.export(model, (inputs, ), path, dynamo=False, opset_version=opset,
                                   input_names=['inputs'],
-                                  dynamic_axes={'inputs': {2: 'height', 3: 'width'}})
+                                  dynamic_axes={'inputs': {0: 'batch', 2: 'height', 3: 'width'}})
     except ExportError:
         raise
     except Exception as error:  # the exporters raise many types; report the root cause
@@ -167,8 +175,8 @@ def export_onnx(model: nn.Module, path: str, shape: Sequence[int], dynamo: bool 
             from error
 
 
-def relative_errors(model: nn.Module, path: str, shape: Sequence[int]) -> List[float]:
-    """``max |onnx - torch| / max |torch|`` of each output at a ``(1, C, H, W)`` input of ``shape``.
+def relative_errors(model: nn.Module, path: str, shape: Sequence[int], batch: int = 1) -> List[float]:
+    """``max |onnx - torch| / max |torch|`` of each output at a ``(batch, C, H, W)`` input of ``shape``.
 
     Raises:
         ExportError: When onnxruntime cannot run the model at this size, or the number or shapes
@@ -177,7 +185,7 @@ def relative_errors(model: nn.Module, path: str, shape: Sequence[int]) -> List[f
     import onnxruntime as ort
     session = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
     feed = session.get_inputs()[0]
-    inputs = torch.randn(1, feed.shape[1] if isinstance(feed.shape[1], int) else 3, *shape)
+    inputs = torch.randn(batch, feed.shape[1] if isinstance(feed.shape[1], int) else 3, *shape)
     with torch.no_grad():
         expected = model(inputs)
     expected = [expected] if isinstance(expected, torch.Tensor) else list(expected)
@@ -185,7 +193,7 @@ def relative_errors(model: nn.Module, path: str, shape: Sequence[int]) -> List[f
         actual = session.run(None, {feed.name: inputs.numpy()})
     except Exception as error:
         message = str(error).strip().splitlines()[0]
-        raise ExportError(f'onnxruntime cannot run the model at {shape[0]}x{shape[1]}: {message}') \
+        raise ExportError(f'onnxruntime cannot run the model at {batch}x{shape[0]}x{shape[1]}: {message}') \
             from error
     if len(actual) != len(expected):
         raise ExportError(f'the ONNX model has {len(actual)} outputs, PyTorch {len(expected)}')
@@ -193,7 +201,7 @@ def relative_errors(model: nn.Module, path: str, shape: Sequence[int]) -> List[f
     for i, (onnx_out, torch_out) in enumerate(zip(actual, expected)):
         torch_out = torch_out.numpy()
         if onnx_out.shape != torch_out.shape:
-            raise ExportError(f'output {i} at {shape[0]}x{shape[1]}: ONNX shape {onnx_out.shape}, '
+            raise ExportError(f'output {i} at {batch}x{shape[0]}x{shape[1]}: ONNX shape {onnx_out.shape}, '
                               f'PyTorch {torch_out.shape}')
         scale = max(float(np.abs(torch_out).max()), 1e-12)
         errors.append(float(np.abs(onnx_out - torch_out).max()) / scale)
@@ -206,7 +214,8 @@ def export_checked(model: nn.Module, output: str, shape: Sequence[int],
     """Export to a temporary file, compare with PyTorch at both sizes, then move it to ``output``.
 
     Returns:
-        dict: ``{(H, W): [relative error of each output]}`` for both sizes.
+        dict: ``{(B, H, W): [relative error of each output]}`` for both checks: ``shape`` at a
+        batch of 1 and ``check_shape`` at a batch of 2 (:data:`CHECK_BATCHES`).
 
     Raises:
         ExportError: When the export fails or disagrees; ``output`` is then not written.
@@ -226,11 +235,11 @@ def export_checked(model: nn.Module, output: str, shape: Sequence[int],
     try:
         export_onnx(model, tmp_path, shape, dynamo=dynamo, opset=opset)
         report = {}
-        for size in (tuple(shape), tuple(check_shape)):
-            report[size] = relative_errors(model, tmp_path, size)
-            worst = max(report[size])
+        for batch, size in zip(CHECK_BATCHES, (tuple(shape), tuple(check_shape))):
+            errors = report[(batch, *size)] = relative_errors(model, tmp_path, size, batch)
+            worst = max(errors)
             if not worst <= tol:  # also NaN
-                raise ExportError(f'the ONNX model disagrees with PyTorch at {size[0]}x{size[1]}: '
+                raise ExportError(f'the ONNX model disagrees with PyTorch at {batch}x{size[0]}x{size[1]}: '
                                   f'relative error {worst:.2e} > tol {tol:.0e}; not written')
         umask = os.umask(0)
         os.umask(umask)
@@ -282,9 +291,9 @@ def main(argv=None) -> dict:
     except (ExportError, ValueError) as error:
         raise SystemExit(f'pytorch2onnx: {error}')
     exporter = 'torch.export (dynamo)' if args.dynamo else 'TorchScript'
-    print(f'Wrote {args.output} ({exporter} exporter, opset {args.opset}, dynamic height/width)')
-    for (height, width), errors in report.items():
-        print(f'  onnxruntime vs PyTorch at {height}x{width}: max relative error {max(errors):.2e} '
+    print(f'Wrote {args.output} ({exporter} exporter, opset {args.opset}, dynamic batch/height/width)')
+    for (batch, height, width), errors in report.items():
+        print(f'  onnxruntime vs PyTorch at {batch}x{height}x{width}: max relative error {max(errors):.2e} '
               f'over {len(errors)} outputs')
     return report
 

@@ -15,6 +15,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .tracing import is_exporting
+
 #: Attention implementations a user may ask for:
 #:
 #: - ``'sdpa'``: :func:`F.scaled_dot_product_attention` with the bias as ``attn_mask``;
@@ -108,6 +110,11 @@ def resolve_attn_impl(attn_impl: str, supported: Sequence[str], device: torch.de
     ``'natten'`` is never picked per call: a backbone picks it at construction
     (:func:`block_attn_impl`), where it knows whether checkpointing is on.
 
+    While a model is exported (:func:`~mmdat.models.layers.tracing.is_exporting`: ONNX,
+    TorchScript tracing, torch.export), no kernel is picked: ``'fused'`` gives ``'sdpa'`` and
+    ``'auto'`` skips step 1. The exporters can record only standard operators, and the graph
+    must serve every size, not only those where the kernel was chosen.
+
     Args:
         attn_impl (str): The layer's ``attn_impl``.
         supported (Sequence[str]): The layer's ``SUPPORTED_IMPLS``.
@@ -121,9 +128,12 @@ def resolve_attn_impl(attn_impl: str, supported: Sequence[str], device: torch.de
     """
     if attn_impl not in supported or attn_impl not in ATTN_IMPLS:
         raise ValueError(f'attn_impl must be one of {tuple(supported)}, got {attn_impl!r}')
+    exporting = is_exporting()
+    if exporting and attn_impl == 'fused':
+        return 'sdpa'
     if attn_impl != 'auto':
         return attn_impl
-    if 'fused' in supported:
+    if 'fused' in supported and not exporting:
         if device.type == 'cuda' and kernel_available('fused', device, dtype):
             return 'fused'
         if (device.type == 'cpu' and row_queries * num_keys >= CPU_KERNEL_MIN_ROW_SCORES

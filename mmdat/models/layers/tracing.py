@@ -11,8 +11,13 @@ import torch
 
 def is_tracing() -> bool:
     """Whether the forward pass is being traced, exported or compiled rather than run eagerly."""
-    return (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
-            or torch.compiler.is_compiling() or torch.compiler.is_exporting())
+    return is_exporting() or torch.compiler.is_compiling()
+
+
+def is_exporting() -> bool:
+    """Whether the forward pass is being exported (ONNX, TorchScript tracing, torch.export):
+    there only standard operators can be recorded, not mmdat's kernels."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
 
 
 def pad_to_multiple(size, multiple: int):

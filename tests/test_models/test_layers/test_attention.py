@@ -125,6 +125,16 @@ def test_resolver_without_the_cpu_kernel(monkeypatch):
     assert resolve_attn_impl('auto', supported, cpu, torch.float32, 4200, True, 84) == 'reference'
 
 
+def test_resolver_while_exporting(monkeypatch):
+    """Exports record no kernel: 'fused' runs SDPA, 'auto' the rule without the kernel."""
+    monkeypatch.setattr(attention_module, 'is_exporting', lambda: True)
+    supported, cpu = DeformableAttention.SUPPORTED_IMPLS, torch.device('cpu')
+    assert resolve_attn_impl('fused', supported, cpu, torch.float32, 4200, False, 84) == 'sdpa'
+    assert resolve_attn_impl('auto', supported, cpu, torch.float32, 4200, False, 84) == 'sdpa'
+    assert resolve_attn_impl('auto', supported, cpu, torch.float32, 49, False, 7) == 'reference'
+    assert resolve_attn_impl('reference', supported, cpu, torch.float32, 4200, False, 84) == 'reference'
+
+
 @pytest.mark.parametrize('num_keys,bias_grad,uses_sdpa', [
     (49, False, False), (CPU_SDPA_MIN_KEYS - 1, False, False), (CPU_SDPA_MIN_KEYS, False, True),
     (CPU_SDPA_MIN_KEYS, True, False)])
