@@ -84,18 +84,18 @@ class CPUDeformableAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query, key, value, ys, xs, positions, table):
-        out = torch.ops.mmdat_deformable_cpu.forward(query, key, value, ys, xs, positions, table)
-        ctx.save_for_backward(query, key, value, out, ys, xs, positions, table)
+        out, lse = torch.ops.mmdat_deformable_cpu.forward(query, key, value, ys, xs, positions, table)
+        ctx.save_for_backward(query, key, value, out, lse, ys, xs, positions, table)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        query, key, value, out, ys, xs, positions, table = ctx.saved_tensors
+        query, key, value, out, lse, ys, xs, positions, table = ctx.saved_tensors
         batch, heads = query.shape[:2]
         groups = positions.shape[0] // batch
         dq, dk, dv, dpos, dtable = torch.ops.mmdat_deformable_cpu.backward(
-            grad_out.contiguous(), query, key, value, out, ys, xs, positions, table)
+            grad_out.contiguous(), query, key, value, out, lse, ys, xs, positions, table)
         # heads of one offset group share its positions; every batch entry reads the same table
         dpos = dpos.view(batch, groups, heads // groups, -1, 2).sum(2).view(batch * groups, -1, 2)
         return dq, dk, dv, None, None, dpos, dtable.sum(0)

@@ -6,14 +6,26 @@
 //
 //     iy = ys[r] * (Th - 1) / 4 + (Th - 1) / 2 - py * (Th - 1) / 4     (ix alike with xs, px, Tw)
 //
-// so both coordinates are one subtraction of pre-scaled query and key coordinates. Queries of one
-// row share iy, so the table is interpolated along y once per (key, query row) into a padded row
-// `ty`, and then only along x per (query, key): two reads instead of four.
+// so both coordinates are one subtraction of pre-scaled query and key coordinates.
 //
-// Work is done one query row at a time (`Wq x Nk` scores): the scores by a matmul, the bias added
-// in place, softmax, and a matmul with the values. Backward recomputes the scores and
-// probabilities of each row. Threads split forward over (batch, head, query row) and backward
-// over (batch, head), so the accumulations of a backward task need no atomics.
+// Layout: one task is one query row (its W queries) of one (batch, head), and everything is kept
+// transposed, keys x queries, with the queries along the vector lanes (W padded to a multiple of
+// L = 16). For a key n, all W queries of the row share iy, so they read the same table row
+// interpolated along y (`ty`, zero-padded); only the x lerp differs per query, and it is a
+// contiguous vector operation: with AVX-512 the (<= 32-entry) row sits in two registers and the
+// two corners come from register permutes, not memory gathers.
+//
+// Forward is a flash-attention loop over blocks of KB keys: scores^T = K_blk (Q * scale)^T
+// (KB x W, small enough for L1), the bias added in place, an online softmax down the columns
+// (running max and sum per query, rescaling the accumulated output), and out^T += V_blk^T P^T.
+// It also returns the log-sum-exp per query, so backward recomputes each block's probabilities
+// with one exp and no second pass. Backward runs one task per (batch, head), over all its rows,
+// so the key, value, position and table gradients of a task are its own: no atomics, and the
+// result does not depend on the number of threads.
+//
+// The block products are one register-tiled micro-kernel (`tile`). With AVX-512 (float) it is
+// written with intrinsics, as are the bias lerp and the exp; otherwise (double, other machines,
+// or MMDAT_DA_PORTABLE defined) plain loops that the compiler vectorises as it can.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -23,8 +35,21 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
+#include <limits>
+#include <type_traits>
 #include <vector>
+
+#if defined(__AVX512F__) && !defined(MMDAT_DA_PORTABLE)
+#define MMDAT_DA_AVX512 1
+#include <immintrin.h>
+#else
+#define MMDAT_DA_AVX512 0
+#endif
+
+// The operator namespace; a test builds the portable variant under another one.
+#ifndef MMDAT_DA_LIBRARY
+#define MMDAT_DA_LIBRARY mmdat_deformable_cpu
+#endif
 
 namespace {
 
@@ -32,6 +57,12 @@ namespace {
 // zero-padded row of size + 2 * PAD + 1 entries. Clamping changes neither values nor gradients:
 // beyond -1 and size both corners are outside the table.
 constexpr int PAD = 2;
+constexpr int64_t L = 16;   // queries per vector (one AVX-512 register of floats)
+constexpr int64_t KB = 32;  // keys per block: a 32 x W block of scores stays in L1
+constexpr int MR = 4;       // rows of a micro-kernel tile
+constexpr int NV = 6;       // vectors of a micro-kernel tile (4 x 6 accumulators)
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 template <typename T>
 inline void locate(T coord, int64_t size, int64_t& index, T& weight) {
@@ -42,6 +73,8 @@ inline void locate(T coord, int64_t size, int64_t& index, T& weight) {
 
 struct Shapes {
   int64_t batch, heads, groups, rows, cols, keys, dims, th, tw, padded;
+  int64_t wp;      // cols rounded up to whole vectors
+  int64_t stride;  // of a padded table row in `ty`: >= padded + 1, whole vectors, >= 32
   int64_t queries() const { return rows * cols; }
 };
 
@@ -59,6 +92,8 @@ Shapes shapes_of(const at::Tensor& query, const at::Tensor& key, const at::Tenso
   s.th = table.size(1);
   s.tw = table.size(2);
   s.padded = s.tw + 2 * PAD + 1;
+  s.wp = round_up(s.cols, L);
+  s.stride = std::max<int64_t>(round_up(s.padded + 1, L), 32);
   TORCH_CHECK(query.size(2) == s.queries(), "query count must be len(ys) * len(xs)");
   TORCH_CHECK(s.groups > 0 && positions.size(0) == s.batch * s.groups && s.heads % s.groups == 0,
               "positions must be (B * groups, Nk, 2) with groups dividing heads");
@@ -70,7 +105,7 @@ Shapes shapes_of(const at::Tensor& query, const at::Tensor& key, const at::Tenso
 // Table coordinates, pre-scaled: query rows/columns (with the centring term) and keys.
 template <typename T>
 struct Coords {
-  std::vector<T> qy, qx, ky, kx;  // ky, kx: (B * groups, Nk)
+  std::vector<T> qy, qx, ky, kx;  // qx padded to wp (by repeating the last); ky, kx: (B * groups, Nk)
 };
 
 template <typename T>
@@ -82,7 +117,7 @@ Coords<T> coords_of(const Shapes& s, const at::Tensor& ys, const at::Tensor& xs,
   const T* x = xs.data_ptr<T>();
   const T* p = positions.data_ptr<T>();
   for (int64_t r = 0; r < s.rows; ++r) c.qy.push_back(y[r] * sy + T(s.th - 1) / 2);
-  for (int64_t q = 0; q < s.cols; ++q) c.qx.push_back(x[q] * sx + T(s.tw - 1) / 2);
+  for (int64_t q = 0; q < s.wp; ++q) c.qx.push_back(x[std::min(q, s.cols - 1)] * sx + T(s.tw - 1) / 2);
   const int64_t n = s.batch * s.groups * s.keys;
   c.ky.resize(n);
   c.kx.resize(n);
@@ -93,15 +128,121 @@ Coords<T> coords_of(const Shapes& s, const at::Tensor& ys, const at::Tensor& xs,
   return c;
 }
 
-// Rows of the table interpolated along y for every key at one query row, stored as pairs of
-// neighbours: pairs[(n * padded + i) * 2 + {0, 1}] = row_n[i], row_n[i + 1] of the zero-padded
-// row, so that the x interpolation reads both corners with one (vectorisable) 64-bit load.
-// Also returns each key's padded row index and weight (for backward).
+// A zeroed, 64-byte aligned scratch buffer (ATen's allocator aligns).
 template <typename T>
-void interpolate_rows(const Shapes& s, const T* table, T qy, const T* ky, T* pairs, int64_t* y0,
-                      T* wy) {
-  std::vector<T> line(s.padded + 1, T(0));  // the pads (and one past the end) stay zero
-  for (int64_t n = 0; n < s.keys; ++n) {
+T* scratch(std::vector<at::Tensor>& keep, int64_t size) {
+  keep.push_back(at::zeros({size}, at::CppTypeToScalarType<T>::value));
+  return keep.back().data_ptr<T>();
+}
+
+// ---------------------------------------------------------------------------------------------
+// C[r * ldc + x] (+)= sum_t A[r * ars + t * acs] * B[t * ldb + x], r < R, x < V * L: one tile of
+// the block products, kept in registers.
+template <typename T, int R, int V>
+void tile(int64_t depth, const T* A, int64_t ars, int64_t acs, const T* B, int64_t ldb, T* C,
+          int64_t ldc, bool add) {
+#if MMDAT_DA_AVX512
+  if constexpr (std::is_same_v<T, float>) {
+    __m512 acc[R][V];
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < V; ++v)
+        acc[r][v] = add ? _mm512_loadu_ps(C + r * ldc + v * L) : _mm512_setzero_ps();
+    for (int64_t t = 0; t < depth; ++t) {
+      __m512 b[V];
+      for (int v = 0; v < V; ++v) b[v] = _mm512_loadu_ps(B + t * ldb + v * L);
+      for (int r = 0; r < R; ++r) {
+        const __m512 a = _mm512_set1_ps(A[r * ars + t * acs]);
+        for (int v = 0; v < V; ++v) acc[r][v] = _mm512_fmadd_ps(a, b[v], acc[r][v]);
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < V; ++v) _mm512_storeu_ps(C + r * ldc + v * L, acc[r][v]);
+    return;
+  }
+#endif
+  T acc[R][V * L];
+  for (int r = 0; r < R; ++r)
+    for (int x = 0; x < V * L; ++x) acc[r][x] = add ? C[r * ldc + x] : T(0);
+  for (int64_t t = 0; t < depth; ++t) {
+    const T* b = B + t * ldb;
+    for (int r = 0; r < R; ++r) {
+      const T a = A[r * ars + t * acs];
+      for (int x = 0; x < V * L; ++x) acc[r][x] += a * b[x];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int x = 0; x < V * L; ++x) C[r * ldc + x] = acc[r][x];
+}
+
+template <typename T>
+using TileFn = void (*)(int64_t, const T*, int64_t, int64_t, const T*, int64_t, T*, int64_t, bool);
+
+template <typename T, int R>
+TileFn<T> tile_of_width(int64_t v) {
+  switch (v) {
+    case 1: return &tile<T, R, 1>;
+    case 2: return &tile<T, R, 2>;
+    case 3: return &tile<T, R, 3>;
+    case 4: return &tile<T, R, 4>;
+    case 5: return &tile<T, R, 5>;
+    default: return &tile<T, R, NV>;
+  }
+}
+
+template <typename T>
+TileFn<T> tile_of(int64_t r, int64_t v) {
+  switch (r) {
+    case 1: return tile_of_width<T, 1>(v);
+    case 2: return tile_of_width<T, 2>(v);
+    case 3: return tile_of_width<T, 3>(v);
+    default: return tile_of_width<T, MR>(v);
+  }
+}
+
+// C (M x vectors * L, row stride ldc) (+)= A (M x depth, strides ars, acs) B (depth x vectors * L).
+template <typename T>
+void gemm(int64_t M, int64_t depth, int64_t vectors, const T* A, int64_t ars, int64_t acs,
+          const T* B, int64_t ldb, T* C, int64_t ldc, bool add) {
+  // split the vectors into equal chunks of at most NV, e.g. 8 -> 4 + 4
+  const int64_t chunks = (vectors + NV - 1) / NV;
+  for (int64_t c = 0, v0 = 0; c < chunks; ++c) {
+    const int64_t v = (vectors - v0) / (chunks - c);
+    for (int64_t r0 = 0; r0 < M; r0 += MR) {
+      const int64_t r = std::min<int64_t>(MR, M - r0);
+      tile_of<T>(r, v)(depth, A + r0 * ars, ars, acs, B + v0 * L, ldb, C + r0 * ldc + v0 * L, ldc, add);
+    }
+    v0 += v;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+#if MMDAT_DA_AVX512
+// exp for float vectors: 2^n * p(r), r = x - n ln2 in [-ln2 / 2, ln2 / 2], p Cephes' degree-6
+// polynomial (about 1 ulp); x below -104 gives 0 (scalef underflows exactly).
+inline __m512 exp_ps(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(p, n);
+}
+#endif
+
+// Rows of table[h] interpolated along y at query row coordinate qy for keys n < count (y
+// coordinates ky): ty[n * stride + PAD + j], j < tw (the rest of each row stays zero). Also each
+// key's padded row index and weight, for backward.
+template <typename T>
+void interpolate_rows(const Shapes& s, const T* table, T qy, const T* ky, int64_t count, T* ty,
+                      int64_t* y0, T* wy) {
+  for (int64_t n = 0; n < count; ++n) {
     int64_t i;
     T w;
     locate(qy - ky[n], s.th, i, w);
@@ -112,182 +253,327 @@ void interpolate_rows(const Shapes& s, const T* table, T qy, const T* ky, T* pai
     const T w0 = in0 ? T(1) - w : T(0), w1 = in1 ? w : T(0);
     const T* t0 = table + (in0 ? r0 : 0) * s.tw;
     const T* t1 = table + (in1 ? r1 : 0) * s.tw;
-    T* out = line.data() + PAD;
+    T* out = ty + n * s.stride + PAD;
     for (int64_t j = 0; j < s.tw; ++j) out[j] = w0 * t0[j] + w1 * t1[j];
-    T* p = pairs + n * s.padded * 2;
-    for (int64_t j = 0; j < s.padded; ++j) {
-      p[2 * j] = line[j];
-      p[2 * j + 1] = line[j + 1];
+  }
+}
+
+// scores (count x wp) += bias of keys n < count (x coordinates kx, rows ty) for the row's queries.
+template <typename T>
+void add_bias(const Shapes& s, const T* qx, const T* kx, const T* ty, int64_t count, T* scores) {
+#if MMDAT_DA_AVX512
+  if constexpr (std::is_same_v<T, float>) {
+    const __m512 low = _mm512_set1_ps(-PAD), high = _mm512_set1_ps(float(s.tw + 1));
+    const __m512 pad = _mm512_set1_ps(PAD);
+    const __m512i one = _mm512_set1_epi32(1);
+    for (int64_t n = 0; n < count; ++n) {
+      const float* row = ty + n * s.stride;
+      const __m512 lo = _mm512_loadu_ps(row), hi = _mm512_loadu_ps(row + L);
+      const __m512 k = _mm512_set1_ps(kx[n]);
+      float* out = scores + n * s.wp;
+      for (int64_t x = 0; x < s.wp; x += L) {
+        const __m512 c = _mm512_add_ps(
+            _mm512_min_ps(_mm512_max_ps(_mm512_sub_ps(_mm512_loadu_ps(qx + x), k), low), high), pad);
+        const __m512i i = _mm512_cvttps_epi32(c);
+        const __m512 w = _mm512_sub_ps(c, _mm512_cvtepi32_ps(i));
+        __m512 t0, t1;
+        if (s.padded <= 32) {  // the row is in two registers (i + 1 <= padded - 1 <= 31)
+          t0 = _mm512_permutex2var_ps(lo, i, hi);
+          t1 = _mm512_permutex2var_ps(lo, _mm512_add_epi32(i, one), hi);
+        } else {
+          t0 = _mm512_i32gather_ps(i, row, 4);
+          t1 = _mm512_i32gather_ps(_mm512_add_epi32(i, one), row, 4);
+        }
+        _mm512_storeu_ps(out + x, _mm512_add_ps(_mm512_loadu_ps(out + x),
+                                                _mm512_fmadd_ps(w, _mm512_sub_ps(t1, t0), t0)));
+      }
     }
+    return;
   }
-}
-
-// The two corners (row[i], row[i + 1]) of pair `at`.
-template <typename T>
-inline void corners(const T* __restrict pairs, int32_t at, T& t0, T& t1) {
-  if constexpr (sizeof(T) == 4) {
-    uint64_t both;  // one 64-bit load (a gather when vectorised) instead of two 32-bit ones
-    std::memcpy(&both, pairs + 2 * static_cast<int64_t>(at), 8);
-    const uint32_t lo = static_cast<uint32_t>(both), hi = static_cast<uint32_t>(both >> 32);
-    std::memcpy(&t0, &lo, 4);
-    std::memcpy(&t1, &hi, 4);
-  } else {
-    t0 = pairs[2 * static_cast<int64_t>(at)];
-    t1 = pairs[2 * static_cast<int64_t>(at) + 1];
-  }
-}
-
-// scores (Wq, Nk) <- scores * scale + bias, for one query row. Written for the compiler to
-// vectorise (32-bit indices, no aliasing): two gathers per (query, key).
-template <typename T>
-void add_bias(const Shapes& s, const T* qx, const T* __restrict kx, const T* __restrict ty, T scale,
-              T* __restrict scores) {
+#endif
   const T low = T(-PAD), high = T(s.tw + 1);
-  const int32_t padded = static_cast<int32_t>(s.padded);
-  const int32_t keys = static_cast<int32_t>(s.keys);
-  for (int64_t c = 0; c < s.cols; ++c) {
-    T* __restrict row = scores + c * s.keys;
-    const T ax = qx[c];
-    for (int32_t n = 0; n < keys; ++n) {
-      const T coord = std::min(std::max(ax - kx[n], low), high) + T(PAD);
-      const int32_t i = static_cast<int32_t>(coord);
-      const T w = coord - T(i);
-      T t0, t1;
-      corners(ty, n * padded + i, t0, t1);
-      row[n] = row[n] * scale + (t0 + w * (t1 - t0));
+  for (int64_t n = 0; n < count; ++n) {
+    const T* row = ty + n * s.stride;
+    const T k = kx[n];
+    T* out = scores + n * s.wp;
+    for (int64_t x = 0; x < s.wp; ++x) {
+      const T c = std::min(std::max(qx[x] - k, low), high) + T(PAD);
+      const int32_t i = static_cast<int32_t>(c);
+      const T w = c - T(i);
+      const T t0 = row[i], t1 = row[i + 1];
+      out[x] += t0 + w * (t1 - t0);
     }
   }
 }
 
-// Probabilities of one query row: softmax(q k^T * scale + bias), (Wq, Nk).
+// One block of the online softmax: m, l (wp) the running max and sum per query, out (dims x wp)
+// the running output; scores (count x wp) become the block's probabilities.
 template <typename T>
-at::Tensor row_probabilities(const Shapes& s, const at::Tensor& q_row, const at::Tensor& k,
-                             const Coords<T>& co, int64_t row, int64_t group, const T* table,
-                             T scale, std::vector<T>& ty, std::vector<int64_t>& y0,
-                             std::vector<T>& wy) {
-  interpolate_rows<T>(s, table, co.qy[row], co.ky.data() + group * s.keys, ty.data(), y0.data(),
-                      wy.data());
-  at::Tensor scores = at::mm(q_row, k.t());
-  add_bias<T>(s, co.qx.data(), co.kx.data() + group * s.keys, ty.data(), scale,
-              scores.data_ptr<T>());
-  return at::_softmax(scores, 1, false);
+void softmax_block(const Shapes& s, int64_t count, T* scores, T* m, T* l, T* out) {
+#if MMDAT_DA_AVX512
+  if constexpr (std::is_same_v<T, float>) {
+    for (int64_t x = 0; x < s.wp; x += L) {
+      __m512 mb = _mm512_loadu_ps(m + x);
+      for (int64_t n = 0; n < count; ++n) mb = _mm512_max_ps(mb, _mm512_loadu_ps(scores + n * s.wp + x));
+      const __m512 alpha = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(m + x), mb));
+      __m512 sum = _mm512_setzero_ps();
+      for (int64_t n = 0; n < count; ++n) {
+        const __m512 p = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(scores + n * s.wp + x), mb));
+        _mm512_storeu_ps(scores + n * s.wp + x, p);
+        sum = _mm512_add_ps(sum, p);
+      }
+      _mm512_storeu_ps(m + x, mb);
+      _mm512_storeu_ps(l + x, _mm512_fmadd_ps(_mm512_loadu_ps(l + x), alpha, sum));
+      for (int64_t k = 0; k < s.dims; ++k)
+        _mm512_storeu_ps(out + k * s.wp + x, _mm512_mul_ps(_mm512_loadu_ps(out + k * s.wp + x), alpha));
+    }
+    return;
+  }
+#endif
+  for (int64_t x = 0; x < s.wp; ++x) {
+    T mb = m[x];
+    for (int64_t n = 0; n < count; ++n) mb = std::max(mb, scores[n * s.wp + x]);
+    const T alpha = std::exp(m[x] - mb);
+    T sum = T(0);
+    for (int64_t n = 0; n < count; ++n) {
+      const T p = std::exp(scores[n * s.wp + x] - mb);
+      scores[n * s.wp + x] = p;
+      sum += p;
+    }
+    m[x] = mb;
+    l[x] = l[x] * alpha + sum;
+    for (int64_t k = 0; k < s.dims; ++k) out[k * s.wp + x] *= alpha;
+  }
 }
 
-at::Tensor forward(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-                   const at::Tensor& ys, const at::Tensor& xs, const at::Tensor& positions,
-                   const at::Tensor& table) {
+// scores (count x wp) <- exp(scores - lse): the probabilities, from the forward's log-sum-exp.
+template <typename T>
+void probabilities(const Shapes& s, int64_t count, const T* lse, T* scores) {
+#if MMDAT_DA_AVX512
+  if constexpr (std::is_same_v<T, float>) {
+    for (int64_t n = 0; n < count; ++n)
+      for (int64_t x = 0; x < s.wp; x += L) {
+        float* p = scores + n * s.wp + x;
+        _mm512_storeu_ps(p, exp_ps(_mm512_sub_ps(_mm512_loadu_ps(p), _mm512_loadu_ps(lse + x))));
+      }
+    return;
+  }
+#endif
+  for (int64_t n = 0; n < count; ++n)
+    for (int64_t x = 0; x < s.wp; ++x) scores[n * s.wp + x] = std::exp(scores[n * s.wp + x] - lse[x]);
+}
+
+// Query row `row` of q (W x dims), transposed and scaled into qt (dims x wp, zero padded).
+template <typename T>
+void transpose_row(const Shapes& s, const T* q, T scale, T* qt) {
+  for (int64_t j = 0; j < s.cols; ++j)
+    for (int64_t k = 0; k < s.dims; ++k) qt[k * s.wp + j] = q[j * s.dims + k] * scale;
+}
+
+// Scores^T of keys [n0, n0 + count) for one query row, bias included: K_blk qt + bias.
+template <typename T>
+void block_scores(const Shapes& s, const Coords<T>& co, const T* table, int64_t row, int64_t group,
+                  const T* k, const T* qt, int64_t n0, int64_t count, T* ty, int64_t* y0, T* wy,
+                  T* scores) {
+  interpolate_rows<T>(s, table, co.qy[row], co.ky.data() + group * s.keys + n0, count, ty, y0, wy);
+  gemm<T>(count, s.dims, s.wp / L, k + n0 * s.dims, s.dims, 1, qt, s.wp, scores, s.wp, false);
+  add_bias<T>(s, co.qx.data(), co.kx.data() + group * s.keys + n0, ty, count, scores);
+}
+
+std::vector<at::Tensor> forward(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                                const at::Tensor& ys, const at::Tensor& xs, const at::Tensor& positions,
+                                const at::Tensor& table) {
   const Shapes s = shapes_of(query, key, ys, xs, positions, table);
   at::Tensor out = at::empty_like(query);
+  at::Tensor lse = at::empty({s.batch, s.heads, s.queries()}, query.options());
   AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "deformable_attention_cpu_forward", [&] {
     using T = scalar_t;
     const Coords<T> co = coords_of<T>(s, ys, xs, positions);
     const T scale = T(1) / std::sqrt(T(s.dims));
     const int64_t heads_per_group = s.heads / s.groups;
+    const int64_t d = s.dims, wp = s.wp;
+    const T* q_all = query.data_ptr<T>();
+    const T* k_all = key.data_ptr<T>();
+    const T* v_all = value.data_ptr<T>();
+    const T* tab_all = table.data_ptr<T>();
+    T* out_all = out.data_ptr<T>();
+    T* lse_all = lse.data_ptr<T>();
     at::parallel_for(0, s.batch * s.heads * s.rows, 1, [&](int64_t begin, int64_t end) {
-      // Grad and inference modes are per thread and not passed to the workers; nothing in here
-      // is differentiated (the caller's autograd function owns the gradients).
-      const c10::InferenceMode guard;
-      std::vector<T> ty(s.keys * s.padded * 2), wy(s.keys);
-      std::vector<int64_t> y0(s.keys);
+      const c10::InferenceMode guard;  // per thread: the scratch tensors need no autograd
+      std::vector<at::Tensor> keep;
+      T* qt = scratch<T>(keep, d * wp);
+      T* acc = scratch<T>(keep, d * wp);
+      T* scores = scratch<T>(keep, KB * wp);
+      T* ty = scratch<T>(keep, KB * s.stride);
+      T* wy = scratch<T>(keep, KB);
+      T* m = scratch<T>(keep, wp);
+      T* l = scratch<T>(keep, wp);
+      std::vector<int64_t> y0(KB);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t bh = task / s.rows, row = task % s.rows;
         const int64_t b = bh / s.heads, h = bh % s.heads;
         const int64_t group = b * s.groups + h / heads_per_group;
-        const at::Tensor q_row = query[b][h].narrow(0, row * s.cols, s.cols);
-        const at::Tensor probs = row_probabilities<T>(
-            s, q_row, key[b][h], co, row, group, table[h].data_ptr<T>(), scale, ty, y0, wy);
-        at::Tensor out_row = out[b][h].narrow(0, row * s.cols, s.cols);
-        at::mm_out(out_row, probs, value[b][h]);
+        const int64_t first = bh * s.queries() + row * s.cols;  // the row's first query
+        const T* k = k_all + bh * s.keys * d;
+        const T* v = v_all + bh * s.keys * d;
+        transpose_row<T>(s, q_all + first * d, scale, qt);
+        std::fill(acc, acc + d * wp, T(0));
+        // a finite start, so that the first rescaling is exp(very negative) = 0, not NaN
+        std::fill(m, m + wp, -std::numeric_limits<T>::max() / 2);
+        std::fill(l, l + wp, T(0));
+        for (int64_t n0 = 0; n0 < s.keys; n0 += KB) {
+          const int64_t count = std::min(KB, s.keys - n0);
+          block_scores<T>(s, co, tab_all + h * s.th * s.tw, row, group, k, qt, n0, count, ty, y0.data(),
+                          wy, scores);
+          softmax_block<T>(s, count, scores, m, l, acc);
+          gemm<T>(d, count, wp / L, v + n0 * d, 1, d, scores, wp, acc, wp, true);  // acc += V^T P^T
+        }
+        T* o = out_all + first * d;
+        for (int64_t j = 0; j < s.cols; ++j) {
+          const T inv = T(1) / l[j];
+          for (int64_t c = 0; c < d; ++c) o[j * d + c] = acc[c * wp + j] * inv;
+          lse_all[first + j] = m[j] + std::log(l[j]);
+        }
       }
     });
   });
-  return out;
+  return {out, lse};
 }
 
 // Returns (grad_query, grad_key, grad_value, grad_positions per (b, head): (B, heads, Nk, 2),
 // grad_table per (b, head): (B, heads, Th, Tw)).
 std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& query,
                                  const at::Tensor& key, const at::Tensor& value,
-                                 const at::Tensor& out, const at::Tensor& ys, const at::Tensor& xs,
-                                 const at::Tensor& positions, const at::Tensor& table) {
+                                 const at::Tensor& out, const at::Tensor& lse, const at::Tensor& ys,
+                                 const at::Tensor& xs, const at::Tensor& positions,
+                                 const at::Tensor& table) {
   const Shapes s = shapes_of(query, key, ys, xs, positions, table);
   at::Tensor grad_query = at::empty_like(query);
-  at::Tensor grad_key = at::zeros_like(key);
-  at::Tensor grad_value = at::zeros_like(value);
+  at::Tensor grad_key = at::empty_like(key);
+  at::Tensor grad_value = at::empty_like(value);
   at::Tensor grad_positions = at::zeros({s.batch, s.heads, s.keys, 2}, query.options());
   at::Tensor grad_table = at::zeros({s.batch, s.heads, s.th, s.tw}, query.options());
-  const at::Tensor delta = (grad_out * out).sum(-1);  // rowsum(dO * O): (B, heads, Nq)
+  const at::Tensor delta = (grad_out * out).sum(-1).contiguous();  // rowsum(dO * O): (B, heads, Nq)
   AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "deformable_attention_cpu_backward", [&] {
     using T = scalar_t;
     const Coords<T> co = coords_of<T>(s, ys, xs, positions);
     const T scale = T(1) / std::sqrt(T(s.dims));
     const int64_t heads_per_group = s.heads / s.groups;
+    const int64_t d = s.dims, wp = s.wp, dp = round_up(d, L), W = s.cols;
+    const T* q_all = query.data_ptr<T>();
+    const T* k_all = key.data_ptr<T>();
+    const T* v_all = value.data_ptr<T>();
+    const T* do_all = grad_out.data_ptr<T>();
+    const T* lse_all = lse.data_ptr<T>();
+    const T* delta_all = delta.data_ptr<T>();
+    const T* tab_all = table.data_ptr<T>();
     at::parallel_for(0, s.batch * s.heads, 1, [&](int64_t begin, int64_t end) {
       const c10::InferenceMode guard;
-      std::vector<T> ty(s.keys * s.padded * 2), dty(s.keys * s.padded, T(0)), wy(s.keys);
-      std::vector<int64_t> y0(s.keys);
+      std::vector<at::Tensor> keep;
+      T* qt = scratch<T>(keep, d * wp);       // Q^T * scale
+      T* dot = scratch<T>(keep, d * wp);      // dO^T
+      T* dqt = scratch<T>(keep, d * wp);      // dQ^T / scale
+      T* qpad = scratch<T>(keep, W * dp);     // Q, rows padded to whole vectors
+      T* dopad = scratch<T>(keep, W * dp);    // dO, alike
+      T* probs = scratch<T>(keep, KB * wp);   // P^T of a block
+      T* dscores = scratch<T>(keep, KB * wp); // dP^T, then dS^T
+      T* ty = scratch<T>(keep, KB * s.stride);
+      T* dty = scratch<T>(keep, KB * s.stride);
+      T* wy = scratch<T>(keep, KB);
+      T* lse_row = scratch<T>(keep, wp);
+      T* delta_row = scratch<T>(keep, wp);
+      T* dk = scratch<T>(keep, s.keys * dp);  // dK / scale
+      T* dv = scratch<T>(keep, s.keys * dp);
+      std::vector<int64_t> y0(KB);
       for (int64_t bh = begin; bh < end; ++bh) {
         const int64_t b = bh / s.heads, h = bh % s.heads;
         const int64_t group = b * s.groups + h / heads_per_group;
-        const T* tab = table[h].data_ptr<T>();
+        const T* tab = tab_all + h * s.th * s.tw;
         const T* kx = co.kx.data() + group * s.keys;
-        const at::Tensor k = key[b][h], v = value[b][h];
-        at::Tensor dk = grad_key[b][h], dv = grad_value[b][h];
+        const T* k = k_all + bh * s.keys * d;
+        const T* v = v_all + bh * s.keys * d;
         T* dpos = grad_positions[b][h].data_ptr<T>();
         T* dtab = grad_table[b][h].data_ptr<T>();
+        std::fill(dk, dk + s.keys * dp, T(0));
+        std::fill(dv, dv + s.keys * dp, T(0));
+        // padded queries: probability exp(-max) = 0, so they add nothing anywhere
+        std::fill(lse_row, lse_row + wp, std::numeric_limits<T>::max());
         for (int64_t row = 0; row < s.rows; ++row) {
-          const at::Tensor q_row = query[b][h].narrow(0, row * s.cols, s.cols);
-          const at::Tensor do_row = grad_out[b][h].narrow(0, row * s.cols, s.cols);
-          const at::Tensor probs =
-              row_probabilities<T>(s, q_row, k, co, row, group, tab, scale, ty, y0, wy);
-          const at::Tensor dscores =
-              probs * (at::mm(do_row, v.t()) - delta[b][h].narrow(0, row * s.cols, s.cols).unsqueeze(1));
-          at::Tensor dq_row = grad_query[b][h].narrow(0, row * s.cols, s.cols);
-          at::mm_out(dq_row, dscores, k);
-          dq_row.mul_(scale);
-          dk.addmm_(dscores.t(), q_row, 1, scale);
-          dv.addmm_(probs.t(), do_row);
+          const int64_t first = bh * s.queries() + row * W;
+          transpose_row<T>(s, q_all + first * d, scale, qt);
+          transpose_row<T>(s, do_all + first * d, T(1), dot);
+          for (int64_t j = 0; j < W; ++j) {
+            std::copy(q_all + (first + j) * d, q_all + (first + j + 1) * d, qpad + j * dp);
+            std::copy(do_all + (first + j) * d, do_all + (first + j + 1) * d, dopad + j * dp);
+          }
+          std::copy(lse_all + first, lse_all + first + W, lse_row);
+          std::copy(delta_all + first, delta_all + first + W, delta_row);
+          std::fill(dqt, dqt + d * wp, T(0));
+          for (int64_t n0 = 0; n0 < s.keys; n0 += KB) {
+            const int64_t count = std::min(KB, s.keys - n0);
+            block_scores<T>(s, co, tab, row, group, k, qt, n0, count, ty, y0.data(), wy, probs);
+            probabilities<T>(s, count, lse_row, probs);
+            gemm<T>(count, d, wp / L, v + n0 * d, d, 1, dot, wp, dscores, wp, false);  // dP^T = V dO^T
+            for (int64_t n = 0; n < count; ++n)
+              for (int64_t x = 0; x < wp; ++x) {
+                T& g = dscores[n * wp + x];
+                g = probs[n * wp + x] * (g - delta_row[x]);
+              }
+            gemm<T>(count, W, dp / L, probs, wp, 1, dopad, dp, dv + n0 * dp, dp, true);    // dV += P dO
+            gemm<T>(count, W, dp / L, dscores, wp, 1, qpad, dp, dk + n0 * dp, dp, true);   // dK += dS Q
+            gemm<T>(d, count, wp / L, k + n0 * d, 1, d, dscores, wp, dqt, wp, true);       // dQ^T += K^T dS^T
 
-          // d(bias) = dscores, through the x interpolation into dty and the key x positions
-          const T* ds = dscores.data_ptr<T>();
-          for (int64_t c = 0; c < s.cols; ++c) {
-            const T ax = co.qx[c];
-            const T* g_row = ds + c * s.keys;
-            for (int64_t n = 0; n < s.keys; ++n) {
-              int64_t i;
-              T w;
-              locate(ax - kx[n], s.tw, i, w);
-              const T g = g_row[n];
-              T t0, t1;
-              corners(ty.data(), static_cast<int32_t>(n * s.padded + i), t0, t1);
-              T* dt = dty.data() + n * s.padded + i;
-              dt[0] += g * (T(1) - w);
-              dt[1] += g * w;
-              dpos[2 * n + 1] -= g * (t1 - t0);
+            // d(bias) = dS, through the x interpolation into dty and the key x positions
+            for (int64_t n = 0; n < count; ++n) {
+              const T* g_row = dscores + n * wp;
+              const T* t_row = ty + n * s.stride;
+              T* dt = dty + n * s.stride;
+              const T kxn = kx[n0 + n];
+              T dx = T(0);
+              for (int64_t j = 0; j < W; ++j) {
+                int64_t i;
+                T w;
+                locate(co.qx[j] - kxn, s.tw, i, w);
+                const T g = g_row[j];
+                dt[i] += g * (T(1) - w);
+                dt[i + 1] += g * w;
+                dx += g * (t_row[i + 1] - t_row[i]);
+              }
+              dpos[2 * (n0 + n) + 1] -= dx;
+            }
+            // ... and through the y interpolation into the table and the key y positions
+            for (int64_t n = 0; n < count; ++n) {
+              const int64_t r0 = y0[n] - PAD, r1 = r0 + 1;
+              const bool in0 = r0 >= 0 && r0 < s.th, in1 = r1 >= 0 && r1 < s.th;
+              const T w = wy[n];
+              T* dt = dty + n * s.stride;
+              T dw = T(0);
+              for (int64_t j = 0; j < s.tw; ++j) {
+                const T g = dt[j + PAD];
+                if (in0) {
+                  dtab[r0 * s.tw + j] += (T(1) - w) * g;
+                  dw -= g * tab[r0 * s.tw + j];
+                }
+                if (in1) {
+                  dtab[r1 * s.tw + j] += w * g;
+                  dw += g * tab[r1 * s.tw + j];
+                }
+              }
+              dpos[2 * (n0 + n)] -= dw;
+              std::fill(dt, dt + s.stride, T(0));
             }
           }
-          // ... and through the y interpolation into the table and the key y positions
-          for (int64_t n = 0; n < s.keys; ++n) {
-            const int64_t r0 = y0[n] - PAD, r1 = r0 + 1;
-            const bool in0 = r0 >= 0 && r0 < s.th, in1 = r1 >= 0 && r1 < s.th;
-            const T w = wy[n];
-            T* dt = dty.data() + n * s.padded;
-            T dw = T(0);
-            for (int64_t j = 0; j < s.tw; ++j) {
-              const T g = dt[j + PAD];
-              if (in0) {
-                dtab[r0 * s.tw + j] += (T(1) - w) * g;
-                dw -= g * tab[r0 * s.tw + j];
-              }
-              if (in1) {
-                dtab[r1 * s.tw + j] += w * g;
-                dw += g * tab[r1 * s.tw + j];
-              }
-            }
-            dpos[2 * n] -= dw;
-            std::fill(dt, dt + s.padded, T(0));
-          }
+          T* dq = grad_query.data_ptr<T>() + first * d;
+          for (int64_t j = 0; j < W; ++j)
+            for (int64_t c = 0; c < d; ++c) dq[j * d + c] = dqt[c * wp + j] * scale;
         }
+        T* gk = grad_key.data_ptr<T>() + bh * s.keys * d;
+        T* gv = grad_value.data_ptr<T>() + bh * s.keys * d;
+        for (int64_t n = 0; n < s.keys; ++n)
+          for (int64_t c = 0; c < d; ++c) {
+            gk[n * d + c] = dk[n * dp + c] * scale;
+            gv[n * d + c] = dv[n * dp + c];
+          }
         // d(coordinate)/d(position) = -(size - 1) / 4; the sign is already in dpos
         for (int64_t n = 0; n < s.keys; ++n) {
           dpos[2 * n] *= T(s.th - 1) / 4;
@@ -301,14 +587,14 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
 
 }  // namespace
 
-TORCH_LIBRARY(mmdat_deformable_cpu, m) {
+TORCH_LIBRARY(MMDAT_DA_LIBRARY, m) {
   m.def("forward(Tensor query, Tensor key, Tensor value, Tensor ys, Tensor xs, Tensor positions, "
-        "Tensor table) -> Tensor");
-  m.def("backward(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor out, Tensor ys, "
-        "Tensor xs, Tensor positions, Tensor table) -> Tensor[]");
+        "Tensor table) -> Tensor[]");
+  m.def("backward(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor out, Tensor lse, "
+        "Tensor ys, Tensor xs, Tensor positions, Tensor table) -> Tensor[]");
 }
 
-TORCH_LIBRARY_IMPL(mmdat_deformable_cpu, CPU, m) {
+TORCH_LIBRARY_IMPL(MMDAT_DA_LIBRARY, CPU, m) {
   m.impl("forward", &forward);
   m.impl("backward", &backward);
 }
