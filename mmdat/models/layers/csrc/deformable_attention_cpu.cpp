@@ -363,6 +363,126 @@ void probabilities(const Shapes& s, int64_t count, const T* lse, T* scores) {
     for (int64_t x = 0; x < s.wp; ++x) scores[n * s.wp + x] = std::exp(scores[n * s.wp + x] - lse[x]);
 }
 
+#if MMDAT_DA_AVX512
+// Inclusive prefix sum over the 16 lanes.
+inline __m512 prefix_sum(__m512 x) {
+  const __m512i zero = _mm512_setzero_si512();
+  x = _mm512_add_ps(x, _mm512_castsi512_ps(_mm512_alignr_epi32(_mm512_castps_si512(x), zero, 15)));
+  x = _mm512_add_ps(x, _mm512_castsi512_ps(_mm512_alignr_epi32(_mm512_castps_si512(x), zero, 14)));
+  x = _mm512_add_ps(x, _mm512_castsi512_ps(_mm512_alignr_epi32(_mm512_castps_si512(x), zero, 12)));
+  return _mm512_add_ps(x, _mm512_castsi512_ps(_mm512_alignr_epi32(_mm512_castps_si512(x), zero, 8)));
+}
+#endif
+
+// Backward of the x lerp for keys n < count of a block: dS (count x wp) into the padded rows
+// of dty and into dpos[2 * n + 1] (-= dS * slope). The gradient of padded entry i of key n's row
+// is dty[n * stride + i] + dty[(KB + n) * stride + i - 1]: the second half takes the right
+// corners' shares where that makes the updates of one row independent. `sorted`: qx is
+// nondecreasing.
+template <typename T>
+void bias_backward_x(const Shapes& s, const T* qx, const T* kx, const T* ty, const T* dscores,
+                     int64_t count, bool sorted, T* dty, T* dpos) {
+#if MMDAT_DA_AVX512
+  if constexpr (std::is_same_v<T, float>) {
+    if (sorted && s.padded <= 32) {
+      // Sorted queries fall into nondecreasing table cells, so each vector's corner updates are
+      // runs of equal cells: a prefix sum over the lanes and one scalar update per run (at its
+      // last lane), instead of a read-modify-write per (query, key) that waits on the previous.
+      const __m512 low = _mm512_set1_ps(-PAD), high = _mm512_set1_ps(float(s.tw + 1));
+      const __m512 pad = _mm512_set1_ps(PAD);
+      const __m512i one = _mm512_set1_epi32(1);
+      alignas(64) float sa[L], sb[L];
+      alignas(64) int32_t cell[L];
+      for (int64_t n = 0; n < count; ++n) {
+        const float* row = ty + n * s.stride;
+        const __m512 lo = _mm512_loadu_ps(row), hi = _mm512_loadu_ps(row + L);
+        const __m512 k = _mm512_set1_ps(kx[n]);
+        float* dt = dty + n * s.stride;
+        float* dt_right = dty + (KB + n) * s.stride;
+        __m512 dx = _mm512_setzero_ps();
+        for (int64_t x = 0; x < s.wp; x += L) {
+          const __mmask16 valid = s.cols - x >= L ? __mmask16(0xFFFF) : __mmask16((1u << (s.cols - x)) - 1);
+          const __m512 g = _mm512_maskz_loadu_ps(valid, dscores + n * s.wp + x);
+          const __m512 c = _mm512_add_ps(
+              _mm512_min_ps(_mm512_max_ps(_mm512_sub_ps(_mm512_loadu_ps(qx + x), k), low), high), pad);
+          const __m512i i = _mm512_cvttps_epi32(c);
+          const __m512 w = _mm512_sub_ps(c, _mm512_cvtepi32_ps(i));
+          const __m512 t0 = _mm512_permutex2var_ps(lo, i, hi);
+          const __m512 t1 = _mm512_permutex2var_ps(lo, _mm512_add_epi32(i, one), hi);
+          dx = _mm512_fmadd_ps(g, _mm512_sub_ps(t1, t0), dx);
+          const __m512 gw = _mm512_mul_ps(g, w);
+          _mm512_store_ps(sa, prefix_sum(_mm512_sub_ps(g, gw)));
+          _mm512_store_ps(sb, prefix_sum(gw));
+          _mm512_store_epi32(cell, i);
+          // last lane of each run: the next lane's cell differs, or the vector ends
+          uint32_t ends = _mm512_cmpneq_epi32_mask(i, _mm512_alignr_epi32(i, i, 1)) | 0x8000u;
+          float pa = 0.f, pb = 0.f;
+          while (ends) {
+            const int j = __builtin_ctz(ends);
+            ends &= ends - 1;
+            dt[cell[j]] += sa[j] - pa;
+            dt_right[cell[j]] += sb[j] - pb;
+            pa = sa[j];
+            pb = sb[j];
+          }
+        }
+        dpos[2 * n + 1] -= _mm512_reduce_add_ps(dx);
+      }
+      return;
+    }
+  }
+#endif
+  for (int64_t n = 0; n < count; ++n) {
+    const T* g_row = dscores + n * s.wp;
+    const T* t_row = ty + n * s.stride;
+    T* dt = dty + n * s.stride;
+    T dx = T(0);
+    for (int64_t j = 0; j < s.cols; ++j) {
+      int64_t i;
+      T w;
+      locate(qx[j] - kx[n], s.tw, i, w);
+      const T g = g_row[j];
+      dt[i] += g * (T(1) - w);
+      dt[i + 1] += g * w;
+      dx += g * (t_row[i + 1] - t_row[i]);
+    }
+    dpos[2 * n + 1] -= dx;
+  }
+}
+
+// Backward of the y interpolation for keys n < count of a block: the padded rows' gradients
+// (dty, see bias_backward_x; zeroed here for the next block) into the table (dtab) and
+// dpos[2 * n].
+template <typename T>
+void bias_backward_y(const Shapes& s, const T* __restrict tab, const int64_t* y0, const T* wy,
+                     int64_t count, T* dty, T* __restrict dtab, T* dpos) {
+  std::vector<T> grad(s.tw);
+  for (int64_t n = 0; n < count; ++n) {
+    T* __restrict left = dty + n * s.stride;
+    T* __restrict right = dty + (KB + n) * s.stride;
+    for (int64_t j = 0; j < s.tw; ++j) grad[j] = left[j + PAD] + right[j + PAD - 1];
+    std::fill(left, left + s.stride, T(0));
+    std::fill(right, right + s.stride, T(0));
+    const int64_t r0 = y0[n] - PAD, r1 = r0 + 1;
+    const T w = wy[n];
+    T dw = T(0);
+    for (int64_t r = r0; r <= r1; ++r) {
+      if (r < 0 || r >= s.th) continue;
+      const T share = r == r0 ? T(1) - w : w, sign = r == r0 ? T(-1) : T(1);
+      const T* __restrict t = tab + r * s.tw;
+      T* __restrict dt = dtab + r * s.tw;
+      const T* __restrict g = grad.data();
+      T dot = T(0);
+      for (int64_t j = 0; j < s.tw; ++j) {
+        dt[j] += share * g[j];
+        dot += g[j] * t[j];
+      }
+      dw += sign * dot;
+    }
+    dpos[2 * n] -= dw;
+  }
+}
+
 // Query row `row` of q (W x dims), transposed and scaled into qt (dims x wp, zero padded).
 template <typename T>
 void transpose_row(const Shapes& s, const T* q, T scale, T* qt) {
@@ -467,6 +587,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
     const T* lse_all = lse.data_ptr<T>();
     const T* delta_all = delta.data_ptr<T>();
     const T* tab_all = table.data_ptr<T>();
+    const bool sorted = std::is_sorted(co.qx.begin(), co.qx.end());
     at::parallel_for(0, s.batch * s.heads, 1, [&](int64_t begin, int64_t end) {
       const c10::InferenceMode guard;
       std::vector<at::Tensor> keep;
@@ -478,7 +599,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
       T* probs = scratch<T>(keep, KB * wp);   // P^T of a block
       T* dscores = scratch<T>(keep, KB * wp); // dP^T, then dS^T
       T* ty = scratch<T>(keep, KB * s.stride);
-      T* dty = scratch<T>(keep, KB * s.stride);
+      T* dty = scratch<T>(keep, 2 * KB * s.stride);  // two halves: see bias_backward_x
       T* wy = scratch<T>(keep, KB);
       T* lse_row = scratch<T>(keep, wp);
       T* delta_row = scratch<T>(keep, wp);
@@ -523,45 +644,8 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
             gemm<T>(count, W, dp / L, dscores, wp, 1, qpad, dp, dk + n0 * dp, dp, true);   // dK += dS Q
             gemm<T>(d, count, wp / L, k + n0 * d, 1, d, dscores, wp, dqt, wp, true);       // dQ^T += K^T dS^T
 
-            // d(bias) = dS, through the x interpolation into dty and the key x positions
-            for (int64_t n = 0; n < count; ++n) {
-              const T* g_row = dscores + n * wp;
-              const T* t_row = ty + n * s.stride;
-              T* dt = dty + n * s.stride;
-              const T kxn = kx[n0 + n];
-              T dx = T(0);
-              for (int64_t j = 0; j < W; ++j) {
-                int64_t i;
-                T w;
-                locate(co.qx[j] - kxn, s.tw, i, w);
-                const T g = g_row[j];
-                dt[i] += g * (T(1) - w);
-                dt[i + 1] += g * w;
-                dx += g * (t_row[i + 1] - t_row[i]);
-              }
-              dpos[2 * (n0 + n) + 1] -= dx;
-            }
-            // ... and through the y interpolation into the table and the key y positions
-            for (int64_t n = 0; n < count; ++n) {
-              const int64_t r0 = y0[n] - PAD, r1 = r0 + 1;
-              const bool in0 = r0 >= 0 && r0 < s.th, in1 = r1 >= 0 && r1 < s.th;
-              const T w = wy[n];
-              T* dt = dty + n * s.stride;
-              T dw = T(0);
-              for (int64_t j = 0; j < s.tw; ++j) {
-                const T g = dt[j + PAD];
-                if (in0) {
-                  dtab[r0 * s.tw + j] += (T(1) - w) * g;
-                  dw -= g * tab[r0 * s.tw + j];
-                }
-                if (in1) {
-                  dtab[r1 * s.tw + j] += w * g;
-                  dw += g * tab[r1 * s.tw + j];
-                }
-              }
-              dpos[2 * (n0 + n)] -= dw;
-              std::fill(dt, dt + s.stride, T(0));
-            }
+            bias_backward_x<T>(s, co.qx.data(), kx + n0, ty, dscores, count, sorted, dty, dpos + 2 * n0);
+            bias_backward_y<T>(s, tab, y0.data(), wy, count, dty, dtab, dpos + 2 * n0);
           }
           T* dq = grad_query.data_ptr<T>() + first * d;
           for (int64_t j = 0; j < W; ++j)
