@@ -2,9 +2,13 @@
 
 The kernel (``csrc/deformable_attention_cpu.cpp``) computes what
 :func:`~mmdat.models.layers.fused_deformable_attention.reference_deformable_attention` computes,
-for queries on a separable grid (rows ``ys``, columns ``xs``), one query row at a time: the bias
-is sampled inside the loop, so memory grows with ``row x N`` rather than ``N x N``. Backward
-recomputes each row and gives gradients for the queries, keys, values, key positions and table.
+for queries on a separable grid (rows ``ys``, columns ``xs``), one query row at a time and over
+blocks of keys with an online softmax (flash-attention style): the bias is sampled inside the
+loop, so memory grows with ``row x block`` rather than ``N x N``. Forward also returns the
+log-sum-exp of each query's scores, from which backward recomputes the probabilities, and gives
+gradients for the queries, keys, values, key positions and table. On machines with AVX-512 the
+float32 hot loops use it (register permutes for the bias, a vector exp); elsewhere, and for
+float64, portable loops.
 
 It is compiled with :func:`torch.utils.cpp_extension.load` the first time it is needed and
 cached in torch's extension directory (``TORCH_EXTENSIONS_DIR``, by default
@@ -18,7 +22,7 @@ import os.path as osp
 import platform
 import shutil
 import warnings
-from typing import Tuple
+from typing import Sequence, Tuple
 
 import torch
 
@@ -27,18 +31,21 @@ SOURCE = osp.join(osp.dirname(osp.abspath(__file__)), 'csrc', 'deformable_attent
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
 
-#: Compiler flags of the kernel. ``-march=native``: the gathers of the bias loop vectorise only
-#: with the machine's own vector instructions (AVX2/AVX-512).
-CFLAGS = ['-O3', '-march=native', '-fopenmp']
+#: Compiler flags of the kernel. ``-march=native``: the kernel's AVX-512 paths are compiled only
+#: where the machine has AVX-512 (``__AVX512F__``), and its portable loops vectorise with the
+#: machine's own vector instructions. ``-fno-trapping-math``: lets the compiler vectorise the
+#: float-to-index conversions of the portable bias loop (the kernel uses no floating-point traps;
+#: values do not change).
+CFLAGS = ['-O3', '-march=native', '-fno-trapping-math', '-fopenmp']
 
 
-def _build_name() -> str:
-    """Name of this build: changes with the source, the flags, torch and the CPU's instruction
+def _build_name(cflags: Sequence[str]) -> str:
+    """Name of a build: changes with the source, the flags, torch and the CPU's instruction
     sets, so a build cached in a home directory shared by different machines is not reused."""
     digest = hashlib.sha1()
     with open(SOURCE, 'rb') as f:
         digest.update(f.read())
-    digest.update(' '.join(CFLAGS + [torch.__version__, platform.machine()]).encode())
+    digest.update(' '.join(list(cflags) + [torch.__version__, platform.machine()]).encode())
     try:
         with open('/proc/cpuinfo') as f:
             digest.update(next((line for line in f if line.startswith(('flags', 'Features'))), '').encode())
@@ -47,30 +54,47 @@ def _build_name() -> str:
     return f'mmdat_deformable_cpu_{digest.hexdigest()[:12]}'
 
 
-@functools.lru_cache(maxsize=1)
-def cpu_kernel_available() -> bool:
-    """Build (once per machine and source version) and load the kernel; False, after one
-    warning, when it cannot be built."""
-    name = _build_name()
+def _build_dir(name: str) -> str:
+    """Where build ``name`` lives: in torch's extension directory."""
     root = os.environ.get('TORCH_EXTENSIONS_DIR') or osp.join(osp.expanduser('~'), '.cache', 'torch_extensions')
-    build_dir = osp.join(root, name)
+    return osp.join(root, name)
+
+
+def load_kernel(cflags: Sequence[str] = tuple(CFLAGS)) -> None:
+    """Build (once per machine, source version and flags) and load the kernel compiled with
+    ``cflags``; raises when it cannot be built.
+
+    The model uses :data:`CFLAGS` (through :func:`cpu_kernel_available`); the tests also build
+    the portable variant (``-DMMDAT_DA_PORTABLE``, under another operator namespace given by
+    ``-DMMDAT_DA_LIBRARY=...``) to check it on machines with AVX-512.
+    """
+    name = _build_name(cflags)
+    build_dir = _build_dir(name)
     library = osp.join(build_dir, f'{name}.so')
     if osp.exists(library):  # built before: load it without torch's (slow) freshness checks
         try:
             torch.ops.load_library(library)
-            return True
+            return
         except Exception:  # e.g. a half-written file: rebuild below
             pass
+    from torch.utils.cpp_extension import load
+    os.makedirs(build_dir, exist_ok=True)
+    load(name=name, sources=[SOURCE], build_directory=build_dir, is_python_module=False,
+         extra_cflags=list(cflags), extra_ldflags=['-fopenmp'], verbose=False)
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_kernel_available() -> bool:
+    """Build (once per machine and source version) and load the kernel; False, after one
+    warning, when it cannot be built."""
     compiler = os.environ.get('CXX', 'c++')
-    if shutil.which(compiler) is None:
+    name = _build_name(CFLAGS)
+    if shutil.which(compiler) is None and not osp.exists(osp.join(_build_dir(name), f'{name}.so')):
         warnings.warn(f'mmdat: no C++ compiler ({compiler!r}) found; deformable attention on CPU '
                       'uses the materialised position bias (slower)')
         return False
     try:
-        from torch.utils.cpp_extension import load
-        os.makedirs(build_dir, exist_ok=True)
-        load(name=name, sources=[SOURCE], build_directory=build_dir, is_python_module=False,
-             extra_cflags=CFLAGS, extra_ldflags=['-fopenmp'], verbose=False)
+        load_kernel(CFLAGS)
     except Exception as error:  # a failed build must not stop the model: fall back
         first_line = (str(error).strip().splitlines() or [''])[0]
         warnings.warn(f'mmdat: the CPU deformable attention kernel did not build ({type(error).__name__}: '

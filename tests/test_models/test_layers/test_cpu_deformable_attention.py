@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from mmdat.models.layers import (DeformableAttention, DeformableAttentionPP, cpu_deformable_attention,
                                  cpu_kernel_available, datpp_query_grid, pixel_centre_grid,
                                  sampled_position_bias)
+from mmdat.models.layers.cpu_deformable_attention import CFLAGS, load_kernel
 from mmdat.models.layers.fused_deformable_attention import reference_deformable_attention
 
 needs_kernel = pytest.mark.skipif(not cpu_kernel_available(), reason='the CPU kernel does not build here')
@@ -71,6 +72,52 @@ def test_float32_matches_float64_reference(shape):
     for name, grad, ref_grad in zip(GRAD_NAMES, grads, ref_grads):
         assert ref_grad.abs().sum() > 0 or shape[5] == 1, name
         assert grad.shape == ref_grad.shape and relative_error(grad, ref_grad) < 2e-5, name
+
+
+# More float32 cases for the kernel's branches: rows of several vectors (37 queries: 3 vectors of
+# 16; 120: 8 vectors, split into two register tiles), key blocks with a partial last one (70, 45
+# keys against blocks of 32), a table row wider than two AVX-512 registers (31 columns: gathers in
+# place of permutes), and columns in decreasing order (the x-lerp gradient without runs).
+def flipped_grid(rows, cols, device, dtype):
+    return pixel_centre_grid(rows, cols, device, dtype).flip(1)
+
+
+BRANCH_CASES = [((1, 4, 2, 3, 37, 70, 16, (27, 27)), pixel_centre_grid),
+                ((1, 2, 1, 2, 120, 45, 8, (9, 31)), pixel_centre_grid),
+                ((1, 4, 2, 3, 37, 70, 16, (27, 27)), flipped_grid)]
+
+
+def assert_float32_matches_reference(shape, grid):
+    inputs = make_inputs(*shape, grid=grid)
+    grad_out = torch.randn(shape[0], shape[1], shape[3] * shape[4], shape[6], dtype=torch.float64)
+    out, grads = run(kernel, inputs, torch.float32, grad_out)
+    ref_out, ref_grads = run(reference, inputs, torch.float64, grad_out)
+    assert relative_error(out, ref_out) < 1e-5
+    for name, grad, ref_grad in zip(GRAD_NAMES, grads, ref_grads):
+        assert ref_grad.abs().sum() > 0, name
+        assert relative_error(grad, ref_grad) < 2e-5, name
+
+
+@needs_kernel
+@pytest.mark.parametrize('shape,grid', BRANCH_CASES)
+def test_float32_branches_match_float64_reference(shape, grid):
+    assert_float32_matches_reference(shape, grid)
+
+
+@pytest.fixture(scope='module')
+def portable_kernel():
+    """The kernel built with MMDAT_DA_PORTABLE (no AVX-512 code) under its own operator
+    namespace; on machines without AVX-512 it is the same code as the main build."""
+    if not cpu_kernel_available():
+        pytest.skip('the CPU kernel does not build here')
+    load_kernel(CFLAGS + ['-DMMDAT_DA_PORTABLE', '-DMMDAT_DA_LIBRARY=mmdat_deformable_cpu_portable'])
+    return torch.ops.mmdat_deformable_cpu_portable
+
+
+@pytest.mark.parametrize('shape,grid', [(shape, pixel_centre_grid) for shape in SHAPES[1:]] + BRANCH_CASES[1:])
+def test_portable_variant_matches_float64_reference(portable_kernel, monkeypatch, shape, grid):
+    monkeypatch.setattr(torch.ops, 'mmdat_deformable_cpu', portable_kernel)
+    assert_float32_matches_reference(shape, grid)
 
 
 def assert_float64_matches_reference(inputs, grad_out):

@@ -35,6 +35,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -216,25 +217,48 @@ void gemm(int64_t M, int64_t depth, int64_t vectors, const T* A, int64_t ars, in
 }
 
 // ---------------------------------------------------------------------------------------------
+// exp(x) = 2^n p(r), n = round(x / ln2), r = x - n ln2 in [-ln2 / 2, ln2 / 2] (ln2 in two parts),
+// p Cephes' degree-6 polynomial for expf (about 1 ulp). For float only; double calls std::exp.
+constexpr float LOG2E = 1.44269504088896341f, LN2_HI = 0.693359375f, LN2_LO = -2.12194440e-4f;
+constexpr float EXP_POLY[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                               4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+
 #if MMDAT_DA_AVX512
-// exp for float vectors: 2^n * p(r), r = x - n ln2 in [-ln2 / 2, ln2 / 2], p Cephes' degree-6
-// polynomial (about 1 ulp); x below -104 gives 0 (scalef underflows exactly).
+// For float vectors; x below -104 gives 0 (scalef underflows exactly).
 inline __m512 exp_ps(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.f)), _mm512_set1_ps(88.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(LOG2E)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
+  __m512 p = _mm512_set1_ps(EXP_POLY[0]);
+  for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP_POLY[i]));
   p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
   return _mm512_scalef_ps(p, n);
 }
 #endif
+
+// Scalar, written so that the compiler vectorises loops over it (std::exp does not vectorise).
+template <typename T>
+inline T exp_of(T x) {
+  return std::exp(x);
+}
+
+template <>
+inline float exp_of<float>(float x) {
+  // exp(-87) = 1.6e-38 is still normal, so 2^n below is a normal float; it stands for 0 here
+  x = std::min(std::max(x, -87.f), 88.f);
+  const float n = (x * LOG2E + 12582912.f) - 12582912.f;  // round to nearest: 1.5 * 2^23
+  float r = x - n * LN2_HI;
+  r = r - n * LN2_LO;
+  float p = EXP_POLY[0];
+  for (int i = 1; i < 6; ++i) p = p * r + EXP_POLY[i];
+  p = p * (r * r) + (r + 1.f);
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, 4);
+  return p * scale;
+}
 
 // Rows of table[h] interpolated along y at query row coordinate qy for keys n < count (y
 // coordinates ky): ty[n * stride + PAD + j], j < tw (the rest of each row stays zero). Also each
@@ -260,7 +284,8 @@ void interpolate_rows(const Shapes& s, const T* table, T qy, const T* ky, int64_
 
 // scores (count x wp) += bias of keys n < count (x coordinates kx, rows ty) for the row's queries.
 template <typename T>
-void add_bias(const Shapes& s, const T* qx, const T* kx, const T* ty, int64_t count, T* scores) {
+void add_bias(const Shapes& s, const T* __restrict qx, const T* __restrict kx, const T* __restrict ty,
+              int64_t count, T* __restrict scores) {
 #if MMDAT_DA_AVX512
   if constexpr (std::is_same_v<T, float>) {
     const __m512 low = _mm512_set1_ps(-PAD), high = _mm512_set1_ps(float(s.tw + 1));
@@ -291,13 +316,17 @@ void add_bias(const Shapes& s, const T* qx, const T* kx, const T* ty, int64_t co
     return;
   }
 #endif
+  // written for the compiler's vectoriser: no aliasing, sizes in locals, clamps by value
   const T low = T(-PAD), high = T(s.tw + 1);
+  const int64_t wp = s.wp, stride = s.stride;
   for (int64_t n = 0; n < count; ++n) {
-    const T* row = ty + n * s.stride;
+    const T* row = ty + n * stride;
     const T k = kx[n];
-    T* out = scores + n * s.wp;
-    for (int64_t x = 0; x < s.wp; ++x) {
-      const T c = std::min(std::max(qx[x] - k, low), high) + T(PAD);
+    T* out = scores + n * wp;
+    for (int64_t x = 0; x < wp; ++x) {
+      T c = qx[x] - k;
+      c = c < low ? low : c;
+      c = (c > high ? high : c) + T(PAD);
       const int32_t i = static_cast<int32_t>(c);
       const T w = c - T(i);
       const T t0 = row[i], t1 = row[i + 1];
@@ -307,9 +336,9 @@ void add_bias(const Shapes& s, const T* qx, const T* kx, const T* ty, int64_t co
 }
 
 // One block of the online softmax: m, l (wp) the running max and sum per query, out (dims x wp)
-// the running output; scores (count x wp) become the block's probabilities.
+// the running output; scores (count x wp) become the block's probabilities. work: 3 * wp scratch.
 template <typename T>
-void softmax_block(const Shapes& s, int64_t count, T* scores, T* m, T* l, T* out) {
+void softmax_block(const Shapes& s, int64_t count, T* scores, T* m, T* l, T* out, T* work) {
 #if MMDAT_DA_AVX512
   if constexpr (std::is_same_v<T, float>) {
     for (int64_t x = 0; x < s.wp; x += L) {
@@ -330,19 +359,34 @@ void softmax_block(const Shapes& s, int64_t count, T* scores, T* m, T* l, T* out
     return;
   }
 #endif
+  // rows of wp queries at a time, so that the loops over the queries vectorise
+  T* __restrict mb = work;
+  T* __restrict sum = work + s.wp;
   for (int64_t x = 0; x < s.wp; ++x) {
-    T mb = m[x];
-    for (int64_t n = 0; n < count; ++n) mb = std::max(mb, scores[n * s.wp + x]);
-    const T alpha = std::exp(m[x] - mb);
-    T sum = T(0);
-    for (int64_t n = 0; n < count; ++n) {
-      const T p = std::exp(scores[n * s.wp + x] - mb);
-      scores[n * s.wp + x] = p;
-      sum += p;
+    mb[x] = m[x];
+    sum[x] = T(0);
+  }
+  for (int64_t n = 0; n < count; ++n) {
+    const T* __restrict row = scores + n * s.wp;
+    for (int64_t x = 0; x < s.wp; ++x) mb[x] = std::max(mb[x], row[x]);
+  }
+  for (int64_t n = 0; n < count; ++n) {
+    T* __restrict row = scores + n * s.wp;
+    for (int64_t x = 0; x < s.wp; ++x) {
+      row[x] = exp_of(row[x] - mb[x]);
+      sum[x] += row[x];
     }
-    m[x] = mb;
-    l[x] = l[x] * alpha + sum;
-    for (int64_t k = 0; k < s.dims; ++k) out[k * s.wp + x] *= alpha;
+  }
+  for (int64_t x = 0; x < s.wp; ++x) {
+    const T alpha = exp_of(m[x] - mb[x]);
+    m[x] = mb[x];
+    l[x] = l[x] * alpha + sum[x];
+    work[2 * s.wp + x] = alpha;
+  }
+  for (int64_t k = 0; k < s.dims; ++k) {
+    T* __restrict o = out + k * s.wp;
+    const T* __restrict alpha = work + 2 * s.wp;
+    for (int64_t x = 0; x < s.wp; ++x) o[x] *= alpha[x];
   }
 }
 
@@ -359,8 +403,11 @@ void probabilities(const Shapes& s, int64_t count, const T* lse, T* scores) {
     return;
   }
 #endif
-  for (int64_t n = 0; n < count; ++n)
-    for (int64_t x = 0; x < s.wp; ++x) scores[n * s.wp + x] = std::exp(scores[n * s.wp + x] - lse[x]);
+  for (int64_t n = 0; n < count; ++n) {
+    T* __restrict row = scores + n * s.wp;
+    const T* __restrict base = lse;
+    for (int64_t x = 0; x < s.wp; ++x) row[x] = exp_of(row[x] - base[x]);
+  }
 }
 
 #if MMDAT_DA_AVX512
@@ -528,6 +575,7 @@ std::vector<at::Tensor> forward(const at::Tensor& query, const at::Tensor& key, 
       T* wy = scratch<T>(keep, KB);
       T* m = scratch<T>(keep, wp);
       T* l = scratch<T>(keep, wp);
+      T* work = scratch<T>(keep, 3 * wp);
       std::vector<int64_t> y0(KB);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t bh = task / s.rows, row = task % s.rows;
@@ -545,7 +593,7 @@ std::vector<at::Tensor> forward(const at::Tensor& query, const at::Tensor& key, 
           const int64_t count = std::min(KB, s.keys - n0);
           block_scores<T>(s, co, tab_all + h * s.th * s.tw, row, group, k, qt, n0, count, ty, y0.data(),
                           wy, scores);
-          softmax_block<T>(s, count, scores, m, l, acc);
+          softmax_block<T>(s, count, scores, m, l, acc, work);
           gemm<T>(d, count, wp / L, v + n0 * d, 1, d, scores, wp, acc, wp, true);  // acc += V^T P^T
         }
         T* o = out_all + first * d;
