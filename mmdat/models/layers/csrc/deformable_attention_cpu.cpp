@@ -60,8 +60,12 @@ namespace {
 constexpr int PAD = 2;
 constexpr int64_t L = 16;   // queries per vector (one AVX-512 register of floats)
 constexpr int64_t KB = 32;  // keys per block: a 32 x W block of scores stays in L1
-constexpr int MR = 4;       // rows of a micro-kernel tile
-constexpr int NV = 6;       // vectors of a micro-kernel tile (4 x 6 accumulators)
+// Micro-kernel tiles: MR rows x NV vectors of L lanes, sized to the register file.
+#ifdef __AVX512F__
+constexpr int MR = 4, NV = 6;  // 24 accumulators of the 32 AVX-512 registers
+#else
+constexpr int MR = 6, NV = 1;  // 12 accumulators of 16 AVX registers (floats: 2 per vector)
+#endif
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -137,6 +141,26 @@ T* scratch(std::vector<at::Tensor>& keep, int64_t size) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Bytes of the machine's vector registers: the portable tile uses GCC/Clang vector types of
+// this size (larger ones the compiler keeps in memory).
+#if defined(__AVX512F__)
+constexpr int VECTOR_BYTES = 64;
+#elif defined(__AVX__)
+constexpr int VECTOR_BYTES = 32;
+#else
+constexpr int VECTOR_BYTES = 16;
+#endif
+template <typename T>
+struct Native;
+template <>
+struct Native<float> {
+  typedef float type __attribute__((vector_size(VECTOR_BYTES)));
+};
+template <>
+struct Native<double> {
+  typedef double type __attribute__((vector_size(VECTOR_BYTES)));
+};
+
 // C[r * ldc + x] (+)= sum_t A[r * ars + t * acs] * B[t * ldb + x], r < R, x < V * L: one tile of
 // the block products, kept in registers.
 template <typename T, int R, int V>
@@ -161,18 +185,26 @@ void tile(int64_t depth, const T* A, int64_t ars, int64_t acs, const T* B, int64
     return;
   }
 #endif
-  T acc[R][V * L];
+  using Vec = typename Native<T>::type;
+  constexpr int P = V * L * sizeof(T) / sizeof(Vec);  // registers per tile row
+  constexpr int64_t S = sizeof(Vec) / sizeof(T);      // lanes per register
+  Vec acc[R][P], b[P];
   for (int r = 0; r < R; ++r)
-    for (int x = 0; x < V * L; ++x) acc[r][x] = add ? C[r * ldc + x] : T(0);
+    for (int v = 0; v < P; ++v) {
+      if (add)
+        std::memcpy(&acc[r][v], C + r * ldc + v * S, sizeof(Vec));
+      else
+        acc[r][v] = Vec{};
+    }
   for (int64_t t = 0; t < depth; ++t) {
-    const T* b = B + t * ldb;
+    for (int v = 0; v < P; ++v) std::memcpy(&b[v], B + t * ldb + v * S, sizeof(Vec));
     for (int r = 0; r < R; ++r) {
       const T a = A[r * ars + t * acs];
-      for (int x = 0; x < V * L; ++x) acc[r][x] += a * b[x];
+      for (int v = 0; v < P; ++v) acc[r][v] += a * b[v];
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int x = 0; x < V * L; ++x) C[r * ldc + x] = acc[r][x];
+    for (int v = 0; v < P; ++v) std::memcpy(C + r * ldc + v * S, &acc[r][v], sizeof(Vec));
 }
 
 template <typename T>
@@ -196,6 +228,8 @@ TileFn<T> tile_of(int64_t r, int64_t v) {
     case 1: return tile_of_width<T, 1>(v);
     case 2: return tile_of_width<T, 2>(v);
     case 3: return tile_of_width<T, 3>(v);
+    case 4: return tile_of_width<T, 4>(v);
+    case 5: return tile_of_width<T, 5>(v);
     default: return tile_of_width<T, MR>(v);
   }
 }
