@@ -24,8 +24,11 @@
 // result does not depend on the number of threads.
 //
 // The block products are one register-tiled micro-kernel (`tile`). With AVX-512 (float) it is
-// written with intrinsics, as are the bias lerp and the exp; otherwise (double, other machines,
-// or MMDAT_DA_PORTABLE defined) plain loops that the compiler vectorises as it can.
+// written with intrinsics, as are the bias lerp, the exp and the x-lerp gradient (prefix sums
+// over runs of queries in one table cell, for queries sorted by x); otherwise (double, machines
+// without AVX-512, or MMDAT_DA_PORTABLE defined) portable code: GCC/Clang vector types for the
+// tile, and loops over the queries written for the compiler's vectoriser (a polynomial exp for
+// float). Tests build the portable variant too, so both are checked on machines with AVX-512.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
