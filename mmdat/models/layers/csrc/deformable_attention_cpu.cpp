@@ -245,9 +245,17 @@ void gemm(int64_t M, int64_t depth, int64_t vectors, const T* A, int64_t ars, in
   const int64_t chunks = (vectors + NV - 1) / NV;
   for (int64_t c = 0, v0 = 0; c < chunks; ++c) {
     const int64_t v = (vectors - v0) / (chunks - c);
-    for (int64_t r0 = 0; r0 < M; r0 += MR) {
-      const int64_t r = std::min<int64_t>(MR, M - r0);
-      tile_of<T>(r, v)(depth, A + r0 * ars, ars, acs, B + v0 * L, ldb, C + r0 * ldc + v0 * L, ldc, add);
+    for (int64_t r0 = 0; r0 < M;) {
+      const T* a = A + r0 * ars;
+      T* out = C + r0 * ldc + v0 * L;
+      if (MR == 4 && v <= 2 && M - r0 >= 8) {  // narrow (the key and value gradients): 8 rows
+        (v == 1 ? &tile<T, 8, 1> : &tile<T, 8, 2>)(depth, a, ars, acs, B + v0 * L, ldb, out, ldc, add);
+        r0 += 8;
+      } else {
+        const int64_t r = std::min<int64_t>(MR, M - r0);
+        tile_of<T>(r, v)(depth, a, ars, acs, B + v0 * L, ldb, out, ldc, add);
+        r0 += r;
+      }
     }
     v0 += v;
   }
