@@ -295,7 +295,7 @@ class DAT(BaseModule):
             store an ``N x N`` tensor: Triton on CUDA, a C++ kernel compiled on first use on CPU;
             the other blocks use SDPA), ``'natten'`` (DAT++: the neighborhood blocks run natten's
             kernels, the others SDPA), or ``'auto'``: per call, the deformable blocks run the
-            fused kernel on CUDA (with Triton) and on CPU from 8,192 scores per query row (map
+            fused kernel on CUDA (with Triton) and on CPU from 512 scores per query row (map
             width x keys);
             otherwise SDPA, except on CPU when the bias needs a gradient (training) and for
             attention over fewer than 128 keys (windows, neighborhoods), where matmuls are

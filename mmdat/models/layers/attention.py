@@ -38,12 +38,11 @@ CPU_SDPA_MIN_KEYS = 128
 #: of its tasks, one query row against all keys, computes at least this many scores
 #: (``row_queries * num_keys``); below, the kernel's fixed cost per row outweighs the bias it
 #: saves. Each deformable block of DAT-T and DAT-T++ at 224, 512 and 384x640, timed alone
-#: against the materialised bias (batch 1, 2 threads, in turns): 0.7-0.9x as fast at 343-4,800
-#: scores a row, 0.9-1.0x at 8,192-9,600, 1.0-1.15x at 16,384-19,200 and 1.4-2.8x from 32,768,
-#: in inference and training alike. From 8,192 the whole DAT-T++ at 512x512 (batch 2, 1 thread,
-#: in turns) was level in inference and 5% faster in training than from 16,384, and its blocks
-#: keep no ``heads x N x N`` tensors for backward; see docs/benchmarks.md.
-CPU_KERNEL_MIN_ROW_SCORES = 8192
+#: against the materialised bias (batch 1, 2 threads, in turns): in training 0.96-0.97x as fast
+#: at 343 scores a row, 1.02-1.07x at 686-1,372, 1.1-1.2x at 2,744-4,800 and 1.4-4.3x from
+#: 8,192; in inference 1.1-1.4x at 343-4,800 and 1.5-3.4x from 8,192 (it also keeps no
+#: ``heads x N x N`` tensor for backward); see docs/benchmarks.md.
+CPU_KERNEL_MIN_ROW_SCORES = 512
 
 #: Added to the scores of keys a query must not see. A large finite value rather than ``-inf``
 #: so that a query whose keys are all masked (a padded query, cropped later) gets a finite
