@@ -112,7 +112,9 @@ def resolve_attn_impl(attn_impl: str, supported: Sequence[str], device: torch.de
     While a model is exported (:func:`~mmdat.models.layers.tracing.is_exporting`: ONNX,
     TorchScript tracing, torch.export), no kernel is picked: ``'fused'`` gives ``'sdpa'`` and
     ``'auto'`` skips step 1. The exporters can record only standard operators, and the graph
-    must serve every size, not only those where the kernel was chosen.
+    must serve every size, not only those where the kernel was chosen. Under ``torch.compile``
+    ``'auto'`` does not pick the C++ kernel either: the compiler cannot trace into it (it has no
+    fake-tensor implementation), so it compiles the materialised bias instead.
 
     Args:
         attn_impl (str): The layer's ``attn_impl``.
@@ -135,8 +137,8 @@ def resolve_attn_impl(attn_impl: str, supported: Sequence[str], device: torch.de
     if 'fused' in supported and not exporting:
         if device.type == 'cuda' and kernel_available('fused', device, dtype):
             return 'fused'
-        if (device.type == 'cpu' and row_queries * num_keys >= CPU_KERNEL_MIN_ROW_SCORES
-                and cpu_kernel_ready(dtype)):
+        if (device.type == 'cpu' and not torch.compiler.is_compiling()
+                and row_queries * num_keys >= CPU_KERNEL_MIN_ROW_SCORES and cpu_kernel_ready(dtype)):
             return 'fused'
     if device.type == 'cpu' and (num_keys < CPU_SDPA_MIN_KEYS or bias_grad):
         return 'reference'

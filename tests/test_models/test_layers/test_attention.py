@@ -135,6 +135,14 @@ def test_resolver_while_exporting(monkeypatch):
     assert resolve_attn_impl('reference', supported, cpu, torch.float32, 4200, False, 84) == 'reference'
 
 
+def test_resolver_while_compiling(monkeypatch):
+    """torch.compile cannot trace into the C++ kernel: 'auto' compiles the materialised bias."""
+    monkeypatch.setattr(torch.compiler, 'is_compiling', lambda: True)
+    supported, cpu = DeformableAttention.SUPPORTED_IMPLS, torch.device('cpu')
+    assert resolve_attn_impl('auto', supported, cpu, torch.float32, 4200, False, 84) == 'sdpa'
+    assert resolve_attn_impl('auto', supported, cpu, torch.float32, 4200, True, 84) == 'reference'
+
+
 @pytest.mark.parametrize('num_keys,bias_grad,uses_sdpa', [
     (49, False, False), (CPU_SDPA_MIN_KEYS - 1, False, False), (CPU_SDPA_MIN_KEYS, False, True),
     (CPU_SDPA_MIN_KEYS, True, False)])
