@@ -228,8 +228,8 @@ def neighborhood_path(attn_impl: str) -> str:
     """How :func:`neighborhood_attention` computes ``attn_impl``: ``'natten'``, ``'tiles'``
     (``'auto'`` and ``'sdpa'``: faster than the gathered path on CPU at every map size
     measured, and with a fraction of its memory; each tile's attention then runs as
-    :func:`~mmdat.models.layers.attention.resolve_attn_impl` picks) or ``'gathered'`` (``'reference'``). Validated by
-    :func:`check_attn_impl` against :data:`NA_IMPLS`."""
+    :func:`~mmdat.models.layers.attention.resolve_attn_impl` picks) or ``'gathered'``
+    (``'reference'``). Validated by :func:`check_attn_impl` against :data:`NA_IMPLS`."""
     check_attn_impl(attn_impl, NA_IMPLS, 'neighborhood attention')
     return dict(natten='natten', reference='gathered').get(attn_impl, 'tiles')
 
@@ -252,7 +252,8 @@ def neighborhood_attention(query: torch.Tensor,
             gathered (copies of them), then matmuls and softmax: simple, the oracle of the
             tests, and memory-hungry. ``'sdpa'``: tiles of ``T x T`` queries (``T`` from
             :data:`NA_TILES`) against the keys of their halo (``(T + kernel_size - 1)**2``,
-            masked to each query's neighborhood) through SDPA, with no per-query copies. ``'auto'``: the tiles too,
+            masked to each query's neighborhood) through SDPA, with no per-query copies; in
+            training the tiles are recomputed in backward, so only the inputs are kept. ``'auto'``: the tiles too,
             the attention through SDPA or matmuls as :func:`biased_attention` picks (on CPU,
             matmuls when the bias needs a gradient). ``'natten'``: NATTEN's kernels.
 
