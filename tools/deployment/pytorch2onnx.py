@@ -10,9 +10,10 @@ Examples::
 
 The model is exported at ``--shape`` and a batch of :data:`EXPORT_BATCH` with the batch, height
 and width as dynamic axes, then run by onnxruntime at ``--shape`` with a batch of 1 and at
-``--check-shape`` with a batch of 2, and compared with PyTorch. The relative error of an output is ``max |onnx - torch| / max |torch|``; if any output
-at either size exceeds ``--tol`` (or onnxruntime cannot run the model at one of the sizes) no
-file is written and the tool exits with status 1 and a one-line error.
+``--check-shape`` with a batch of 2, and compared with PyTorch. The relative error of an output
+is ``max |onnx - torch| / max |torch|``; if any output at either size exceeds ``--tol`` (or
+onnxruntime cannot run the model at one of the sizes) no file is written and the tool exits
+with status 1 and a one-line error.
 
 Exporters: the TorchScript exporter (default, ``torch.onnx.export(dynamo=False)``) or, with
 ``--dynamo``, torch.export. For torch.export the height and width are ``Dim`` s from the

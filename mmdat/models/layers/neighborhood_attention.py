@@ -189,7 +189,7 @@ def _build_tile_plan(height: int, width: int, kernel_size: int, tile: int,
 
 def _tiled_neighborhood_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                   rpb: torch.Tensor, kernel_size: int, attn_impl: str,
-                                  tile: Optional[int] = None) -> torch.Tensor:
+                                  tile: int) -> torch.Tensor:
     """Neighborhood attention by tiles of queries against their key halos (no ``K**2`` copies).
 
     Each group of tiles that share a mask pattern (the interior tiles, the border rows and
@@ -197,9 +197,6 @@ def _tiled_neighborhood_attention(query: torch.Tensor, key: torch.Tensor, value:
     the halo keys and ``-inf`` for the halo keys outside each query's neighborhood.
     """
     batch, heads, height, width, head_dims = query.shape
-    if tile is None:
-        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, rpb))
-        tile = NA_TILES['training' if grad else 'inference']
     groups, queries, keys, order = _tile_plan(height, width, kernel_size, tile, query.device)
     # one gather each (one buffer for its gradient), then a view per group
     query = query.flatten(2, 3).index_select(2, queries)
@@ -277,8 +274,9 @@ def neighborhood_attention(query: torch.Tensor,
             # recomputed in backward: autograd would keep every tile's gathered keys and values,
             # scores and probabilities (4-8x the inputs); this keeps the inputs alone
             return cp.checkpoint(_tiled_neighborhood_attention, query, key, value, rpb, kernel_size,
-                                 attn_impl, use_reentrant=False)
-        return _tiled_neighborhood_attention(query, key, value, rpb, kernel_size, attn_impl)
+                                 attn_impl, NA_TILES['training'], use_reentrant=False)
+        return _tiled_neighborhood_attention(query, key, value, rpb, kernel_size, attn_impl,
+                                             NA_TILES['inference'])
     indices = build_neighborhood_indices if is_tracing() else neighborhood_indices
     rows, row_bias = indices(height, kernel_size, query.device)
     cols, col_bias = indices(width, kernel_size, query.device)
