@@ -4,11 +4,6 @@ import os
 import pytest
 import torch
 
-# Without a GPU the Triton kernels (attn_impl='fused') run in Triton's CPU interpreter, which is
-# chosen when a kernel is defined, i.e. when mmdat is imported.
-if not torch.cuda.is_available():
-    os.environ.setdefault('TRITON_INTERPRET', '1')
-
 
 def _write_hostile_checkpoints(folder):
     """Checkpoint files that run ``touch MARKER`` when unpickled without restrictions, in each

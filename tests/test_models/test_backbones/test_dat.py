@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mmdat.models import DAT
-from mmdat.models.backbones import dat as dat_module
+from mmdat.models.utils import pretrained as pretrained_module
 from mmdat.models.layers import DeformableAttention
 
 # Every stage alternates window attention with shifted-window (stages 1-2) or deformable (3-4).
@@ -213,7 +213,7 @@ def test_init_cfg_pretrained_reports_missing_and_unexpected_keys(tmp_path, monke
     torch.save(weights, tmp_path / 'partial.pth')
     target = DAT(arch=SMALL_ARCH, init_cfg=dict(type='Pretrained', checkpoint=str(tmp_path / 'partial.pth')))
     logged = []
-    monkeypatch.setattr(dat_module, 'print_log', lambda msg, **kwargs: logged.append(msg))
+    monkeypatch.setattr(pretrained_module, 'print_log', lambda msg, **kwargs: logged.append(msg))
     target.init_weights()
     assert len(logged) == 2
     assert 'output norms initialised, not loaded: norm3' in logged[0]
