@@ -293,8 +293,8 @@ class DAT(BaseModule):
             Defaults to ``(0, 1, 2, 3)``.
         drop_path_rate (float): Stochastic depth rate, increasing linearly over the blocks from
             0 to this value. Defaults to 0.1.
-        attn_impl (str): How attention is computed (one vocabulary for every block; see
-            :mod:`mmdat.models.layers.attention`): ``'sdpa'``
+        attn_impl (str): How attention is computed: one vocabulary for every block, from the
+            table of :mod:`mmdat.models.layers.policy`: ``'sdpa'``
             (:func:`torch.nn.functional.scaled_dot_product_attention` with the bias as
             ``attn_mask``), ``'reference'`` (plain matmul and softmax, the same function),
             ``'fused'`` (deformable blocks sample the position bias inside a kernel and never
@@ -302,12 +302,14 @@ class DAT(BaseModule):
             the other blocks use SDPA), ``'natten'`` (DAT++: the neighborhood blocks run natten's
             kernels, the others SDPA), or ``'auto'``: per call, the deformable blocks run the
             fused kernel on CUDA (with Triton) and on CPU from 512 scores per query row (map
-            width x keys);
-            otherwise SDPA, except on CPU when the bias needs a gradient (training) and for
-            attention over fewer than 128 keys (windows, neighborhoods), where matmuls are
-            faster; in DAT++, natten for the neighborhood blocks when a compatible natten is
-            installed and ``with_cp`` is off (natten 0.14's backward does not work under
-            non-reentrant checkpointing). Defaults to ``'auto'``.
+            width x keys); otherwise SDPA, except on CPU when the bias needs a gradient
+            (training) and for attention over fewer than 128 keys (windows, neighborhoods),
+            where matmuls are faster; in DAT++, natten for the neighborhood blocks when a
+            compatible natten is installed and ``with_cp`` is off (natten 0.14's backward does
+            not work under non-reentrant checkpointing). Each kernel checks itself against the
+            reference math the first time it runs on a device type and dtype; under ``'auto'``
+            one that fails is left out after a warning, an explicit value raises.
+            Defaults to ``'auto'``.
         with_cp (bool): Gradient checkpointing: less memory, same results, slower backward.
             Defaults to False.
         frozen_stages (int): Stages to freeze (no gradients, eval mode), ``-1..4``; 0 freezes

@@ -1,7 +1,8 @@
 from .attention_math import (MASK_VALUE, attention_probabilities, biased_attention, reference_deformable_attention,
                              reference_neighborhood_attention, sampled_position_bias)
 from .cpu_deformable import cpu_deformable_attention, cpu_kernel_available
-from .deformable_attention import DeformableAttention, OffsetNetwork, pixel_centre_grid
+from .deformable_attention import (DeformableAttention, OffsetNetwork, deformable_attention_op,
+                                   pixel_centre_grid)
 from .deformable_attention_pp import (DeformableAttentionPP, StridedOffsetNetwork, datpp_query_grid,
                                       datpp_reference_grid)
 from .natten_kernel import installed as natten_available
@@ -14,8 +15,8 @@ from .window_attention import WindowAttention, build_window_attention_mask, wind
 __all__ = [
     'MASK_VALUE', 'attention_probabilities', 'biased_attention', 'reference_deformable_attention',
     'reference_neighborhood_attention', 'sampled_position_bias', 'cpu_deformable_attention',
-    'cpu_kernel_available', 'DeformableAttention', 'OffsetNetwork', 'pixel_centre_grid', 'DeformableAttentionPP',
-    'StridedOffsetNetwork', 'datpp_query_grid', 'datpp_reference_grid', 'natten_available',
+    'cpu_kernel_available', 'DeformableAttention', 'OffsetNetwork', 'deformable_attention_op', 'pixel_centre_grid',
+    'DeformableAttentionPP',    'StridedOffsetNetwork', 'datpp_query_grid', 'datpp_reference_grid', 'natten_available',
     'NeighborhoodAttention', 'neighborhood_attention', 'IMPLEMENTATIONS', 'Implementation', 'Kernel',
     'attn_impls', 'block_attn_impl', 'check_attn_impl', 'resolve_attn_impl', 'fused_deformable_attention',
     'WindowAttention', 'build_window_attention_mask', 'window_attention_mask'

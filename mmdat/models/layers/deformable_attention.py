@@ -1,5 +1,5 @@
 """Deformable multi-head attention of DAT (Xia et al., CVPR 2022), v1 formulas."""
-from typing import Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -16,6 +16,34 @@ def pixel_centre_grid(height: int, width: int, device: torch.device,
     ys = (torch.arange(height, device=device, dtype=dtype) + 0.5) * (2 / height) - 1
     xs = (torch.arange(width, device=device, dtype=dtype) + 0.5) * (2 / width) - 1
     return torch.stack(torch.meshgrid(ys, xs, indexing='ij'), dim=-1)
+
+
+def deformable_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, queries: torch.Tensor,
+                         positions: torch.Tensor, table: torch.Tensor, attn_impl: str = 'sdpa',
+                         bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The attention of :class:`DeformableAttention` once keys and values are sampled: the path
+    resolved once for the call (:func:`~mmdat.models.layers.policy.resolve_attn_impl`), then its
+    kernel or the materialised bias (:func:`~mmdat.models.layers.attention_math.
+    sampled_position_bias`, then :func:`~mmdat.models.layers.attention_math.biased_attention`).
+
+    Args:
+        query (Tensor): ``(B, heads, H * W, head_dims)``.
+        key (Tensor): ``(B, heads, Nk, head_dims)``.
+        value (Tensor): ``(B, heads, Nk, head_dims)``.
+        queries (Tensor): Query points ``(H, W, 2)``, a separable grid of normalised ``(y, x)``.
+        positions (Tensor): Key positions ``(B * groups, Nk, 2)``.
+        table (Tensor): Position bias table ``(heads, Th, Tw)``.
+        attn_impl (str): One of the values of :class:`DeformableAttention`.
+        bias (Tensor, optional): The materialised bias, when the caller has it already.
+    """
+    bias_grad = torch.is_grad_enabled() and (positions.requires_grad or table.requires_grad)
+    choice = resolve_attn_impl(attn_impl, DEFORMABLE, query.device, query.dtype, key.shape[-2], bias_grad,
+                               row_queries=queries.shape[1])
+    if choice.kernel is not None:
+        return choice.op(query, key, value, queries, positions, table)
+    if bias is None:
+        bias = sampled_position_bias(queries, positions, table, query.shape[0])
+    return biased_attention(query, key, value, bias, choice.attention)
 
 
 class OffsetNetwork(nn.Module):
@@ -158,18 +186,11 @@ class DeformableAttention(nn.Module):
 
         query = heads(query, height * width)
         key, value = heads(self.proj_k(sampled), num_keys), heads(self.proj_v(sampled), num_keys)
-        bias_grad = torch.is_grad_enabled() and (positions.requires_grad or self.rpe_table.requires_grad)
-        choice = resolve_attn_impl(self.attn_impl, self.LAYER, query.device, query.dtype, key.shape[-2],
-                                   bias_grad, row_queries=width)
-        # the kernels sample the bias themselves; recording needs it materialised anyway
         bias = None
-        if choice.kernel is None or self.recorder is not None:
+        if self.recorder is not None:  # recording needs the bias materialised, whatever the path
             bias = self.position_bias(queries, positions, batch)
-        if self.recorder is not None:
             self.recorder(reference, positions, query, key, bias, (height, width))
-        if choice.kernel is not None:
-            out = choice.op(query, key, value, queries, positions.flatten(1, 2), self.rpe_table)
-        else:
-            out = biased_attention(query, key, value, bias, choice.attention)
+        out = deformable_attention_op(query, key, value, queries, positions.flatten(1, 2), self.rpe_table,
+                                   self.attn_impl, bias)
         out = copy_view(out.transpose(1, 2), batch, height, width, channels)
         return self.proj_out(out)

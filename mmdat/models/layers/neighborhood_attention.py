@@ -35,11 +35,8 @@ def neighborhood_attention(query: torch.Tensor,
     """Neighborhood attention with a relative position bias, NATTEN 0.14 semantics.
 
     Args:
-        query (Tensor): ``(B, heads, H, W, d)``, not yet scaled.
-        key (Tensor): ``(B, heads, H, W, d)``.
-        value (Tensor): ``(B, heads, H, W, d)``.
-        rpb (Tensor): ``(heads, 2 * kernel_size - 1, 2 * kernel_size - 1)``.
-        kernel_size (int): Odd neighborhood side; ``H`` and ``W`` must be at least this.
+        query, key, value, rpb, kernel_size: As in
+            :func:`~mmdat.models.layers.attention_math.reference_neighborhood_attention`.
         attn_impl (str): ``'reference'``: every query's ``kernel_size**2`` keys and values
             gathered (copies of them), then matmuls and softmax: simple, the oracle of the
             tests, and memory-hungry. ``'sdpa'``: tiles of ``T x T`` queries (``T`` from

@@ -263,6 +263,16 @@ def resolve_attn_impl(attn_impl: str, layer: str, device: torch.device, dtype: t
                        f"(it needs {needs}); use attn_impl='auto'")
 
 
+def runs_on(attn_impl: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``attn_impl`` can run on tensors of this device and dtype here: it needs no
+    kernel (``'auto'``; a layer that has it without a kernel computes the materialised bias),
+    or one of its kernels supports them."""
+    impl = _check_name(attn_impl)
+    if impl is None or set(impl.layers) - {kernel.layer for kernel in impl.kernels}:
+        return True
+    return any(kernel.module.supports(device, dtype) for kernel in impl.kernels)
+
+
 def block_attn_impl(attn_impl: str, layer: str) -> str:
     """What a block of kind ``layer`` runs when its backbone is asked for ``attn_impl``: the same
     value when the layer has it (``'auto'`` always), otherwise the implementation's way of
