@@ -203,9 +203,12 @@ def _may_run_now(kernel: Kernel) -> bool:
     return kernel.compile_safe or not torch.compiler.is_compiling()
 
 
-def _auto_picks(kernel: Kernel, device: torch.device, row_scores: int, checkpointed: bool) -> bool:
+def _auto_picks(kernel: Kernel, device: torch.device, row_queries: int, num_keys: int, checkpointed: bool) -> bool:
     threshold = kernel.auto_min_row_scores.get(device.type, kernel.auto_min_row_scores.get('*'))
-    return threshold is not None and row_scores >= threshold and (kernel.checkpoint_safe or not checkpointed)
+    if threshold is None or (checkpointed and not kernel.checkpoint_safe):
+        return False
+    # no comparison without a threshold: traced sizes would be guarded on
+    return threshold == 0 or row_queries * num_keys >= threshold
 
 
 def resolve_attn_impl(attn_impl: str, layer: str, device: torch.device, dtype: torch.dtype, num_keys: int,
@@ -242,8 +245,9 @@ def resolve_attn_impl(attn_impl: str, layer: str, device: torch.device, dtype: t
         rule = materialised_attention(device, num_keys, bias_grad)
         for name, candidate in IMPLEMENTATIONS.items():
             for kernel in candidate.kernels:
-                if (kernel.layer == layer and _auto_picks(kernel, device, row_queries * num_keys, checkpointed)
-                        and _may_run_now(kernel) and kernel.module.supports(device, dtype)
+                if (kernel.layer == layer and _may_run_now(kernel)
+                        and _auto_picks(kernel, device, row_queries, num_keys, checkpointed)
+                        and kernel.module.supports(device, dtype)
                         and kernel_error(kernel, device, dtype) is None):
                     return Resolved(name, kernel, rule)
         return Resolved(rule, None, rule)
