@@ -99,12 +99,10 @@ class Implementation(NamedTuple):
             a call where none may run (exporting, compiling), computes the materialised bias.
         attention (str): How the materialised scores are combined (``'sdpa'`` or
             ``'reference'``, see :func:`~mmdat.models.layers.attention_math.biased_attention`).
-        description (str): What it is, for the docs and errors.
     """
     layers: Tuple[str, ...]
     kernels: Tuple[Kernel, ...]
     attention: str
-    description: str
 
 
 CPU_DEFORMABLE = Kernel('C++ deformable attention', cpu_deformable, DEFORMABLE,
@@ -118,17 +116,13 @@ NEIGHBORHOOD_TILES = Kernel('neighborhood tiles', neighborhood_tiles, NEIGHBORHO
 
 #: Every ``attn_impl`` but ``'auto'``, in the order ``'auto'`` tries their kernels.
 IMPLEMENTATIONS: Dict[str, Implementation] = {
-    'fused': Implementation(
-        (DEFORMABLE, ), (CPU_DEFORMABLE, TRITON_DEFORMABLE), 'sdpa',
-        'deformable blocks sample the position bias inside a kernel and store no N x N tensor '
-        '(C++ on CPU, Triton on CUDA)'),
-    'natten': Implementation((NEIGHBORHOOD, ), (NATTEN, ), 'sdpa', "neighborhood blocks run natten's kernels"),
-    'sdpa': Implementation(
-        LAYERS, (NEIGHBORHOOD_TILES, ), 'sdpa',
-        'scaled_dot_product_attention with the bias as attn_mask (neighborhood blocks: by tiles '
-        'of queries against their key halos)'),
-    'reference': Implementation(LAYERS, (), 'reference',
-                                'the same computation spelt out with matmuls and softmax'),
+    # deformable blocks sample the position bias inside a kernel and store no N x N tensor
+    'fused': Implementation((DEFORMABLE, ), (CPU_DEFORMABLE, TRITON_DEFORMABLE), 'sdpa'),
+    'natten': Implementation((NEIGHBORHOOD, ), (NATTEN, ), 'sdpa'),
+    # scaled_dot_product_attention with the bias as attn_mask; neighborhood blocks by tiles
+    'sdpa': Implementation(LAYERS, (NEIGHBORHOOD_TILES, ), 'sdpa'),
+    # the same computation spelt out with matmuls and softmax (the tests' oracle)
+    'reference': Implementation(LAYERS, (), 'reference'),
 }
 
 

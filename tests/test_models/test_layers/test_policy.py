@@ -238,7 +238,7 @@ def test_a_new_path_is_one_kernel_module_and_one_table_entry(monkeypatch):
                                    supports=lambda device, dtype: device.type == 'cpu', op=op)
     kernel = policy.Kernel('dummy deformable attention', module, DEFORMABLE, auto_min_row_scores={})
     monkeypatch.setitem(policy.IMPLEMENTATIONS, 'dummy',
-                        policy.Implementation((DEFORMABLE, ), (kernel, ), 'sdpa', 'a test path'))
+                        policy.Implementation((DEFORMABLE, ), (kernel, ), 'sdpa'))
     monkeypatch.setattr(policy, '_CHECKED', {})
     assert 'dummy' in policy.attn_impls()
     x = torch.randn(2, 3, 45, 77, dtype=torch.float64)
