@@ -166,8 +166,9 @@ def load_checkpoint_file(filename: str, map_location='cpu',
                 checkpoint = torch.load(filename, map_location=map_location, weights_only=False,
                                         pickle_module=_restricted_pickle)
     except Exception as error:  # torch reports broken files with many error types
-        hint = (' (if you trust this file, pass --trust-checkpoint)'
-                if isinstance(error, pickle.UnpicklingError) else '')
+        # Only a file refused for the objects it holds is a question of trust; a damaged one is not.
+        refused = isinstance(error, pickle.UnpicklingError) and str(error).startswith('refused')
+        hint = ' (if you trust this file, pass --trust-checkpoint)' if refused else ''
         raise CheckpointError(f'{filename} is not a readable checkpoint: {_reason(error)}{hint}') \
             from None
     if not isinstance(checkpoint, Mapping):
