@@ -50,7 +50,6 @@ def read_image(path: str, max_side: int = MAX_IMAGE_SIDE,
     try:
         with Image.open(path) as image:
             width, height = image.size  # from the header: nothing decoded yet
-            orientation = image.getexif().get(0x0112, 1)
             target = max_side / max(width, height)
             if image.format == 'JPEG' and target < 1:
                 # The decoder skips detail it would throw away: a 1/8 decode is 64x cheaper.
@@ -61,6 +60,7 @@ def read_image(path: str, max_side: int = MAX_IMAGE_SIDE,
                     f'{path} is {width}x{height} pixels, over the limit of {max_pixels / 1e6:.0f} '
                     f'million pixels that the tools decode: shrink it first (the tools use at most '
                     f'{max_side} pixels a side)')
+            orientation = image.getexif().get(0x0112, 1)  # (a PNG is decoded to find it)
             image = ImageOps.exif_transpose(image).convert('RGB')
     except ImageError:
         raise

@@ -55,6 +55,8 @@ def check_against_config(state_dict, config):
 @one_line_errors
 def main():
     args = parse_args()
+    if args.config:
+        read_config(args.config)  # a config it cannot read stops it before the conversion
     try:
         state_dict = extract_state_dict(load_checkpoint_file(args.src, trusted=args.trust_checkpoint))
     except (FileNotFoundError, ValueError) as error:
