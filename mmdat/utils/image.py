@@ -61,7 +61,12 @@ def read_image(path: str, max_side: int = MAX_IMAGE_SIDE,
                     f'million pixels that the tools decode: shrink it first (the tools use at most '
                     f'{max_side} pixels a side)')
             orientation = image.getexif().get(0x0112, 1)  # (a PNG is decoded to find it)
-            image = ImageOps.exif_transpose(image).convert('RGB')
+            image.load()
+            # Each of these copies the image: only when needed.
+            if orientation != 1:
+                image = ImageOps.exif_transpose(image)
+            if image.mode != 'RGB':
+                image = image.convert('RGB')
     except ImageError:
         raise
     except Exception as error:  # PIL reports unknown and damaged files with many error types
