@@ -6,7 +6,7 @@ from .work_dir import WorkDirInUseError, WorkDirLock
 
 __all__ = [
     'AtomicCheckpointHook', 'AtomicLocalBackend', 'BackboneWeightsHook',
-    'MMENGINE_CHECKPOINT_GLOBALS', 'allow_mmengine_checkpoints', 'checkpoint_problem',
-    'WorkDirInUseError', 'WorkDirLock', 'find_resume_checkpoint', 'list_checkpoints',
-    'set_up_resume', 'write_atomically'
+    'MMENGINE_CHECKPOINT_GLOBALS', 'WorkDirInUseError', 'WorkDirLock', 'allow_mmengine_checkpoints',
+    'checkpoint_problem', 'find_resume_checkpoint', 'list_checkpoints', 'set_up_resume',
+    'write_atomically'
 ]

@@ -13,6 +13,7 @@ import re
 import socket
 import sys
 import time
+import warnings
 from typing import Dict, Optional
 
 try:
@@ -134,6 +135,10 @@ class WorkDirLock:
                 handle.seek(0)
                 holder = handle.read().strip() or 'a process that has not written its name yet'
                 handle.close()
+                if error.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                    warnings.warn(f'{self.folder}: the file system has no locks '
+                                  f'({error.strerror}); a second run here would not be stopped')
+                    return
                 if error.errno not in (errno.EAGAIN, errno.EACCES):
                     raise
                 raise WorkDirInUseError(
