@@ -22,24 +22,24 @@ def _damage(path: str) -> Optional[str]:
     The CRC check finds a truncated or overwritten file without unpickling it.
     """
     if not osp.isfile(path):
-        return f'{path} does not exist'
+        return f'Checkpoint file not found: {path}'
     if osp.getsize(path) == 0:
-        return f'{path} is damaged: the file is empty'
+        return f'{path} is not a readable checkpoint: the file is empty'
     if not zipfile.is_zipfile(path):
         with open(path, 'rb') as file:
             if file.read(4) == b'PK\x03\x04':  # begins as a zip, but its end is missing
-                return f'{path} is damaged: a zip file without its end (cut short)'
+                return f'{path} is not a readable checkpoint: damaged (a zip file cut short)'
         return None  # the legacy format has no checksums: unpickling it is the check
     try:
         with zipfile.ZipFile(path) as archive:
             broken = archive.testzip()
             if broken is not None:
-                return f'{path} is damaged: corrupt entry {broken}'
+                return f'{path} is not a readable checkpoint: damaged (corrupt entry {broken})'
             if not any(name.endswith('/data.pkl') or name == 'data.pkl'
                        for name in archive.namelist()):
-                return f'{path} is not a PyTorch checkpoint: no data.pkl'
+                return f'{path} is not a readable checkpoint: a zip without data.pkl'
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as error:
-        return f'{path} is damaged: unreadable zip ({error})'
+        return f'{path} is not a readable checkpoint: damaged (unreadable zip: {error})'
     return None
 
 

@@ -57,7 +57,7 @@ def test_a_corrupt_newest_checkpoint_falls_back_with_a_warning(tmp_path, warning
     (tmp_path / 'last_checkpoint').write_text(str(tmp_path / 'iter_200.pth'))
     assert find_resume_checkpoint(str(tmp_path)) == str(tmp_path / 'iter_100.pth')
     assert len(warnings) == 1
-    assert f'skipping {tmp_path / "iter_200.pth"} is damaged' in warnings[0]
+    assert f'skipping {tmp_path / "iter_200.pth"} is not a readable checkpoint: damaged' in warnings[0]
     assert TRUST_ADVICE not in warnings[0]
 
 
@@ -126,7 +126,7 @@ def test_refuses_when_no_checkpoint_is_complete(tmp_path):
     (tmp_path / 'epoch_1.pth').write_bytes(b'')
     (tmp_path / 'epoch_2.pth').write_text('text')
     with pytest.raises(CheckpointError, match=r'no checkpoint in .* to resume from: .*epoch_2.pth '
-                       r'.*; .*epoch_1.pth is damaged: the file is empty$'):
+                       r'.*; .*epoch_1.pth is not a readable checkpoint: the file is empty$'):
         find_resume_checkpoint(str(tmp_path))
     (tmp_path / 'epoch_1.pth').unlink()
     (tmp_path / 'epoch_2.pth').unlink()
@@ -154,5 +154,5 @@ def test_set_up_resume(tmp_path):
     # a config's own resume = True is the same as --resume
     cfg = Config(dict(work_dir=str(tmp_path), resume=True, load_from=None))
     assert set_up_resume(cfg, None) == str(tmp_path / 'iter_4.pth')
-    with pytest.raises(CheckpointError, match='^--resume: .*missing.pth does not exist$'):
+    with pytest.raises(CheckpointError, match='^--resume: Checkpoint file not found: .*missing.pth$'):
         set_up_resume(Config(dict(work_dir=str(tmp_path))), str(tmp_path / 'missing.pth'))
