@@ -127,7 +127,7 @@ class AtomicCheckpointHook(CheckpointHook):
     ``mmdat``); ``tools/train.py`` uses it in place of a plain ``CheckpointHook``.
     """
     _atomic = False  # set in before_train
-    _locks: List[WorkDirLock] = []
+    _locks: List[WorkDirLock] = []  # the folders this run holds (main process)
 
     def before_train(self, runner) -> None:
         out_dir = self.out_dir or runner.work_dir
@@ -139,29 +139,28 @@ class AtomicCheckpointHook(CheckpointHook):
             print_log(f'AtomicCheckpointHook: checkpoints go to {out_dir} through a storage '
                       'backend; they are saved as mmengine saves them (not atomically)',
                       logger='current', level=logging.WARNING)
-        if self._atomic and is_main_process():
-            # Before CheckpointHook's own before_train, which may remove checkpoints.
-            folders = dict.fromkeys([str(runner.work_dir), self._checkpoint_folder(runner)])
-            self._locks = [WorkDirLock(folder) for folder in folders]
-            for lock in self._locks:
-                lock.acquire()
-        super().before_train(runner)
-        if self._atomic and is_main_process():
-            for folder in folders:
+        held = self._atomic and is_main_process()
+        if held:  # before CheckpointHook's own before_train, which may remove checkpoints
+            self._hold(str(runner.work_dir))
+        super().before_train(runner)  # sets self.out_dir: out_dir/<work dir name> or the work dir
+        if held:
+            self._hold(str(self.out_dir))
+            for folder in dict.fromkeys([str(runner.work_dir), str(self.out_dir)]):
                 for path in remove_abandoned_temporaries(folder):
                     print_log(f'Removed {path}, left by a run that ended during a save',
                               logger='current', level=logging.INFO)
+
+    def _hold(self, folder: str) -> None:
+        if any(osp.realpath(lock.folder) == osp.realpath(folder) for lock in self._locks):
+            return
+        lock = WorkDirLock(folder)
+        lock.acquire()
+        self._locks = self._locks + [lock]
 
     def after_run(self, runner) -> None:
         for lock in self._locks:
             lock.release()
         self._locks = []
-
-    def _checkpoint_folder(self, runner) -> str:
-        """Where CheckpointHook.before_train will save (its rule, for a local ``out_dir``)."""
-        if self.out_dir is None or str(self.out_dir) == str(runner.work_dir):
-            return str(runner.work_dir)
-        return osp.join(str(self.out_dir), osp.basename(osp.normpath(str(runner.work_dir))))
 
     def _save_checkpoint_with_step(self, runner, step, meta) -> None:
         if not self._atomic:
