@@ -100,3 +100,22 @@ def test_as_a_command(files, tool):
     lines = result.stderr.strip().splitlines()
     assert 'Traceback' not in result.stderr and len(lines) == 1, result.stderr[-2000:]
     assert 'syntax_error.py: SyntaxError' in lines[0]
+
+
+@pytest.mark.slow  # trains an epoch
+@pytest.mark.parametrize('number', [28, 30])  # ENOSPC, EROFS
+def test_train_on_a_full_disk_or_read_only_folder(tmp_path, monkeypatch, number):
+    """The first checkpoint cannot be written: one line naming it, as the tool prints it."""
+    from mmdat.datasets import make_synthetic_dataset
+    from mmdat.engine.hooks import atomic_checkpoint_hook
+    make_synthetic_dataset(str(tmp_path / 'shapes'), {'train': 2, 'val': 1}, seed=0)
+    monkeypatch.setenv('SHAPES_ROOT', f'{tmp_path / "shapes"}/')
+
+    def fail(file_descriptor):
+        raise OSError(number, os.strerror(number))
+
+    monkeypatch.setattr(atomic_checkpoint_hook.os, 'fsync', fail)
+    work = tmp_path / 'work'
+    message = run_main('train.py', [str(TINY_DETECTOR), '--work-dir', str(work)], monkeypatch)
+    assert message.startswith(f'{os.strerror(number)}: {work / "epoch_1.pth"} (')
+    assert '\n' not in message
