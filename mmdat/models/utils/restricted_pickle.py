@@ -270,6 +270,10 @@ ALLOWED_GLOBALS: Dict[tuple, Callable] = {
 }
 #: Classes built with ``cls.__new__(cls)`` (pickle's NEWOBJ), then given their state by BUILD.
 _NEW_OBJECT_CLASSES = (HistoryBuffer, OmittedObject)
+#: How a file names each builder (for messages).
+_GLOBAL_NAMES = {}
+for (_module, _name), _value in ALLOWED_GLOBALS.items():
+    _GLOBAL_NAMES.setdefault(id(_value), f'{_module}.{_name}')
 #: What REDUCE may call: the builders above (not the classes, which would build without checks).
 _CALLABLES = tuple(value for value in ALLOWED_GLOBALS.values()
                    if value is not HistoryBuffer and value is not np.ndarray)
@@ -355,6 +359,8 @@ def _build(inst, state) -> None:
 
 
 def _describe(obj) -> str:
+    if id(obj) in _GLOBAL_NAMES:
+        return f'the global {_GLOBAL_NAMES[id(obj)]}'
     if isinstance(obj, (type, types.FunctionType, types.BuiltinFunctionType)):
         return f'{getattr(obj, "__module__", "?")}.{getattr(obj, "__qualname__", "?")}'
     return f'a {type(obj).__name__}'
