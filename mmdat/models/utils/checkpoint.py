@@ -98,6 +98,11 @@ def _download(url: str) -> str:
         with os.fdopen(handle, 'wb') as out, \
                 urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT) as response:
             shutil.copyfileobj(response, out, 2**20)
+            announced, received = response.getheader('Content-Length'), out.tell()
+        # http.client ends a read at a closed connection without an error
+        if announced is not None and announced.isdigit() and int(announced) != received:
+            raise CheckpointError(f'{url} could not be downloaded: the connection closed after '
+                                  f'{received} of {announced} bytes')
         os.replace(partial, path)  # a partial download never takes the cached name
     except urllib.error.HTTPError as error:
         raise CheckpointError(f'{url} could not be downloaded: HTTP {error.code} '
