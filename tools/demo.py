@@ -52,7 +52,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if not 0.0 <= args.opacity <= 1.0:
         raise SystemExit(f'--opacity must be in [0, 1], got {args.opacity}')
     check_file(args.config, 'Config')
-    check_file(args.checkpoint, 'Checkpoint')
+    check_file(args.checkpoint, 'Checkpoint', addresses=True)
     check_out_file(args.out, OUT_FORMATS)
     read_image(args.image)  # a clear message now rather than a traceback from the pipeline
     cfg, kind = load_dat_config(args.config, args.cfg_options)

@@ -4,8 +4,10 @@ Each writer puts one file into a folder and returns its path. The pickles are as
 pickle instructions, because the attacks are sequences that no ``pickle.dumps`` writes.
 """
 import collections
+import http.server
 import pickle
 import struct
+import threading
 import zipfile
 
 import numpy as np
@@ -178,3 +180,40 @@ def good_weights(folder):
     path = folder / 'good_weights.pth'
     torch.save({'state_dict': collections.OrderedDict(w=torch.arange(1.0, 5.0))}, path)
     return path
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+
+    def do_GET(self):
+        self.server.requests.append(self.path)
+        data = self.server.files.get(self.path)
+        if data is None:
+            self.send_error(404, 'Not Found')
+            return
+        self.send_response(200)
+        # '/truncated/...' announces more bytes than it sends
+        self.send_header('Content-Length', str(len(data) * (2 if 'truncated' in self.path else 1)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+class LoopbackServer:
+    """A web server on 127.0.0.1 in a thread, as a context manager: ``files`` maps paths to
+    bytes, ``requests`` lists the paths asked for, ``url`` is its address."""
+
+    def __enter__(self):
+        self.httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), _Handler)
+        self.files = self.httpd.files = {}
+        self.requests = self.httpd.requests = []
+        self.url = f'http://127.0.0.1:{self.httpd.server_address[1]}'
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=10)

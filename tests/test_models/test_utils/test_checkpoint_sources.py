@@ -1,9 +1,7 @@
 """Every source of a checkpoint goes through mmdat's one reader: addresses (served here on the
 loopback interface), files in torch's hub cache, ``file://`` URLs and mmengine's named models;
 schemes without a safe loader and failed downloads give one line."""
-import http.server
 import shutil
-import threading
 
 import hostile_files as hf
 import pytest
@@ -18,36 +16,10 @@ from mmdat.models.utils import CheckpointError, load_checkpoint_file, trust_chec
 ARCH = dict(embed_dims=8, depths=(1, 1, 2, 1), num_heads=(1, 2, 2, 4), offset_groups=(0, 0, 1, 2))
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-
-    def do_GET(self):
-        self.server.requests.append(self.path)
-        data = self.server.files.get(self.path)
-        if data is None:
-            self.send_error(404, 'Not Found')
-            return
-        self.send_response(200)
-        # '/truncated/...' announces more bytes than it sends
-        self.send_header('Content-Length', str(len(data) * (2 if 'truncated' in self.path else 1)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture
 def server():
-    """A web server on 127.0.0.1 in a thread: ``server.files`` maps paths to bytes."""
-    httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), _Handler)
-    httpd.files, httpd.requests = {}, []
-    httpd.url = f'http://127.0.0.1:{httpd.server_address[1]}'
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield httpd
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join(timeout=10)
+    with hf.LoopbackServer() as running:
+        yield running
 
 
 @pytest.fixture
