@@ -109,10 +109,10 @@ class _MemoryGuard:
         grown = _resident_bytes() - self.start - self.storage_bytes
         if grown > self.allowance:
             raise Unreadable(f'refused to build more than {self.allowance / 2**20:.0f} MiB of '
-                          f'objects besides its tensors (raise {MEMORY_ENV} if you need more)')
+                             f'objects besides its tensors (raise {MEMORY_ENV} if you need more)')
 
 
-# --- the builders that the file's globals map to ------------------------------------------------
+# --- the builders that the file's globals map to -------------------------------------------------
 
 
 def _ints(values, what: str):
@@ -245,10 +245,24 @@ def _numpy_scalar(dtype, data=None):
     return np.frombuffer(data, dtype)[0]
 
 
+def _numpy_frombuffer(data, dtype, shape, order):
+    """How pickle protocol 5 stores a numpy array: ``numpy.core.numeric._frombuffer``."""
+    _check_dtype(dtype)
+    shape = _ints(shape, 'shape')
+    count = 1
+    for length in shape:
+        count *= length
+    if type(data) not in (bytes, bytearray) or len(data) != count * dtype.itemsize \
+            or order not in ('C', 'F'):
+        raise Refused('refused a numpy array whose data does not match its shape and dtype')
+    return np.frombuffer(data, dtype).reshape(shape, order=order).copy()
+
+
 _NUMPY_GLOBALS = {}
 for _core in ('core', '_core'):  # numpy 2 moved numpy.core to numpy._core; pickles name either
     _NUMPY_GLOBALS[(f'numpy.{_core}.multiarray', '_reconstruct')] = _numpy_reconstruct
     _NUMPY_GLOBALS[(f'numpy.{_core}.multiarray', 'scalar')] = _numpy_scalar
+    _NUMPY_GLOBALS[(f'numpy.{_core}.numeric', '_frombuffer')] = _numpy_frombuffer
 
 #: ``(module, name)`` -> what the reader builds for it.
 ALLOWED_GLOBALS: Dict[tuple, Callable] = {
@@ -283,7 +297,7 @@ def _is_one_of(obj, candidates) -> bool:
     return any(obj is candidate for candidate in candidates)
 
 
-# --- the state that BUILD may set -----------------------------------------------------------------
+# --- the state that BUILD may set ----------------------------------------------------------------
 
 
 def history_buffer_setstate(buffer: HistoryBuffer, state) -> None:
@@ -366,7 +380,7 @@ def _describe(obj) -> str:
     return f'a {type(obj).__name__}'
 
 
-# --- the unpickler ---------------------------------------------------------------------------------
+# --- the unpickler -------------------------------------------------------------------------------
 
 
 def _item_target(obj, kinds, what):
@@ -381,11 +395,13 @@ class RestrictedUnpickler(pickle._Unpickler):
     """Python's own unpickler (the pure-Python one, whose instructions can be replaced) with
     the rules of this module.
 
-    Args:
-        file: As for :class:`pickle.Unpickler`.
+    It is constructed as :class:`pickle.Unpickler` is (torch does); :func:`restricted_pickle_module`
+    sets the class attributes of one load.
+
+    Attributes:
         storage_check (callable, optional): Called with each persistent id (torch's storages)
-            before torch reads the storage; it raises :class:`Refused` for one that the file does
-            not hold. Set by :func:`restricted_pickle_module`.
+            before torch reads the storage; returns the bytes it will allocate (0 for one read
+            already) and raises :class:`Refused` for one that the file does not hold.
         guard (_MemoryGuard, optional): The memory guard of the load.
     """
 

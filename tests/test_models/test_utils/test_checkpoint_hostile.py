@@ -57,7 +57,8 @@ def process_state():
     objects = {f'{m}.{n}': _lookup(m, n) for m, n in ALLOWED}
     try:
         from mmdat.models.utils import restricted_pickle
-        objects.update({f'mmdat:{m}.{n}': v for (m, n), v in restricted_pickle.ALLOWED_GLOBALS.items()})
+        objects.update({f'mmdat:{m}.{n}': v
+                        for (m, n), v in restricted_pickle.ALLOWED_GLOBALS.items()})
     except ImportError:  # older mmdat: the list above
         pass
     state = {name: _state_of(obj) for name, obj in objects.items()}
@@ -150,6 +151,21 @@ def test_numeric_numpy_arrays_and_big_endian_dtypes_load(tmp_path):
     assert np.array_equal(loaded['c'], np.arange(3)) and loaded['d'].shape == (2, 2)
 
 
+@pytest.mark.parametrize('protocol', [2, 4, 5])
+def test_every_pickle_protocol_loads(tmp_path, protocol):
+    buffer = HistoryBuffer()
+    buffer.update(2.0)
+    torch.save({'w': torch.ones(2, dtype=torch.bfloat16), 'p': torch.nn.Parameter(torch.ones(1)),
+                'a': np.arange(6, dtype=np.int32).reshape(2, 3), 'f': np.asfortranarray(np.eye(2)),
+                'buffer': buffer, 's': {1, 2}, 'fs': frozenset({3})}, tmp_path / 'p.pth',
+               pickle_protocol=protocol)
+    loaded = load_checkpoint_file(str(tmp_path / 'p.pth'))
+    assert loaded['w'].dtype == torch.bfloat16 and type(loaded['p']) is torch.nn.Parameter
+    assert np.array_equal(loaded['a'], np.arange(6).reshape(2, 3))
+    assert np.array_equal(loaded['f'], np.eye(2)) and loaded['buffer'].mean() == 2.0
+    assert loaded['s'] == {1, 2} and loaded['fs'] == frozenset({3})
+
+
 def test_history_buffer_cannot_rewrite_the_statistics_table(tmp_path, good):
     """``HistoryBuffer.__setstate__`` copied ``statistics_methods`` from the file into a table
     the whole process shares; through mmdat's reader and through torch's weights_only reader
@@ -170,7 +186,8 @@ def test_history_buffer_with_unknown_state_is_refused(tmp_path):
     buffer = HistoryBuffer.__new__(HistoryBuffer)
     with pytest.raises(Refused, match='_statistics_methods'):
         history_buffer_setstate(buffer, {'_statistics_methods': {}, 'max_length': 1,
-                                         '_log_history': np.zeros(1), '_count_history': np.zeros(1)})
+                                         '_log_history': np.zeros(1),
+                                         '_count_history': np.zeros(1)})
     with pytest.raises(Refused, match='other types'):
         history_buffer_setstate(buffer, {'max_length': 1, '_log_history': [print],
                                          '_count_history': np.zeros(1)})
@@ -236,7 +253,8 @@ def test_objects_are_bounded(tmp_path, monkeypatch, make):
 
 def test_the_memory_allowance_is_validated(tmp_path, monkeypatch, good):
     monkeypatch.setenv('MMDAT_CHECKPOINT_MEMORY_MB', 'lots')
-    with pytest.raises(CheckpointError, match="MMDAT_CHECKPOINT_MEMORY_MB='lots': expected a number"):
+    with pytest.raises(CheckpointError,
+                       match="MMDAT_CHECKPOINT_MEMORY_MB='lots': expected a number"):
         load_checkpoint_file(str(good))
     monkeypatch.setenv('MMDAT_CHECKPOINT_MEMORY_MB', '1')  # enough for a small file
     assert_later_loads_unchanged(good)
@@ -261,8 +279,8 @@ def test_peak_memory_of_a_small_file_declaring_a_large_storage(tmp_path):
     size before the check)."""
     path = hf.deflated_storage(tmp_path, 2**28)  # 1 GiB in about 1 MB
     result = subprocess.run([sys.executable, '-c', PEAK_SCRIPT, str(path)], capture_output=True,
-                            text=True, env={**os.environ, 'PYTHONPATH': str(MMDAT_ROOT)}, cwd=tmp_path,
-                            timeout=300)
+                            text=True, env={**os.environ, 'PYTHONPATH': str(MMDAT_ROOT)},
+                            cwd=tmp_path, timeout=300)
     assert 'refused a compressed zip member' in result.stderr, result.stderr[-2000:]
     assert int(result.stdout.split()[-1]) < 32, result.stdout
 

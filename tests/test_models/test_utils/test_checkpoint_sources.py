@@ -134,6 +134,16 @@ def test_named_models_resolve_to_addresses(server, hub_cache, files, monkeypatch
     assert_good(load_checkpoint_file('open-mmlab://good_net'))
     one_line_error('openmmlab://bad_net', 'refused to load posix.system')
     one_line_error('open-mmlab://no_such_net', "no model of that name in mmengine's open-mmlab table")
+    monkeypatch.setattr(mmengine_checkpoint, 'get_torchvision_models', lambda: table)
+    assert_good(load_checkpoint_file('torchvision://good_net'))
+    one_line_error('modelzoo://bad_net', 'refused to load posix.system')
+    # mmcls:// keeps the backbone's weights, as mmengine does
+    torch.save({'state_dict': {'backbone.w': torch.ones(2), 'head.fc': torch.ones(1)}},
+               files['good'].parent / 'classifier.pth')
+    server.files['/zoo/classifier.pth'] = (files['good'].parent / 'classifier.pth').read_bytes()
+    monkeypatch.setattr(mmengine_checkpoint, 'get_mmcls_models',
+                        lambda: {'net': f'{server.url}/zoo/classifier.pth'})
+    assert load_checkpoint_file('mmcls://net')['state_dict'].keys() == {'w'}
     assert not files['marker'].exists()
 
 
