@@ -197,19 +197,22 @@ def every_route(image, backbone_config, source, tmp_path):
 
 
 @pytest.mark.parametrize('kind, where', [
-    ('zip', 'address'), pytest.param('negating', 'hub_cache', marks=pytest.mark.slow)])
+    ('zip', 'address'), pytest.param('negating', 'hub_cache', marks=pytest.mark.slow),
+    pytest.param('negating', 'path', marks=pytest.mark.slow)])
 def test_hostile_addresses_in_every_tool(kind, where, hostile_checkpoints, image, backbone_config,
                                          shapes_env, tmp_path, monkeypatch):
     """A file that runs code (served on the loopback interface) and one that would negate every
-    later tensor (already in torch's hub cache, no network): every route refuses it with one
-    line, nothing runs, and weights loaded afterwards are unchanged."""
+    later tensor (already in torch's hub cache, with no network, and as a path): every route
+    refuses it with one line, nothing runs, and weights loaded afterwards are unchanged."""
     hostile, _, marker = hostile_checkpoints
     path = hostile['zip'] if kind == 'zip' else hf.negating_defaults(tmp_path)
     reason = 'refused to load posix.system' if kind == 'zip' else 'refused to set the state of'
     monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch_home'))
     monkeypatch.setattr(torch.hub, '_hub_dir', None)
     with hf.LoopbackServer() as server:
-        if where == 'address':
+        if where == 'path':
+            source = str(path)
+        elif where == 'address':
             server.files['/weights/hostile.pth'] = path.read_bytes()
             source = f'{server.url}/weights/hostile.pth'
         else:
