@@ -14,12 +14,12 @@ Three rules make it safe (see ``docs/weights.md``):
   members stored, not compressed; the legacy format's storages within the file size), and the
   objects its pickle builds may not grow the process by more than :func:`object_allowance`.
 """
+import collections
 import os
 import pickle
 import sys
 import types
 from _codecs import encode as _codecs_encode
-import collections
 from collections import OrderedDict
 from typing import Callable, Dict, Optional
 
