@@ -291,7 +291,7 @@ def load_checkpoint_file(filename: str, map_location='cpu',
     in the file; objects are limited, see ``restricted_pickle.object_allowance``).
 
     Args:
-        filename (str): The source.
+        filename (str | os.PathLike): The source.
         map_location: As for :func:`torch.load`. Defaults to ``'cpu'``.
         trusted (bool, optional): Unpickle without restrictions (the file may then run code).
             ``None`` (default): only if :func:`trust_checkpoint` was called for the source (for
@@ -306,7 +306,7 @@ def load_checkpoint_file(filename: str, map_location='cpu',
             not a checkpoint, truncated, holding objects that are not weights, declaring more
             data than it holds); the message is one line naming the source.
     """
-    path, name, trust_keys, process = _resolve(filename)
+    path, name, trust_keys, process = _resolve(os.fspath(filename))
     if trusted is None:
         trusted = any(key in _TRUSTED for key in trust_keys)
     if osp.getsize(path) == 0:

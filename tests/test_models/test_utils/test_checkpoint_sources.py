@@ -107,6 +107,7 @@ def test_trusting_an_address_trusts_its_cached_file(server, hub_cache, tmp_path)
 
 
 def test_file_urls_are_local_paths(files, hostile_checkpoints):
+    assert_good(load_checkpoint_file(files['good']))  # a pathlib.Path
     assert_good(load_checkpoint_file(f'file://{files["good"]}'))
     assert_good(load_checkpoint_file(f'file://localhost{files["good"]}'))
     one_line_error(f'file://{files["hostile"]}', 'refused to load posix.system')
