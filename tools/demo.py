@@ -56,7 +56,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         raise SystemExit(f'--score-thr must be in [0, 1], got {args.score_thr}')
     if not 0.0 <= args.opacity <= 1.0:
         raise SystemExit(f'--opacity must be in [0, 1], got {args.opacity}')
-    check_file(args.checkpoint, 'Checkpoint')
+    check_file(args.checkpoint, 'Checkpoint', addresses=True)
     check_out_file(args.out, OUT_FORMATS)
     # Read (and shrunk) before anything is built: a clear message, and no full-size decode.
     image, scale = read_image(args.image)

@@ -164,7 +164,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         raise SystemExit(f'--top-k must be >= 1, got {args.top_k}')
     if args.grid_step is not None and args.grid_step < 1:
         raise SystemExit(f'--grid-step must be >= 1, got {args.grid_step}')
-    check_file(args.checkpoint, 'Checkpoint')
+    check_file(args.checkpoint, 'Checkpoint', addresses=True)
     check_out_file(args.out, FigureCanvasBase.get_supported_filetypes())
     image, shrink = read_image(args.image)
     torch.manual_seed(args.seed)

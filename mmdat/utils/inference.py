@@ -27,8 +27,17 @@ def add_checkpoint_arguments(parser) -> None:
                         'parameters at random init')
 
 
-def check_file(path: Optional[str], what: str) -> None:
-    """Stop with a one-line message when ``path`` is given but is not a file."""
+def check_file(path: Optional[str], what: str, addresses: bool = False) -> None:
+    """Stop with a one-line message when ``path`` is given but is not a file.
+
+    Args:
+        path (str, optional): The file.
+        what (str): What it is, for the message.
+        addresses (bool): Accept a source with ``://`` too (a checkpoint's address; reading it
+            gives its own one-line error). Defaults to False.
+    """
+    if addresses and path is not None and '://' in path:
+        return
     if path is not None and not osp.isfile(path):
         raise SystemExit(f'{what} not found: {path}')
 
