@@ -451,6 +451,10 @@ class RestrictedUnpickler(pickle._Unpickler):
             if value is torch.UntypedStorage or (isinstance(value, type) and issubclass(
                     value, torch.storage.TypedStorage)):
                 return value  # a storage type, named in torch's persistent ids
+        loaded = sys.modules.get(module)  # looked up, never imported: importing runs code
+        if loaded is not None and name.isidentifier() and not hasattr(loaded, name):
+            # e.g. a pickle cut short inside a name: damage, not an object to trust
+            raise Unreadable(f'damaged: it names {module}.{name}, which does not exist')
         raise Refused(f'refused to load {module}.{name}: only tensors, plain containers and '
                       'numeric numpy arrays are read')
 
