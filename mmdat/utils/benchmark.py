@@ -9,8 +9,9 @@ mmdat.utils.benchmark --cell JSON``) so that peak memory is per cell and an out-
 does not disturb the next, or in this process with ``isolated=False``.
 
 Common cell keys: ``device`` (``'cpu'``/``'cuda'``), ``amp`` (a key of :data:`AMP_DTYPES`),
-``batch``, ``warmup``, ``repeats``, ``isolated``, ``threads`` (torch's CPU threads or None) and
-``memory_limit_gib`` (CPU, isolated cells: the most the process's address space may grow).
+``batch``, ``warmup``, ``repeats``, ``isolated``, ``threads`` (torch's CPU threads or None),
+``memory_limit_gib`` (CPU, isolated cells: the most the process's address space may grow) and
+``with_cp`` (gradient checkpointing of every block of the backbones built; default False).
 """
 import json
 import os
@@ -58,17 +59,21 @@ PEER_OF = {'Swin-T': 'Swin-T', 'DAT-T': 'Swin-T', 'DAT-T++': 'Swin-T', 'Swin-S':
            'DAT-S++': 'Swin-S', 'Swin-B': 'Swin-B', 'DAT-B': 'Swin-B', 'DAT-B++': 'Swin-B'}
 
 
-def build_model(spec: dict) -> nn.Module:
+def build_model(spec: dict, with_cp: bool = False) -> nn.Module:
     """A backbone from a spec: ``dict(type='dat', arch=..., attn_impl='auto')`` or
-    ``dict(type='swin', depths=...)`` (mmdet's SwinTransformer; needs mmdet)."""
+    ``dict(type='swin', depths=...)`` (mmdet's SwinTransformer; needs mmdet). Gradient
+    checkpointing of every block: ``with_cp``, unless the spec sets its own ``with_cp``."""
     spec = dict(spec)
     kind = spec.pop('type')
+    with_cp = spec.get('with_cp', with_cp)
     if kind == 'dat':
-        return DAT(arch=spec['arch'], attn_impl=spec.get('attn_impl', 'auto'), drop_path_rate=0.0)
+        return DAT(arch=spec['arch'], attn_impl=spec.get('attn_impl', 'auto'), drop_path_rate=0.0,
+                   with_cp=with_cp)
     if kind == 'swin':
         from mmdet.models.backbones import SwinTransformer  # only the peer table needs mmdet
         return SwinTransformer(embed_dims=spec.get('embed_dims', 96), depths=spec['depths'],
-                               num_heads=spec.get('num_heads', (3, 6, 12, 24)), window_size=7, drop_path_rate=0.0)
+                               num_heads=spec.get('num_heads', (3, 6, 12, 24)), window_size=7, drop_path_rate=0.0,
+                               with_cp=with_cp)
     raise ValueError(f"model type must be 'dat' or 'swin', got {kind!r}")
 
 
@@ -256,7 +261,7 @@ def _model_spec(cell: dict, path: Optional[str] = None) -> dict:
 
 def _backbone_step(cell: dict, spec: dict) -> Callable[[], None]:
     torch.manual_seed(0)  # the same weights for every path
-    model = build_model(spec).to(cell['device'])
+    model = build_model(spec, cell.get('with_cp', False)).to(cell['device'])
     images = torch.randn(cell['batch'], 3, *cell['size'], device=cell['device'])
     return model_step(model, images, cell['mode'], cell['amp'])
 
@@ -355,7 +360,7 @@ def profile_cell(cell: dict) -> dict:
     models = {}
     for name, spec in cell['models'].items():
         torch.manual_seed(0)
-        model = build_model(spec).to(cell['device'])
+        model = build_model(spec, cell.get('with_cp', False)).to(cell['device'])
         images = torch.randn(cell['batch'], 3, *cell['size'], device=cell['device'])
         models[name] = model, model_step(model, images, cell['mode'], cell['amp'])
     for _ in range(cell['warmup']):

@@ -69,6 +69,13 @@ def test_backbone_benchmark_table_on_cpu(keep_num_threads):
     assert 'Device: ' in table and '| tiny | 32x32 | train | fused |' in table
 
 
+def test_backbone_benchmark_with_checkpointing(keep_num_threads):
+    rows, table = benchmark.main(['--archs', 'tiny', '--sizes', '32', '--batch', '1', '--warmup', '0',
+                                  '--repeats', '1', '--no-isolate', '--threads', '1', '--paths', 'auto',
+                                  '--modes', 'train', '--with-cp'])
+    assert rows[0]['seconds'] > 0 and 'with_cp=True; ' in table
+
+
 def test_interleaved_timing(keep_num_threads):
     rows, table = benchmark.main(['--archs', 'tiny', '--sizes', '32', '--batch', '1', '--warmup', '0',
                                   '--repeats', '2', '--no-isolate', '--threads', '1', '--interleave',
@@ -199,6 +206,7 @@ def test_out_writes_the_file_it_names(tmp_path, capsys, keep_num_threads):
     (['--peers', '--models', 'Swin-L'], 'invalid choice'),
     (['--profile', '--interleave'], 'backbone table only'),
     (['--profile', '--peers'], 'not allowed with'),
+    (['--op', '--with-cp'], 'whole backbones'),
     (['--peers', '--op'], 'not allowed with'),
     (['--blocks', '--op'], 'not allowed with'),
     (['--device', 'cpu', '--memory-limit', '0'], '--memory-limit'),

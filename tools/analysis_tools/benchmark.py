@@ -127,12 +127,13 @@ def header(args: argparse.Namespace) -> str:
               'not measured (--profile)' if args.profile else
               'peak allocated (torch.cuda.max_memory_allocated)' if args.device == 'cuda' else
               'peak RSS growth of the process' if args.isolated else 'not measured (--no-isolate)')
+    checkpointing = 'with_cp=True; ' if args.with_cp else ''
     timing = ('paths in turns, ' if args.interleave else 'models in turns, ' if args.peers else
               'models in turns, one profiled step each per round, ' if args.profile else '')
     load = lib.load_average()
     load = f'; load average at the start {load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f}' if load else ''
     return (f'Device: {lib.device_name(args.device, args.threads)} ({args.device}){load}; {versions}; '
-            f'amp: {args.amp}; batch {args.batch}; {timing}warm-up {args.warmup}, median of {args.repeats}; '
+            f'amp: {args.amp}; batch {args.batch}; {checkpointing}{timing}warm-up {args.warmup}, median of {args.repeats}; '
             f'memory: {memory}.')
 
 
@@ -396,7 +397,7 @@ def benchmark_max_size(args: argparse.Namespace) -> Tuple[List[dict], List[str]]
 def _common(args: argparse.Namespace) -> dict:
     return dict(device=args.device, amp=args.amp, batch=args.batch, warmup=args.warmup,
                 repeats=args.repeats, isolated=args.isolated, threads=args.threads,
-                memory_limit_gib=args.memory_limit)
+                memory_limit_gib=args.memory_limit, with_cp=args.with_cp)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -440,6 +441,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help='CPU: let every cell\'s process grow its address space (RLIMIT_AS; more '
                              'than its resident memory) by at most this many GiB, so that a cell that '
                              'needs more is reported as out of memory')
+    parser.add_argument('--with-cp', action='store_true',
+                        help='gradient checkpointing of every block (with_cp=True) in the backbones built '
+                             '(default mode, --peers, --profile)')
     parser.add_argument('--no-isolate', dest='isolated', action='store_false',
                         help='run every cell in this process (no per-cell CPU memory)')
     parser.add_argument('--min-height', type=int, default=224, help='--max-size: smallest height tried')
@@ -462,6 +466,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                                           or args.memory_limit <= 0):
         parser.error('--memory-limit is a positive number of GiB, for CPU cells in their own '
                      'processes (not with --device cuda or --no-isolate)')
+    if args.with_cp and (args.op or args.blocks):
+        parser.error('--with-cp applies to whole backbones (not --op or --blocks)')
     if args.threads is not None and args.threads < 1:
         parser.error('--threads must be >= 1')
     if args.batch < 1 or args.repeats < 1 or args.warmup < 0:
