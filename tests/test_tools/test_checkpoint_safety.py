@@ -30,7 +30,21 @@ def load_tool(path):
 TOOLS = {name: load_tool(path) for name, path in [
     ('train', 'train.py'), ('test', 'test.py'), ('demo', 'demo.py'),
     ('visualize', 'visualize_deformable.py'), ('dat2mmdat', 'model_converters/dat2mmdat.py'),
-    ('dat_det_seg2mmdat', 'model_converters/dat_det_seg2mmdat.py')]}
+    ('dat_det_seg2mmdat', 'model_converters/dat_det_seg2mmdat.py'),
+    ('pytorch2onnx', 'deployment/pytorch2onnx.py')]}
+SEGMENTER = str(CONFIGS / 'upernet_dat_shapes_tiny.py')
+
+
+def _load_hostile_files():
+    """The hostile-file writers of the checkpoint reader's tests (tests/test_models/test_utils)."""
+    path = REPO_ROOT / 'tests' / 'test_models' / 'test_utils' / 'hostile_files.py'
+    spec = importlib.util.spec_from_file_location('hostile_files', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+hf = _load_hostile_files()
 
 
 @pytest.fixture(scope='module')
@@ -129,7 +143,7 @@ def test_command_lines_print_one_line_and_fail(hostile_checkpoints, tmp_path):
         assert result.returncode == 1, result.stderr[-2000:]
         assert 'Traceback' not in result.stderr
         assert result.stderr.strip().splitlines()[-1].endswith(
-            ('--trust-checkpoint)', 'failed finding central directory'))
+            ('--trust-checkpoint)', 'a truncated or damaged zip archive'))
     assert not marker.exists()
 
 
@@ -169,3 +183,49 @@ def test_allow_partial_weights(image, backbone_config, tmp_path):
     assert 'leaves' in run('visualize', argv + ['--stage', '3'])
     TOOLS['visualize'].main(argv + ['--stage', '3', '--allow-partial-weights'])
     assert (tmp_path / 'out.png').stat().st_size > 0
+
+
+def every_route(image, backbone_config, source, tmp_path):
+    """Each tool and each way a tool reads ``source``: both converters, test, train's --resume and
+    load_from, the mmdet and mmseg inferencers (demo), visualize, pytorch2onnx."""
+    calls = tool_calls(image, backbone_config, source, tmp_path)
+    calls['train load_from'] = [DETECTOR, '--cfg-options', f'load_from={source}', '--work-dir',
+                                str(tmp_path / 'train_load_from')]
+    calls['demo mmseg'] = [image, SEGMENTER, source, '--out', str(tmp_path / 'seg.png')]
+    calls['pytorch2onnx'] = [DETECTOR, str(tmp_path / 'out.onnx'), '--checkpoint', source]
+    return calls
+
+
+@pytest.mark.parametrize('kind, where', [
+    ('zip', 'address'), pytest.param('negating', 'hub_cache', marks=pytest.mark.slow),
+    pytest.param('negating', 'path', marks=pytest.mark.slow)])
+def test_hostile_addresses_in_every_tool(kind, where, hostile_checkpoints, image, backbone_config,
+                                         shapes_env, tmp_path, monkeypatch):
+    """A file that runs code (served on the loopback interface) and one that would negate every
+    later tensor (already in torch's hub cache, with no network, and as a path): every route
+    refuses it with one line, nothing runs, and weights loaded afterwards are unchanged."""
+    hostile, _, marker = hostile_checkpoints
+    path = hostile['zip'] if kind == 'zip' else hf.negating_defaults(tmp_path)
+    reason = 'refused to load posix.system' if kind == 'zip' else 'refused to set the state of'
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch_home'))
+    monkeypatch.setattr(torch.hub, '_hub_dir', None)
+    with hf.LoopbackServer() as server:
+        if where == 'path':
+            source = str(path)
+        elif where == 'address':
+            server.files['/weights/hostile.pth'] = path.read_bytes()
+            source = f'{server.url}/weights/hostile.pth'
+        else:
+            cache = tmp_path / 'torch_home' / 'hub' / 'checkpoints'
+            cache.mkdir(parents=True)
+            cache.joinpath('hostile.pth').write_bytes(path.read_bytes())
+            source = 'http://127.0.0.1:9/weights/hostile.pth'  # nothing listens on port 9
+        for route, argv in every_route(image, backbone_config, source, tmp_path).items():
+            message = run(route.split()[0], argv)
+            assert message.count('\n') == 0 and source in message and reason in message, \
+                (route, message)
+            assert not marker.exists(), route
+        assert server.requests in ([], ['/weights/hostile.pth'])  # downloaded once at most
+    good = hf.good_weights(tmp_path)
+    assert torch.equal(torch.load(good, weights_only=True)['state_dict']['w'],
+                       torch.arange(1.0, 5.0))
