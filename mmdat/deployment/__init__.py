@@ -1,10 +1,10 @@
 """Whole detectors and segmenters as ONNX graphs with their post-processing, and running them."""
 from .nms import nms_indices
-from .predict import (DETECTION_OUTPUTS, SEGMENTATION_OUTPUTS, SegmentorPredict,
+from .predict import (DETECTION_INPUTS, DETECTION_OUTPUTS, SEGMENTATION_INPUTS, SEGMENTATION_OUTPUTS, SegmentorPredict,
                       SingleStageDetectorPredict, UnsupportedModelError, batched_class_nms,
-                      build_predict_module)
+                      build_predict_module, full_image_sizes)
 
 __all__ = [
-    'DETECTION_OUTPUTS', 'SEGMENTATION_OUTPUTS', 'SegmentorPredict', 'SingleStageDetectorPredict',
-    'UnsupportedModelError', 'batched_class_nms', 'build_predict_module', 'nms_indices'
+    'DETECTION_INPUTS', 'DETECTION_OUTPUTS', 'SEGMENTATION_INPUTS', 'SEGMENTATION_OUTPUTS', 'SegmentorPredict', 'SingleStageDetectorPredict',
+    'UnsupportedModelError', 'batched_class_nms', 'build_predict_module', 'full_image_sizes', 'nms_indices'
 ]

@@ -2,9 +2,11 @@
 batch of preprocessed images in (what the model's data preprocessor gives: normalised, padded),
 final predictions out, in the coordinates of that input.
 
-- Single-stage detectors (mmdet dense heads with anchors, e.g. RetinaNet): ``boxes (B, M, 4)``
-  ``(x1, y1, x2, y2)``, ``scores (B, M)``, ``labels (B, M)`` after mmdet's per-class NMS, with
-  ``M`` the test config's ``max_per_img``; unused rows have score 0 and label -1.
+- Single-stage detectors (mmdet dense heads with anchors, e.g. RetinaNet): a second input
+  ``image_sizes (B, 2)`` (int64), the height and width of each image inside the padded batch, to
+  which boxes are clipped as mmdet clips them; out come ``boxes (B, M, 4)`` ``(x1, y1, x2, y2)``,
+  ``scores (B, M)``, ``labels (B, M)`` after mmdet's per-class NMS, with ``M`` the test
+  config's ``max_per_img``; unused rows have score 0 and label -1.
 - Segmentors (mmseg encoder-decoders, ``whole`` inference): ``seg_map (B, H, W)``, the class of
   every input pixel.
 
@@ -23,9 +25,16 @@ from torch import Tensor
 
 from .nms import nms_indices
 
-#: Names of the ONNX outputs, by kind of model.
+#: Names of the ONNX inputs and outputs, by kind of model.
+DETECTION_INPUTS = ('inputs', 'image_sizes')
 DETECTION_OUTPUTS = ('boxes', 'scores', 'labels')
+SEGMENTATION_INPUTS = ('inputs', )
 SEGMENTATION_OUTPUTS = ('seg_map', )
+
+
+def full_image_sizes(inputs: Tensor) -> Tensor:
+    """``image_sizes`` for a batch of unpadded images: each the whole input, ``(B, 2)`` int64."""
+    return torch.tensor(inputs.shape[2:], dtype=torch.int64).expand(inputs.shape[0], 2).clone()
 
 
 class UnsupportedModelError(ValueError):
@@ -91,6 +100,7 @@ class SingleStageDetectorPredict(nn.Module):
         detector (nn.Module): The detector (eval mode), e.g. RetinaNet.
     """
 
+    input_names = DETECTION_INPUTS
     output_names = DETECTION_OUTPUTS
 
     def __init__(self, detector: nn.Module):
@@ -119,7 +129,13 @@ class SingleStageDetectorPredict(nn.Module):
         self.max_per_img = int(cfg.get('max_per_img', 100))
         self.min_bbox_size = float(cfg.get('min_bbox_size', -1))
 
-    def forward(self, inputs: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    def forward(self, inputs: Tensor, image_sizes: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """Detections of a batch.
+
+        Args:
+            inputs (Tensor): ``(B, 3, H, W)`` preprocessed images.
+            image_sizes (Tensor): ``(B, 2)`` height and width of each image without its padding.
+        """
         head = self.detector.bbox_head
         cls_scores, bbox_preds = head(self.detector.extract_feat(inputs))
         batch, num_classes = inputs.shape[0], head.cls_out_channels
@@ -156,10 +172,9 @@ class SingleStageDetectorPredict(nn.Module):
             level_boxes.append(boxes.view(batch, -1, 4))
         boxes, scores, labels = (torch.cat(level_boxes, 1), torch.cat(level_scores, 1),
                                  torch.cat(level_labels, 1))
-        # mmdet clips while decoding, to the image's size
-        height, width = inputs.shape[2], inputs.shape[3]
-        boxes = torch.stack([boxes[..., 0].clamp(0, width), boxes[..., 1].clamp(0, height),
-                             boxes[..., 2].clamp(0, width), boxes[..., 3].clamp(0, height)], -1)
+        # mmdet clips while decoding, to the image's size without the padding
+        upper = image_sizes.flip(-1).repeat(1, 2).to(boxes.dtype)[:, None]  # (B, 1, 4): w, h, w, h
+        boxes = torch.minimum(boxes.clamp(min=0), upper)
         if self.min_bbox_size >= 0:
             big_enough = ((boxes[..., 2] - boxes[..., 0] > self.min_bbox_size)
                           & (boxes[..., 3] - boxes[..., 1] > self.min_bbox_size))
@@ -198,6 +213,7 @@ class SegmentorPredict(nn.Module):
         segmentor (nn.Module): The segmentor (eval mode), e.g. UperNet or Semantic FPN.
     """
 
+    input_names = SEGMENTATION_INPUTS
     output_names = SEGMENTATION_OUTPUTS
 
     def __init__(self, segmentor: nn.Module):

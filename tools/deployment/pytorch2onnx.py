@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from mmdat.deployment import UnsupportedModelError, build_predict_module
+from mmdat.deployment import build_predict_module, full_image_sizes
 from mmdat.deployment.nms import ONNX_TRANSLATIONS, register_torchscript_symbolics
 from mmdat.deployment.predict import match_predictions
 from mmdat.models import DAT
@@ -157,6 +157,18 @@ def is_predict(model: nn.Module) -> bool:
     return hasattr(model, 'output_names')
 
 
+def model_inputs(model: nn.Module, images: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """The inputs of ``model`` for a batch of images: the images, and for a detector's predict
+    module their ``image_sizes``, the last image of a batch of several as if it were padded by
+    a tenth (so that the check also sees boxes clipped to a smaller image)."""
+    if len(getattr(model, 'input_names', ('inputs', ))) == 1:
+        return (images, )
+    sizes = full_image_sizes(images)
+    if len(sizes) > 1:
+        sizes[-1] = sizes[-1] * 9 // 10
+    return images, sizes
+
+
 def export_onnx(model: nn.Module, path: str, shape: Sequence[int], dynamo: bool = False,
                 opset: int = 18) -> None:
     """Export ``model`` at an ``(EXPORT_BATCH, C, H, W)`` input of ``shape`` with dynamic B, H and W.
@@ -165,7 +177,9 @@ def export_onnx(model: nn.Module, path: str, shape: Sequence[int], dynamo: bool 
         ExportError: When the exporter fails.
     """
     backbone = find_backbone(model)
-    inputs = torch.randn(EXPORT_BATCH, backbone.in_channels if backbone is not None else 3, *shape)
+    inputs = model_inputs(model, torch.randn(EXPORT_BATCH, backbone.in_channels if backbone is not None else 3,
+                                             *shape))
+    input_names = list(getattr(model, 'input_names', ('inputs', )))
     # predict modules name their outputs; the others keep the exporters' names
     output_names = list(getattr(model, 'output_names', ())) or None
     try:
@@ -175,23 +189,24 @@ def export_onnx(model: nn.Module, path: str, shape: Sequence[int], dynamo: bool 
             if min(shape) < low:
                 raise ExportError(f'torch.export needs --shape of at least {low} a side for this '
                                   f'model (every stage with more than one window/pixel), got {shape}')
-            dims = ({0: Dim('batch', min=1, max=MAX_BATCH), 2: Dim('height', min=low, max=MAX_SIZE),
-                     3: Dim('width', min=low, max=MAX_SIZE)}, )
+            batch = Dim('batch', min=1, max=MAX_BATCH)
+            dims = ({0: batch, 2: Dim('height', min=low, max=MAX_SIZE), 3: Dim('width', min=low, max=MAX_SIZE)},
+                    ) + ({0: batch}, ) * (len(inputs) - 1)
             # torch.export would otherwise guard on every size-1 check of views and broadcasts
             import torch.fx.experimental._config as fx_config
             with fx_config.patch(backed_size_oblivious=True), torch.no_grad():
-                torch.onnx.export(model, (inputs, ), path, dynamo=True, opset_version=opset,
-                                  input_names=['inputs'], output_names=output_names,
+                torch.onnx.export(model, inputs, path, dynamo=True, opset_version=opset,
+                                  input_names=input_names, output_names=output_names,
                                   dynamic_shapes=dims, external_data=False,
                                   custom_translation_table=ONNX_TRANSLATIONS)
         else:
             register_torchscript_symbolics(opset)
             axes = {'inputs': {0: 'batch', 2: 'height', 3: 'width'}}
-            for name in output_names or ():
+            for name in input_names[1:] + (output_names or []):
                 axes[name] = {0: 'batch', 1: 'height', 2: 'width'} if name == 'seg_map' else {0: 'batch'}
             with torch.no_grad():
-                torch.onnx.export(model, (inputs, ), path, dynamo=False, opset_version=opset,
-                                  input_names=['inputs'], output_names=output_names,
+                torch.onnx.export(model, inputs, path, dynamo=False, opset_version=opset,
+                                  input_names=input_names, output_names=output_names,
                                   dynamic_axes=axes)
     except ExportError:
         raise
@@ -214,13 +229,14 @@ def run_both(model: nn.Module, path: str, shape: Sequence[int],
     """
     import onnxruntime as ort
     session = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
-    feed = session.get_inputs()[0]
-    inputs = torch.randn(batch, feed.shape[1] if isinstance(feed.shape[1], int) else 3, *shape)
+    feed = session.get_inputs()
+    inputs = model_inputs(model, torch.randn(batch, feed[0].shape[1] if isinstance(feed[0].shape[1], int) else 3,
+                                             *shape))
     with torch.no_grad():
-        expected = model(inputs)
+        expected = model(*inputs)
     expected = [expected] if isinstance(expected, torch.Tensor) else list(expected)
     try:
-        actual = session.run(None, {feed.name: inputs.numpy()})
+        actual = session.run(None, {f.name: x.numpy() for f, x in zip(feed, inputs)})
     except Exception as error:
         message = str(error).strip().splitlines()[0]
         raise ExportError(f'onnxruntime cannot run the model at {batch}x{shape[0]}x{shape[1]}: {message}') \
