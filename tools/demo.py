@@ -18,6 +18,7 @@ import mmdat  # noqa: F401  (registers DAT; mmengine reads checkpoints with mmda
 from mmdat.models.utils import CheckpointError, trust_checkpoint
 from mmdat.utils import (add_checkpoint_arguments, build_inferencer, check_file, check_out_file,
                          load_dat_config, read_image)
+from mmdat.visualization import draw_prediction
 
 #: Detections listed by name in the printed summary.
 MAX_LISTED = 10
@@ -37,7 +38,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--seed', type=int, default=0,
                         help='seed of the random initialisation (without a checkpoint)')
     parser.add_argument('--score-thr', type=float, default=0.3,
-                        help='detections below this score are not drawn (detectors)')
+                        help='detections at or below this score are not drawn, nor any box overlapping a '
+                        'better-scored one by IoU > 0.5 (detectors: one label per object)')
     parser.add_argument('--opacity', type=float, default=0.5,
                         help='opacity of the class colours (segmenters)')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
@@ -54,7 +56,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     check_file(args.config, 'Config')
     check_file(args.checkpoint, 'Checkpoint')
     check_out_file(args.out, OUT_FORMATS)
-    read_image(args.image)  # a clear message now rather than a traceback from the pipeline
+    image = read_image(args.image)  # a clear message now rather than a traceback from the pipeline
     cfg, kind = load_dat_config(args.config, args.cfg_options)
     if kind == 'backbone':
         raise SystemExit(f'{args.config} is a backbone-only config: the demo needs a detector or '
@@ -68,9 +70,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     except CheckpointError as error:  # a one-line message naming the file
         raise SystemExit(str(error)) from None
     with torch.no_grad():
+        meta = inferencer.model.dataset_meta
         if kind == 'mmdet':
-            result = inferencer(args.image, return_vis=True, no_save_vis=True,
-                                pred_score_thr=args.score_thr, return_datasamples=True)
+            result = inferencer(args.image, return_datasamples=True)
             instances = result['predictions'][0].pred_instances
             kept = instances[instances.scores >= args.score_thr]
             classes = inferencer.model.dataset_meta['classes']
@@ -79,15 +81,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             summary = f'{len(kept)} detections with score >= {args.score_thr}' + (
                 ': ' + ', '.join(found[:MAX_LISTED]) if found else '') + (
                 ', ...' if len(found) > MAX_LISTED else '')
-            drawing = result['visualization'][0]
+            sample = result['predictions'][0]
         else:
-            # mmseg returns no drawing with return_datasamples; for one image it returns the
-            # label map and the drawing themselves rather than lists.
-            result = inferencer(args.image, return_vis=True, opacity=args.opacity)
-            classes = inferencer.model.dataset_meta['classes']
+            sample = inferencer(args.image, return_datasamples=True)  # one image: the sample itself
+            classes = meta['classes']
             summary = 'classes present: ' + ', '.join(
-                classes[i] for i in np.unique(result['predictions']))
-            drawing = result['visualization']
+                classes[i] for i in np.unique(sample.pred_sem_seg.data.numpy()))
+    drawing = draw_prediction(image, sample, meta['classes'], meta.get('palette'), args.score_thr,
+                              args.opacity)
     mmcv.imwrite(drawing[..., ::-1], args.out)  # the visualizers draw RGB
     print(summary)
     print(f'Saved {args.out}')
