@@ -53,7 +53,9 @@ def read_image(path: str) -> np.ndarray:
     try:
         image = mmcv.imread(path, channel_order='rgb')
     except Exception as error:  # mmcv raises various errors for files it cannot decode
-        raise SystemExit(f'Cannot read image {path}: {error}') from None
+        # OpenCV's messages end with a newline, some span lines: the first line is the cause
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise SystemExit(f'Cannot read image {path}: {reason}') from None
     if image is None or image.ndim != 3 or min(image.shape[:2]) < 1:
         raise SystemExit(f'Cannot read image {path}: not an image file of a known format')
     return image
