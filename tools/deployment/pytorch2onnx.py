@@ -1,22 +1,26 @@
-"""Export a DAT backbone, or the feature extractor of an mmdet/mmseg config, to ONNX with a
-dynamic batch, height and width, and keep the file only if onnxruntime agrees with PyTorch.
+"""Export a DAT backbone, or the feature extractor or whole model of an mmdet/mmseg config, to ONNX
+with a dynamic batch, height and width, and keep the file only if onnxruntime agrees with PyTorch.
 
 Examples::
 
     python tools/deployment/pytorch2onnx.py tiny dat_t.onnx
-    python tools/deployment/pytorch2onnx.py tiny++ datpp_t.onnx --dynamo --checkpoint dat_pp_t.pth
+    python tools/deployment/pytorch2onnx.py tiny++ datpp_t.onnx --torchscript --checkpoint dat_pp_t.pth
     python tools/deployment/pytorch2onnx.py configs/retinanet_dat_t_coco.py retinanet_feats.onnx \\
         --shape 512 512 --check-shape 480 640
+    python tools/deployment/pytorch2onnx.py configs/demo/retinanet_dat_demo_shapes.py retinanet.onnx \\
+        --part predict --checkpoint work_dirs/demo/retinanet/epoch_8.pth
 
 The model is exported at ``--shape`` and a batch of :data:`EXPORT_BATCH` with the batch, height
 and width as dynamic axes, then run by onnxruntime at ``--shape`` with a batch of 1 and at
 ``--check-shape`` with a batch of 2, and compared with PyTorch. The relative error of an output
 is ``max |onnx - torch| / max |torch|``; if any output at either size exceeds ``--tol`` (or
 onnxruntime cannot run the model at one of the sizes) no file is written and the tool exits
-with status 1 and a one-line error.
+with status 1 and a one-line error. ``--part predict`` is checked by its predictions instead: at
+most :data:`PREDICT_TOL` of PyTorch's detections may lack an ONNX one of the same class at IoU
+>= 0.99 (segmentors: of the pixels may differ).
 
-Exporters: the TorchScript exporter (default, ``torch.onnx.export(dynamo=False)``) or, with
-``--dynamo``, torch.export. For torch.export the height and width are ``Dim`` s from the
+Exporters: torch.export (default, ``torch.onnx.export(dynamo=True)``) or, with ``--torchscript``,
+the deprecated TorchScript exporter. For torch.export the height and width are ``Dim`` s from the
 smallest size at which every stage has more than one window (DAT: ``32 * window_size + 1``) or
 more than one pixel (DAT++: 33) up to 8192: below that, torch.export would have to specialise
 on size-1 dimensions; ``--shape`` must lie in that range. The ONNX graph itself does not depend
@@ -24,9 +28,10 @@ on it and is checked at both sizes like the other.
 
 Targets: an arch name builds a DAT backbone (outputs: the four stage outputs). A config builds
 the whole model and exports ``extract_feat`` (backbone and neck: ``--part features``, the
-default) or the raw head outputs of ``model(inputs, mode='tensor')`` (``--part tensor``: for
-single-stage detectors and segmentors; two-stage detectors need data samples there). Box
-decoding and NMS are left to the deployment framework (e.g. mmdeploy).
+default), the raw head outputs of ``model(inputs, mode='tensor')`` (``--part tensor``: for
+single-stage detectors and segmentors; two-stage detectors need data samples there), or the
+whole model with its post-processing (``--part predict``: detections after NMS or class maps,
+see :mod:`mmdat.deployment.predict`; evaluate the file with ``tools/deployment/onnx_test.py``).
 """
 import argparse
 import importlib
