@@ -206,6 +206,41 @@ class IntegerUpsample(nn.Module):
         return F.interpolate(x, size=size, mode=self.mode, align_corners=self.align_corners)
 
 
+class ShapeAdaptiveAvgPool(nn.Module):
+    """``nn.AdaptiveAvgPool2d`` as two averaging matrices built from the input's size with tensor
+    ops. Both exporters write adaptive pooling as an ``AveragePool`` whose kernel and stride come
+    from the example input's size (or, TorchScript, refuse a dynamic one), which is wrong at
+    sizes that do not divide alike; UperNet's pyramid pooling has such pools.
+
+    Args:
+        pool (nn.AdaptiveAvgPool2d): The pool to replace.
+    """
+
+    def __init__(self, pool: nn.AdaptiveAvgPool2d):
+        super().__init__()
+        size = pool.output_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        if None in size:
+            raise UnsupportedModelError(f'AdaptiveAvgPool2d({pool.output_size}): a size of None is not exported')
+        self.output_size = size
+
+    @staticmethod
+    def averaging(length, bins: int, like: Tensor) -> Tensor:
+        """``(bins, length)``: row ``i`` averages ``[floor(i L / bins), ceil((i + 1) L / bins))``,
+        PyTorch's adaptive pooling windows."""
+        index = torch.arange(bins, device=like.device)[:, None]
+        position = torch.arange(length, device=like.device)[None]
+        start = torch.div(index * length, bins, rounding_mode='floor')
+        end = torch.div((index + 1) * length + bins - 1, bins, rounding_mode='floor')
+        inside = ((position >= start) & (position < end)).to(like.dtype)
+        return inside / inside.sum(1, keepdim=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = self.averaging(x.shape[-2], self.output_size[0], x)
+        cols = self.averaging(x.shape[-1], self.output_size[1], x)
+        return torch.matmul(torch.matmul(rows, x), cols.transpose(0, 1))
+
+
 class SegmentorPredict(nn.Module):
     """An mmseg encoder-decoder in ``whole`` mode: the class of every input pixel.
 
@@ -226,6 +261,8 @@ class SegmentorPredict(nn.Module):
             for name, child in parent.named_children():
                 if isinstance(child, Upsample) and not child.size:
                     setattr(parent, name, IntegerUpsample(child))
+                elif isinstance(child, nn.AdaptiveAvgPool2d):
+                    setattr(parent, name, ShapeAdaptiveAvgPool(child))
         self.segmentor = segmentor
 
     def forward(self, inputs: Tensor) -> Tensor:

@@ -6,10 +6,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 from mmengine.config import Config
 
 from mmdat.deployment import UnsupportedModelError, build_predict_module, full_image_sizes
-from mmdat.deployment.predict import match_predictions, unmatched_detections
+from mmdat.deployment.predict import ShapeAdaptiveAvgPool, match_predictions, unmatched_detections
 from mmdat.utils.setup_cfg import register_scope
 
 CONFIGS = Path(__file__).resolve().parents[1] / 'data' / 'configs'
@@ -73,6 +74,34 @@ def test_semantic_fpn_upsampling_follows_the_input_size():
     from mmseg.models.utils import Upsample
     predict = build_predict_module(build(SEMANTIC_FPN))
     assert not any(isinstance(m, Upsample) for m in predict.modules())
+
+
+@pytest.mark.parametrize('output_size', [1, 3, 6, (2, 5)])
+def test_adaptive_pooling_from_the_input_size_is_pytorchs(output_size):
+    pool = nn.AdaptiveAvgPool2d(output_size)
+    for shape in ((2, 4, 7, 11), (1, 3, 16, 16), (1, 2, 5, 13)):
+        x = torch.randn(shape)
+        torch.testing.assert_close(ShapeAdaptiveAvgPool(pool)(x), pool(x), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize('dynamo', [True, False], ids=['dynamo', 'torchscript'])
+def test_adaptive_pooling_exports_for_every_size(dynamo, tmp_path):
+    """UperNet's pyramid pooling: exporters write nn.AdaptiveAvgPool2d for the example's size."""
+    ort = pytest.importorskip('onnxruntime')
+    path = str(tmp_path / 'pool.onnx')
+    model = ShapeAdaptiveAvgPool(nn.AdaptiveAvgPool2d(6))
+    if dynamo:
+        pytest.importorskip('onnxscript')
+        from torch.export import Dim
+        torch.onnx.export(model, (torch.randn(1, 2, 24, 36), ), path, dynamo=True, input_names=['x'],
+                          dynamic_shapes=({2: Dim('h', min=6), 3: Dim('w', min=6)}, ))
+    else:
+        torch.onnx.export(model, (torch.randn(1, 2, 24, 36), ), path, dynamo=False, input_names=['x'],
+                          dynamic_axes={'x': {2: 'h', 3: 'w'}})
+    session = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
+    x = torch.randn(1, 2, 17, 23)  # windows of unequal sizes
+    np.testing.assert_allclose(session.run(None, {'x': x.numpy()})[0], nn.AdaptiveAvgPool2d(6)(x).numpy(),
+                               rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize('overrides,match', [
