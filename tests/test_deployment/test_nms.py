@@ -75,8 +75,9 @@ def test_exports_as_onnx_nms_and_agrees_at_other_sizes(dynamo, tmp_path):
     assert 'NonMaxSuppression' in {node.op_type for node in onnx.load(path).graph.node}
     session = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
     for batch, count, seed in ((1, 25, 3), (3, 90, 4)):
-        inputs = (random_boxes(batch, count, seed), torch.rand(batch, count, generator=torch.Generator().manual_seed(seed)),
-                  torch.randint(0, 3, (batch, count), generator=torch.Generator().manual_seed(seed)))
+        generator = torch.Generator().manual_seed(seed)
+        inputs = (random_boxes(batch, count, seed), torch.rand(batch, count, generator=generator),
+                  torch.randint(0, 3, (batch, count), generator=generator))
         expected = ClassNms()(*inputs)
         actual = session.run(None, {name: x.numpy() for name, x in zip(('boxes', 'scores', 'labels'), inputs)})
         for want, got in zip(expected, actual):
