@@ -24,6 +24,7 @@ import argparse
 import copy
 import importlib
 import itertools
+import numbers
 import os.path as osp
 from typing import Iterator, Optional, Sequence, Tuple
 
@@ -111,7 +112,8 @@ def evaluate(cfg, model_path: str, reference: Optional[torch.nn.Module], tag: st
 
 
 def format_metrics(metrics: dict) -> str:
-    return '  '.join(f'{key}: {value:.4f}' if isinstance(value, float) else f'{key}: {value}'
+    # mmdet's metrics are Python floats, mmseg's numpy scalars
+    return '  '.join(f'{key}: {float(value):.4f}' if isinstance(value, numbers.Real) else f'{key}: {value}'
                      for key, value in metrics.items())
 
 
@@ -151,8 +153,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if 'int8' in results:
         int8 = results['int8']['onnx']
         print(f'ONNX int8 ({args.quantize}): {format_metrics(int8)}')
-        changes = {key: int8[key] - value for key, value in fp32['onnx'].items()
-                   if isinstance(value, float) and isinstance(int8.get(key), float)}
+        changes = {key: float(int8[key]) - float(value) for key, value in fp32['onnx'].items()
+                   if isinstance(value, numbers.Real) and isinstance(int8.get(key), numbers.Real)}
         print(f'int8 - fp32: {format_metrics(changes)}')
     return results
 
