@@ -205,7 +205,8 @@ def quantize(path: str, output: str, mode: str,
             if calibration is None:
                 raise ValueError('static quantization needs calibration images')
             session = create_session(prepared)
-            reader = CalibrationImages(calibration, session)
+            # read now: the images' paths may be relative to the working folder, changed below
+            reader = CalibrationImages(list(calibration), session)
             del session
             cwd = os.getcwd()
             os.chdir(scratch)  # the calibrator writes its augmented model to the working folder
