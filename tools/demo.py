@@ -22,6 +22,7 @@ import mmdat  # noqa: F401  (registers DAT; mmengine reads checkpoints with mmda
 from mmdat.models.utils import trust_checkpoint
 from mmdat.utils import (ConfigError, add_checkpoint_arguments, build_inferencer, check_file,
                          check_out_file, load_dat_config, one_line_errors, read_image)
+from mmdat.visualization import draw_prediction
 
 #: Detections listed by name in the printed summary.
 MAX_LISTED = 10
@@ -41,7 +42,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--seed', type=int, default=0,
                         help='seed of the random initialisation (without a checkpoint)')
     parser.add_argument('--score-thr', type=float, default=0.3,
-                        help='detections below this score are not drawn (detectors)')
+                        help='detections at or below this score are not drawn, nor any box overlapping a '
+                        'better-scored one by IoU > 0.5 (detectors: one label per object)')
     parser.add_argument('--opacity', type=float, default=0.5,
                         help='opacity of the class colours (segmenters)')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
@@ -75,18 +77,21 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             image_file = osp.join(folder, 'image.png')
             mmcv.imwrite(image[..., ::-1], image_file)
             print(f'{args.image} shrunk by {scale:.3g} to {image.shape[1]}x{image.shape[0]}')
-        summary, drawing = predict(inferencer, kind, image_file, args)
-    mmcv.imwrite(drawing[..., ::-1], args.out)  # the visualizers draw RGB
+        summary, sample = predict(inferencer, kind, image_file, args)
+    meta = inferencer.model.dataset_meta
+    drawing = draw_prediction(image, sample, meta['classes'], meta.get('palette'), args.score_thr,
+                              args.opacity)
+    mmcv.imwrite(drawing[..., ::-1], args.out)  # drawn in RGB
     print(summary)
     print(f'Saved {args.out}')
 
 
 def predict(inferencer, kind: str, image_file: str, args: argparse.Namespace):
-    """The one-line summary and the drawing (RGB) of the inferencer's prediction."""
+    """The one-line summary and the data sample of the inferencer's prediction."""
     with torch.no_grad():
+        meta = inferencer.model.dataset_meta
         if kind == 'mmdet':
-            result = inferencer(image_file, return_vis=True, no_save_vis=True,
-                                pred_score_thr=args.score_thr, return_datasamples=True)
+            result = inferencer(image_file, return_datasamples=True)
             instances = result['predictions'][0].pred_instances
             kept = instances[instances.scores >= args.score_thr]
             classes = inferencer.model.dataset_meta['classes']
@@ -95,16 +100,13 @@ def predict(inferencer, kind: str, image_file: str, args: argparse.Namespace):
             summary = f'{len(kept)} detections with score >= {args.score_thr}' + (
                 ': ' + ', '.join(found[:MAX_LISTED]) if found else '') + (
                 ', ...' if len(found) > MAX_LISTED else '')
-            drawing = result['visualization'][0]
+            sample = result['predictions'][0]
         else:
-            # mmseg returns no drawing with return_datasamples; for one image it returns the
-            # label map and the drawing themselves rather than lists.
-            result = inferencer(image_file, return_vis=True, opacity=args.opacity)
-            classes = inferencer.model.dataset_meta['classes']
+            sample = inferencer(image_file, return_datasamples=True)  # one image: the sample itself
+            classes = meta['classes']
             summary = 'classes present: ' + ', '.join(
-                classes[i] for i in np.unique(result['predictions']))
-            drawing = result['visualization']
-    return summary, drawing
+                classes[i] for i in np.unique(sample.pred_sem_seg.data.numpy()))
+    return summary, sample
 
 
 if __name__ == '__main__':

@@ -90,22 +90,30 @@ def train_and_evaluate(config: str, work_dir: str, length: Optional[int]) -> dic
 
 
 def draw_predictions(data_root: str, det: dict, seg: Optional[dict], out_file: str, num: int) -> None:
-    """One row of detections and one of segmentations, on the first ``num`` val images, drawn by
-    mmdet's and mmseg's inferencers as tools/demo.py draws them."""
+    """One row of detections and one of segmentations, on the first ``num`` val images, predicted
+    by mmdet's and mmseg's inferencers and drawn as every mmdat tool draws them
+    (:func:`mmdat.visualization.draw_prediction`: one label per object)."""
     import mmcv
+
+    from mmdat.utils import read_image
+    from mmdat.visualization import draw_prediction
     names = sorted(os.listdir(osp.join(data_root, 'val', 'images')))[:num]
     images = [osp.join(data_root, 'val', 'images', name) for name in names]
     rows = []
-    for model, options in ((det, dict(pred_score_thr=0.3, no_save_vis=True)), (seg, dict(opacity=0.5))):
+    for model in (det, seg):
         if model is None:
             continue
         cfg, scope = load_dat_config(model['config'])
         inferencer = build_inferencer(cfg, scope, model['checkpoint'], 'cpu')
-        with torch.no_grad():
-            drawings = [inferencer(image, return_vis=True, **options)['visualization']
-                        for image in images]
-        # mmdet returns a list per call, mmseg the drawing itself for one image
-        rows.append(np.concatenate([d[0] if isinstance(d, list) else d for d in drawings], axis=1))
+        meta = inferencer.model.dataset_meta
+        drawings = []
+        for image in images:
+            with torch.no_grad():
+                result = inferencer(image, return_datasamples=True)
+            # mmdet returns a dict with a list of data samples, mmseg the data sample itself
+            sample = result['predictions'][0] if isinstance(result, dict) else result
+            drawings.append(draw_prediction(read_image(image)[0], sample, meta['classes'], meta.get('palette')))
+        rows.append(np.concatenate(drawings, axis=1))
     # the visualizers return RGB, mmcv.imwrite takes BGR
     mmcv.imwrite(np.concatenate(rows, axis=0)[..., ::-1], out_file, auto_mkdir=True)
 

@@ -122,7 +122,7 @@ def test_cli_exits_with_one_line_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(pytorch2onnx, 'build_model', lambda *args: BakesTheWidth())
     output = tmp_path / 'model.onnx'
     with pytest.raises(SystemExit) as exit_info:
-        pytorch2onnx.main(['tiny', str(output), '--shape', '8', '--check-shape', '8', '12'])
+        pytorch2onnx.main(['tiny', str(output), '--shape', '8', '--check-shape', '8', '12', '--torchscript'])
     message = str(exit_info.value.code)
     assert message.startswith('pytorch2onnx: the ONNX model disagrees') and '\n' not in message
     assert not output.exists()
@@ -139,7 +139,8 @@ def test_cli_bad_arguments(argv, match, tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
-@pytest.mark.parametrize('argv', [['tiny', 'x.onnx', '--shape', '2'], ['tiny', 'x.onnx', '--tol', '0']])
+@pytest.mark.parametrize('argv', [['tiny', 'x.onnx', '--shape', '2'], ['tiny', 'x.onnx', '--tol', '0'],
+                                  ['tiny', 'x.onnx', '--part', 'predict']])
 def test_cli_rejects_bad_options(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         pytorch2onnx.parse_args(argv)
@@ -159,9 +160,20 @@ def test_cli_exports_a_whole_detector(tmp_path):
     output = tmp_path / 'retinanet.onnx'
     config = REPO_ROOT / 'tests' / 'data' / 'configs' / 'retinanet_dat_shapes_tiny.py'
     result = subprocess.run([sys.executable, str(TOOL), str(config), str(output), '--part', 'tensor',
-                             '--shape', '64', '--check-shape', '96', '136'], capture_output=True,
+                             '--shape', '64', '--check-shape', '96', '136', '--torchscript'], capture_output=True,
                             text=True, cwd=REPO_ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
     assert output.is_file()
     # 3 FPN levels x (class scores, box deltas)
     assert 'at 2x96x136: max relative error' in result.stdout and 'over 6 outputs' in result.stdout
+
+
+def test_cli_refuses_a_part_the_model_cannot_export_with_one_line(tmp_path):
+    config = REPO_ROOT / 'tests' / 'data' / 'configs' / 'mask_rcnn_dat_t_swap.py'
+    output = tmp_path / 'mask_rcnn.onnx'
+    result = subprocess.run([sys.executable, str(TOOL), str(config), str(output), '--part', 'predict'],
+                            capture_output=True, text=True, cwd=REPO_ROOT)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith('pytorch2onnx: MaskRCNN: two-stage detectors are not exported') and 'Traceback' not in result.stderr
+    assert not output.exists()

@@ -1,0 +1,149 @@
+"""mmdat.deployment.predict: whole models with their post-processing give mmdet's and mmseg's
+own predictions, and refuse what they cannot export with one line."""
+import importlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from mmengine.config import Config
+
+from mmdat.deployment import UnsupportedModelError, build_predict_module, full_image_sizes
+from mmdat.deployment.predict import ShapeAdaptiveAvgPool, match_predictions, unmatched_detections
+from mmdat.utils.setup_cfg import register_scope
+
+CONFIGS = Path(__file__).resolve().parents[1] / 'data' / 'configs'
+RETINANET = CONFIGS / 'retinanet_dat_shapes_tiny.py'
+UPERNET = CONFIGS / 'upernet_dat_shapes_tiny.py'
+SEMANTIC_FPN = Path(__file__).resolve().parents[2] / 'configs' / 'demo' / 'fpn_dat_demo_shapes.py'
+SMALL_ARCH = dict(_delete_=True, embed_dims=16, depths=(1, 1, 2, 1), num_heads=(1, 2, 2, 4), offset_groups=(0, 0, 2, 2))
+
+
+def build(config, **overrides):
+    """The config's model with random weights (seeded): untrained heads score many boxes
+    around 0.5, which exercises the post-processing more than a trained one."""
+    cfg = Config.fromfile(str(config))
+    if overrides:
+        cfg.merge_from_dict(overrides)
+    scope = register_scope(cfg)
+    cfg.model.backbone.pop('init_cfg', None)
+    torch.manual_seed(0)
+    return importlib.import_module(f'{scope}.registry').MODELS.build(cfg.model).eval()
+
+
+def test_retinanet_gives_mmdets_detections_clipped_to_each_image():
+    from mmdet.structures import DetDataSample
+    model = build(RETINANET)
+    inputs = torch.randn(2, 3, 192, 256)
+    sizes = full_image_sizes(inputs)
+    sizes[1] = torch.tensor([150, 200])  # the second image padded to the batch's size
+    with torch.no_grad():
+        boxes, scores, labels = build_predict_module(model)(inputs, sizes)
+        samples = [DetDataSample(metainfo=dict(img_shape=tuple(size.tolist()))) for size in sizes]
+        expected = model.predict(inputs, samples, rescale=False)
+    max_per_img = model.bbox_head.test_cfg.max_per_img
+    assert boxes.shape == (2, max_per_img, 4) and labels.shape == (2, max_per_img)
+    for image, sample in enumerate(expected):
+        want = sample.pred_instances
+        count = len(want)
+        assert count > 10  # random weights: many boxes above score_thr
+        torch.testing.assert_close(boxes[image, :count], want.bboxes, rtol=0, atol=1e-4)
+        torch.testing.assert_close(scores[image, :count], want.scores, rtol=0, atol=1e-6)
+        assert torch.equal(labels[image, :count], want.labels)
+        assert (labels[image, count:] == -1).all()
+    assert boxes[1, :, 0::2].max() <= 200 and boxes[1, :, 1::2].max() <= 150
+
+
+@pytest.mark.parametrize('config', [UPERNET, SEMANTIC_FPN], ids=['upernet', 'semantic_fpn'])
+def test_segmentor_gives_mmsegs_class_map(config):
+    from mmseg.structures import SegDataSample
+    model = build(config)
+    inputs = torch.randn(2, 3, 128, 160)
+    with torch.no_grad():
+        seg_map = build_predict_module(model)(inputs)
+        meta = dict(img_shape=(128, 160), ori_shape=(128, 160), pad_shape=(128, 160), padding_size=[0] * 4)
+        expected = model.predict(inputs, [SegDataSample(metainfo=meta) for _ in range(2)])
+    assert seg_map.shape == (2, 128, 160) and seg_map.dtype == torch.int64
+    for image, sample in enumerate(expected):
+        assert torch.equal(seg_map[image], sample.pred_sem_seg.data[0])
+
+
+def test_semantic_fpn_upsampling_follows_the_input_size():
+    """mmseg's Upsample computes its size with int(), which exporters freeze: replaced."""
+    from mmseg.models.utils import Upsample
+    predict = build_predict_module(build(SEMANTIC_FPN))
+    assert not any(isinstance(m, Upsample) for m in predict.modules())
+
+
+@pytest.mark.parametrize('output_size', [1, 3, 6, (2, 5)])
+def test_adaptive_pooling_from_the_input_size_is_pytorchs(output_size):
+    pool = nn.AdaptiveAvgPool2d(output_size)
+    for shape in ((2, 4, 7, 11), (1, 3, 16, 16), (1, 2, 5, 13)):
+        x = torch.randn(shape)
+        torch.testing.assert_close(ShapeAdaptiveAvgPool(pool)(x), pool(x), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize('dynamo', [True, False], ids=['dynamo', 'torchscript'])
+def test_adaptive_pooling_exports_for_every_size(dynamo, tmp_path):
+    """UperNet's pyramid pooling: exporters write nn.AdaptiveAvgPool2d for the example's size."""
+    ort = pytest.importorskip('onnxruntime')
+    path = str(tmp_path / 'pool.onnx')
+    model = ShapeAdaptiveAvgPool(nn.AdaptiveAvgPool2d(6))
+    if dynamo:
+        pytest.importorskip('onnxscript')
+        from torch.export import Dim
+        torch.onnx.export(model, (torch.randn(1, 2, 24, 36), ), path, dynamo=True, input_names=['x'],
+                          dynamic_shapes=({2: Dim('h', min=6), 3: Dim('w', min=6)}, ))
+    else:
+        torch.onnx.export(model, (torch.randn(1, 2, 24, 36), ), path, dynamo=False, input_names=['x'],
+                          dynamic_axes={'x': {2: 'h', 3: 'w'}})
+    session = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
+    x = torch.randn(1, 2, 17, 23)  # windows of unequal sizes
+    np.testing.assert_allclose(session.run(None, {'x': x.numpy()})[0], nn.AdaptiveAvgPool2d(6)(x).numpy(),
+                               rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize('overrides,match', [
+    (dict(model=dict(test_cfg=dict(nms=dict(type='soft_nms', iou_threshold=0.5)))),
+     "bbox_head RetinaHead: test_cfg nms type 'soft_nms' has no ONNX operator"),
+])
+def test_refuses_what_the_detector_cannot_export(overrides, match):
+    with pytest.raises(UnsupportedModelError, match=match):
+        build_predict_module(build(RETINANET, **overrides))
+
+
+def test_refuses_sliding_window_segmentation():
+    with pytest.raises(UnsupportedModelError, match="test_cfg mode 'slide'"):
+        build_predict_module(build(UPERNET, model=dict(test_cfg=dict(mode='slide', crop_size=(64, 64),
+                                                                        stride=(32, 32)))))
+
+
+def test_refuses_a_two_stage_detector_with_one_line():
+    model = build(CONFIGS / 'mask_rcnn_dat_t_swap.py',
+                  model=dict(backbone=dict(arch=SMALL_ARCH), neck=dict(in_channels=[16, 32, 64, 128])))
+    with pytest.raises(UnsupportedModelError, match='MaskRCNN: two-stage') as error:
+        build_predict_module(model)
+    assert '\n' not in str(error.value)
+
+
+def test_unmatched_detections_counts_class_and_overlap():
+    expected = (np.array([[0, 0, 10, 10], [20, 20, 30, 30], [0, 0, 5, 5.]]), np.array([0.9, 0.8, 0.2]),
+                np.array([0, 1, 0]))
+    # the first found (same box, same class), the second found as another class, the third
+    # below the score counted
+    actual = (np.array([[0, 0, 10, 10], [20, 20, 30, 30.]]), np.array([0.9, 0.8]), np.array([0, 2]))
+    assert unmatched_detections(expected, actual, min_score=0.3) == (1, 2)
+    assert unmatched_detections(expected, actual, min_score=0.1) == (2, 3)
+    # a box moved by a tenth of a pixel still matches (IoU 0.98 < 0.99 does not)
+    moved = (actual[0] + np.array([0.05, 0, 0.05, 0]), actual[1], np.array([0, 1]))
+    assert unmatched_detections(expected, moved, min_score=0.3) == (0, 2)
+    moved = (actual[0] + np.array([0.2, 0, 0.2, 0]), actual[1], np.array([0, 1]))
+    assert unmatched_detections(expected, moved, min_score=0.3) == (2, 2)
+
+
+def test_match_predictions_of_class_maps_is_the_fraction_of_other_pixels():
+    seg = np.zeros((1, 4, 5), dtype=np.int64)
+    other = seg.copy()
+    other[0, 0, :2] = 1
+    assert match_predictions([seg], [other]) == pytest.approx(0.1)

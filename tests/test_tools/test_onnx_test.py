@@ -1,0 +1,133 @@
+"""tools/deployment/onnx_test.py and onnx_demo.py: a detector and a segmenter exported whole
+(--part predict), evaluated in onnxruntime with the config's evaluator and compared with
+PyTorch; bad inputs get one line."""
+import importlib
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from mmengine.config import Config
+
+from mmdat.datasets import make_synthetic_dataset
+from mmdat.utils.setup_cfg import register_scope
+
+pytest.importorskip('onnxruntime')
+pytest.importorskip('onnxscript')
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+EXPORT = REPO_ROOT / 'tools' / 'deployment' / 'pytorch2onnx.py'
+TEST = REPO_ROOT / 'tools' / 'deployment' / 'onnx_test.py'
+DEMO = REPO_ROOT / 'tools' / 'deployment' / 'onnx_demo.py'
+DETECTOR = REPO_ROOT / 'tests' / 'data' / 'configs' / 'retinanet_dat_shapes_tiny.py'
+SEGMENTER = REPO_ROOT / 'configs' / 'demo' / 'fpn_dat_demo_shapes.py'
+
+
+@pytest.fixture(scope='module')
+def shapes_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp('shapes')
+    make_synthetic_dataset(str(root), {'train': 4, 'val': 4}, seed=0)
+    return root
+
+
+def random_checkpoint(config, path, shapes_root):
+    """Seeded random weights: an untrained head scores many boxes (and pixels of every class)
+    near 0.5, which tests the comparison harder than a model trained for a few steps, whose
+    scores all lie under the thresholds."""
+    os.environ['SHAPES_ROOT'] = f'{shapes_root}/'
+    cfg = Config.fromfile(str(config))
+    scope = register_scope(cfg)
+    cfg.model.backbone.pop('init_cfg', None)
+    torch.manual_seed(0)
+    model = importlib.import_module(f'{scope}.registry').MODELS.build(cfg.model)
+    torch.save({'state_dict': model.state_dict(), 'meta': {}}, path)
+    return path
+
+
+def run(args, shapes_root, expect=0):
+    env = {**os.environ, 'PYTHONPATH': str(REPO_ROOT), 'SHAPES_ROOT': f'{shapes_root}/'}
+    result = subprocess.run([sys.executable, *map(str, args)], cwd=REPO_ROOT, env=env, capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == expect, result.stdout[-2000:] + result.stderr[-3000:]
+    return result
+
+
+def metrics_line(stdout, prefix):
+    line = next(line for line in stdout.splitlines() if line.startswith(prefix))
+    return re.findall(r'(\S+): (-?[\d.]+)', line.split(': ', 1)[1])
+
+
+@pytest.mark.slow
+def test_detector_exported_whole_gives_pytorchs_boxes_and_metrics(shapes_root, tmp_path):
+    checkpoint = random_checkpoint(DETECTOR, tmp_path / 'det.pth', shapes_root)
+    model = tmp_path / 'det.onnx'
+    # the test images are 240x192 after resizing, padded to 256x192 in batches
+    result = run([EXPORT, DETECTOR, model, '--part', 'predict', '--checkpoint', checkpoint, '--torchscript',
+                  '--shape', '192', '256', '--check-shape', '160', '224'], shapes_root)
+    assert '0.0% of the predictions missed' in result.stdout
+    result = run([TEST, DETECTOR, model, '--checkpoint', checkpoint, '--work-dir', tmp_path / 'work'], shapes_root)
+    compared = re.search(r'score > 0.3 without an ONNX box of the same class at IoU >= 0.99: (\d+) of (\d+)',
+                         result.stdout)
+    assert compared and int(compared[1]) == 0 and int(compared[2]) > 50
+    onnx_metrics = metrics_line(result.stdout, 'ONNX (onnxruntime fp32)')
+    assert onnx_metrics[0][0] == 'coco/bbox_mAP'
+    assert onnx_metrics == metrics_line(result.stdout, 'PyTorch')
+
+    result = run([TEST, DETECTOR, model, '--quantize', 'dynamic', '--work-dir', tmp_path / 'work'], shapes_root)
+    assert (tmp_path / 'det_int8_dynamic.onnx').is_file()
+    assert metrics_line(result.stdout, 'int8 - fp32')[0][0] == 'coco/bbox_mAP'
+
+    image = next((shapes_root / 'val' / 'images').iterdir())
+    result = run([DEMO, image, DETECTOR, model, '--out', tmp_path / 'demo.png'], shapes_root)
+    assert (tmp_path / 'demo.png').is_file() and 'detections with score > 0.3' in result.stdout
+
+
+@pytest.mark.slow
+def test_segmenter_exported_whole_gives_pytorchs_class_maps(shapes_root, tmp_path):
+    checkpoint = random_checkpoint(SEGMENTER, tmp_path / 'seg.pth', shapes_root)
+    model = tmp_path / 'seg.onnx'
+    result = run([EXPORT, SEGMENTER, model, '--part', 'predict', '--checkpoint', checkpoint,
+                  '--shape', '256', '--check-shape', '256', '320'], shapes_root)  # torch.export
+    assert 'torch.export' in result.stdout
+    result = run([TEST, SEGMENTER, model, '--checkpoint', checkpoint, '--work-dir', tmp_path / 'work',
+                  '--quantize', 'static', '--calib-images', '2'], shapes_root)
+    compared = re.search(r'pixels of another class in ONNX than in PyTorch: (\d+) of (\d+)', result.stdout)
+    assert compared and int(compared[2]) > 0 and int(compared[1]) <= 1e-4 * int(compared[2])
+    assert metrics_line(result.stdout, 'ONNX (onnxruntime fp32)')[0][0] == 'aAcc'
+    assert (tmp_path / 'seg_int8_static.onnx').is_file()
+    assert 'int8 - fp32: aAcc' in result.stdout
+
+
+def load_tool(path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bad_inputs_get_one_line(shapes_root, tmp_path, monkeypatch):
+    monkeypatch.setenv('SHAPES_ROOT', f'{shapes_root}/')
+    not_predict = tmp_path / 'features.onnx'
+    load_tool(EXPORT).main([str(DETECTOR), str(not_predict), '--torchscript', '--shape', '64',
+                            '--check-shape', '96'])
+    image = next((shapes_root / 'val' / 'images').iterdir())
+    text_file = tmp_path / 'notes.png'
+    text_file.write_text('not an image')
+    onnx_test, onnx_demo = load_tool(TEST), load_tool(DEMO)
+    cases = [
+        (onnx_test, [DETECTOR, tmp_path / 'missing.onnx'], 'ONNX model not found'),
+        (onnx_test, [DETECTOR, not_predict, '--checkpoint', tmp_path / 'missing.pth'], 'Checkpoint not found'),
+        (onnx_test, [DETECTOR, not_predict], 'not a --part predict export'),
+        (onnx_demo, [image, DETECTOR, not_predict, '--out', tmp_path / 'x.png'], 'not a --part predict export'),
+        (onnx_demo, [image, SEGMENTER, not_predict, '--out', tmp_path / 'x.png'], 'not a --part predict export'),
+        (onnx_demo, [text_file, DETECTOR, not_predict, '--out', tmp_path / 'x.png'], 'Cannot read image'),
+    ]
+    for tool, args, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            tool.main([str(a) for a in args])
+        text = str(exit_info.value.code)
+        assert message in text and '\n' not in text, (args, text)
