@@ -23,8 +23,8 @@ import mmdat
 from mmdat.datasets import CLASSES, make_synthetic_dataset
 from mmdat.models.utils import resolve_pretrained
 from mmdat.utils import load_tool_config
+from tests.conftest import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO_ROOT / 'configs'
 CONFIGS = sorted(p.name for p in CONFIG_DIR.glob('*.py'))
 DEMO_CONFIGS = sorted(p.name for p in (CONFIG_DIR / 'demo').glob('*.py'))
@@ -276,6 +276,7 @@ def test_weights_reach_the_backbone_each_documented_way(name, config_copy, tmp_p
     assert resolved_backbone_init_cfg(cfg, dict(pretrained=None)) is None
 
 
+@pytest.mark.slow
 def test_train_stops_at_once_without_backbone_weights(tmp_path):
     """An ADE20K config whose weights file is missing does not train from random weights:
     tools/train.py stops with one line that names the file and how to set it."""
@@ -294,6 +295,7 @@ def test_train_stops_at_once_without_backbone_weights(tmp_path):
     assert not (tmp_path / 'work_dirs').exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('library, name, length', [
     ('mmdet', 'retinanet_dat_demo_shapes.py', 'train_cfg.max_epochs=1'),
     ('mmseg', 'fpn_dat_demo_shapes.py', 'train_cfg.max_iters=2'),

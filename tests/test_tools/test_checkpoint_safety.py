@@ -1,6 +1,5 @@
 """Every tool that reads a checkpoint: hostile files run no code, broken files and weights that do
 not fit stop the tool with one line naming the file."""
-import importlib.util
 import os
 import subprocess
 import sys
@@ -11,20 +10,12 @@ import torch
 
 from mmdat.datasets import make_synthetic_dataset
 from mmdat.models import DAT
+from tests.conftest import REPO_ROOT, TEST_CONFIGS, load_tool
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = REPO_ROOT / 'tests' / 'data' / 'configs'
-DETECTOR = str(CONFIGS / 'retinanet_dat_shapes_tiny.py')
+DETECTOR = str(TEST_CONFIGS / 'retinanet_dat_shapes_tiny.py')
 BACKBONE_ARCH = dict(embed_dims=8, depths=(1, 1, 2, 1), num_heads=(1, 2, 2, 4), offset_groups=(0, 0, 1, 2))
 HOSTILE = ['raw_pickle', 'legacy', 'zip']
 BROKEN = ['empty', 'text', 'truncated_zip', 'truncated_legacy']
-
-
-def load_tool(path):
-    spec = importlib.util.spec_from_file_location(Path(path).stem, REPO_ROOT / 'tools' / path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 TOOLS = {name: load_tool(path) for name, path in [
@@ -117,6 +108,7 @@ def cli(*args):
                           text=True, env={**os.environ, 'PYTHONPATH': str(REPO_ROOT)})
 
 
+@pytest.mark.slow
 def test_command_lines_print_one_line_and_fail(hostile_checkpoints, tmp_path):
     """The tools stop with ``SystemExit(message)`` (tested above in-process): as commands, that
     is the message alone on stderr and exit code 1."""

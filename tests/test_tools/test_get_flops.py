@@ -1,23 +1,15 @@
 """tools/analysis_tools/get_flops.py on two-stage detectors (Mask R-CNN, Cascade Mask R-CNN)."""
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import REPO_ROOT, load_tool
+
 SHAPE = (64, 96)
 TINY_ARCH = 'dict(embed_dims=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), offset_groups=(0, 0, 2, 4))'
 
 
-def load_get_flops():
-    spec = importlib.util.spec_from_file_location('get_flops', REPO_ROOT / 'tools/analysis_tools/get_flops.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-get_flops = load_get_flops()
+get_flops = load_tool('analysis_tools/get_flops.py')
 
 
 def tiny_config(tmp_path, base):

@@ -274,6 +274,7 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
     assert not fused_available(torch.device('cpu'), torch.float32)
 
 
+@pytest.mark.slow
 def test_model_imports_and_runs_without_triton():
     """Triton is optional: 'auto' runs without it, 'fused' runs the C++ kernel on CPU, and the
     Triton function says what is missing."""
@@ -356,6 +357,7 @@ for arch, (dtype, precision) in itertools.product((80, 90), (('bf16', 'tf32'), (
 '''
 
 
+@pytest.mark.slow
 def test_kernels_compile_for_ampere_and_hopper():
     """The kernels compile to sm_80 and sm_90 machine code for every supported dtype (Triton's
     bundled ptxas, no GPU needed): the interpreter accepts some programs the compiler rejects."""
