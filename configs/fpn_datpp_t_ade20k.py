@@ -1,6 +1,6 @@
 # Semantic FPN with DAT-T++ on ADE20K, the official DAT-Segmentation config
-# fpn_tiny_80k_dp04_lr2.py: PVT's recipe at twice the batch (8 GPUs x 4 images, a total of 32;
-# auto_scale_lr rescales the learning rate) for half the iterations, 40k, with lr 2e-4; float32.
+# fpn_tiny_80k_dp04_lr2.py, which trains as PVT's released Semantic FPN configs: 8 GPUs x 4 images
+# (a total of 32; auto_scale_lr rescales the learning rate), lr 2e-4, 40k iterations; float32.
 _base_ = './fpn_dat_t_ade20k.py'
 
 pretrained = 'checkpoints/dat_pp_tiny_in1k_224.pth'  # official DAT++ file or an mmdat checkpoint

@@ -1,8 +1,8 @@
 """``mim search mmdat`` and ``mim train mmdat`` on a pip-installed (non-editable) mmdat.
 
 Needs openmim, which is not in the requirement files: its dependency openxlab pins
-``setuptools~=60.2``, which conflicts with torch 2.13 (``setuptools>=77.0.3``). README
-(Installation) says how to install it without that pin.
+``setuptools~=60.2``, which conflicts with torch 2.13 (``setuptools>=77.0.3``). docs/install.md
+(OpenMMLab tools) says how to install it without that pin.
 """
 import os
 import subprocess
@@ -13,7 +13,7 @@ import yaml
 
 from tests.conftest import REPO_ROOT
 
-pytest.importorskip('mim', reason='openmim is not installed (README: "OpenMMLab tools: mim")')
+pytest.importorskip('mim', reason='openmim is not installed (docs/install.md: "OpenMMLab tools: mim")')
 
 pytestmark = pytest.mark.slow  # every test here starts other processes
 

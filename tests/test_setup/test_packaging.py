@@ -74,9 +74,10 @@ def load_models():
 
 
 def readme_rows():
-    """``{config: {column: cell}}`` from the README's results tables (header ``| config | ...``)."""
+    """``{config: {column: cell}}`` from the results tables of docs/configs.md (header
+    ``| config | ...``)."""
     rows, header = {}, None
-    for line in (REPO_ROOT / 'README.md').read_text().splitlines():
+    for line in (REPO_ROOT / 'docs' / 'configs.md').read_text().splitlines():
         cells = [c.strip() for c in line.strip().strip('|').split('|')]
         if line.startswith('| config |'):
             header = cells
@@ -109,7 +110,7 @@ def test_model_index_lists_every_config_once():
 
 
 def test_model_index_numbers_are_the_readme_numbers():
-    """The metafiles repeat the README's tables (the paper's / the official numbers): both agree,
+    """The metafiles repeat the tables of docs/configs.md (the paper's / the official numbers): both agree,
     and each model says where its numbers come from."""
     expected = readme_results()
     models = load_models()
@@ -126,8 +127,43 @@ def test_model_index_numbers_are_the_readme_numbers():
         assert 'not reproduced' in source
 
 
+def test_readme_summary_is_the_configs_page():
+    """The README's short table (model x schedule rows, backbone columns) repeats docs/configs.md:
+    every cell names a config that exists, with the same numbers, and every config is in it."""
+    families = {'RetinaNet': 'retinanet', 'Mask R-CNN': 'mask_rcnn',
+                'Cascade Mask R-CNN': 'cascade_mask_rcnn', 'UperNet': 'upernet',
+                'Semantic FPN': 'fpn'}
+    expected = readme_results()
+    seen = set()
+    header = None
+    for line in (REPO_ROOT / 'README.md').read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip('|').split('|')]
+        if line.startswith('| model | schedule |'):
+            header = cells
+            continue
+        if not line.startswith('|'):
+            header = None
+            continue
+        if header is None or set(cells[0]) <= {'-'}:
+            continue
+        family, schedule = families[cells[0]], cells[1]
+        for backbone, cell in zip(header[2:], cells[2:]):
+            size = backbone[len('DAT-')].lower()
+            version = 'datpp' if backbone.endswith('++') else 'dat'
+            suffix = '_3x' if schedule == '3x' else ''
+            dataset = 'ade20k' if family in ('upernet', 'fpn') else 'coco'
+            config = f'{family}_{version}_{size}{suffix}_{dataset}.py'
+            if cell == '-':
+                assert config not in expected, config
+                continue
+            values = [float(v) for v in cell.split('/')]
+            assert list(expected[config].values())[:len(values)] == values, config
+            seen.add(config)
+    assert seen == set(expected)
+
+
 def test_backbone_weights_are_the_readme_links():
-    readme = (REPO_ROOT / 'README.md').read_text()
+    readme = (REPO_ROOT / 'docs' / 'weights.md').read_text()
     links = dict(re.findall(r'^\| (DAT-[TSB](?:\+\+)?), 224 \| [\d.]+ \| \[TsinghuaCloud\]\((\S+)\) \|$', readme,
                             re.M))
     for model in load_models():

@@ -75,5 +75,5 @@ def check_pretrained_file(checkpoint: Optional[str]) -> None:
         raise ValueError(f'No backbone weights chosen (init_cfg checkpoint is None): {HOW_TO_SET}')
     if '://' not in checkpoint and not osp.isfile(checkpoint):
         raise FileNotFoundError(
-            f"Backbone weights file '{checkpoint}' not found: download it (README, 'Official "
-            f"weights'), or {HOW_TO_SET}")
+            f"Backbone weights file '{checkpoint}' not found: download it (docs/weights.md, "
+            f"'Official weights'), or {HOW_TO_SET}")
