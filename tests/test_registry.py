@@ -1,6 +1,8 @@
 import subprocess
 import sys
 
+import pytest
+
 import mmdat
 from mmdat.models import DAT
 from tests.conftest import REPO_ROOT

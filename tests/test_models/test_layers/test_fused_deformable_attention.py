@@ -24,7 +24,7 @@ pytestmark = pytest.mark.skipif(
     or not (torch.cuda.is_available() or fused_module.interpreter_enabled()),
     reason='needs Triton, and a GPU or TRITON_INTERPRET=1')
 DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'
-cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a GPU')
+cuda_only = pytest.mark.gpu
 
 
 def make_inputs(batch, heads, groups, num_queries, num_keys, dims, table_hw, seed=0):
