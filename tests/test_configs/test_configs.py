@@ -60,7 +60,9 @@ def test_all_configs_are_found():
     assert DEMO_CONFIGS == ['fpn_dat_demo_shapes.py', 'retinanet_dat_demo_shapes.py']
 
 
-@pytest.mark.parametrize('name', CONFIGS)
+# Building a full-size model takes seconds: the small and base ones run in the slow tier.
+@pytest.mark.parametrize('name', [name if '_t_' in name else pytest.param(name, marks=pytest.mark.slow)
+                                  for name in CONFIGS])
 def test_config_builds_its_model(name):
     cfg = load(CONFIG_DIR / name)
     model = build_model(cfg)
@@ -140,6 +142,7 @@ def seg_batch():
     return dict(inputs=inputs, data_samples=samples)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name, expected_losses', [
     ('retinanet_dat_t_3x_coco.py', {'loss_cls', 'loss_bbox'}),
     ('mask_rcnn_dat_t_coco.py', {'loss_rpn_cls', 'loss_cls', 'loss_bbox', 'loss_mask'}),

@@ -13,6 +13,9 @@ from mmdat.models.backbones.dat import ConvDownsample
 from mmdat.models.layers import WindowAttention
 from tests.conftest import MINIMAL_ARCHS, small_backbone
 
+# Compiling takes minutes on a small CPU, and inductor starts compiler processes.
+pytestmark = pytest.mark.slow
+
 # whole windows at 64x96; padding and a 2x4 last stage at 100x84; 2x7 last stage at 36x200
 SIZES = [(64, 96), (100, 84), (36, 200)]
 

@@ -127,6 +127,7 @@ def test_max_size_search():
     assert benchmark._aspect_size(800) == (800, 1344)
 
 
+@pytest.mark.slow
 def test_peer_table_gives_ratios_to_swin_t(tmp_path):
     """Timing in turns in one process, memory per model in processes of their own."""
     pytest.importorskip('mmdet')

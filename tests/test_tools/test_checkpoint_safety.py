@@ -91,6 +91,7 @@ def test_hostile_checkpoints_run_no_code_in_any_tool(kind, hostile_checkpoints, 
 LIGHT_TOOLS = ('dat2mmdat', 'dat_det_seg2mmdat', 'visualize')
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('kind', BROKEN)
 def test_broken_checkpoints_give_one_line_in_every_tool(kind, hostile_checkpoints, image,
                                                        backbone_config, shapes_env, tmp_path):

@@ -57,6 +57,7 @@ def official_checkpoint(config, out_indices):
             'optimizer': {'state': {}}}
 
 
+@pytest.mark.slow
 def test_mask_rcnn_checkpoint_converts_and_reproduces_the_official_backbone():
     checkpoint = official_checkpoint('mask_rcnn_datpp_t_3x_coco.py', out_indices=(0, 1, 2, 3))
     assert is_official_dat_det_seg(checkpoint['state_dict'])

@@ -34,6 +34,7 @@ def mask_rcnn_counts(tmp_path_factory):
     return {n: count(model, n) for n in (4, 8, 16)}
 
 
+@pytest.mark.slow
 def test_mask_rcnn_roi_heads_are_counted_per_proposal(mask_rcnn_counts):
     for n, result in mask_rcnn_counts.items():
         assert result['proposals'] == n  # an untrained RPN keeps as many as allowed
@@ -44,6 +45,7 @@ def test_mask_rcnn_roi_heads_are_counted_per_proposal(mask_rcnn_counts):
     assert mask_rcnn_counts[16]['flops'] - mask_rcnn_counts[8]['flops'] == 2 * step
 
 
+@pytest.mark.slow
 def test_cascade_mask_rcnn(tmp_path, mask_rcnn_counts, capsys):
     cascade = get_flops.main([tiny_config(tmp_path, 'cascade_mask_rcnn_dat_t_3x_coco.py'), '--shape',
                               *map(str, SHAPE), '--cfg-options', 'model.test_cfg.rpn.max_per_img=8'])

@@ -50,6 +50,7 @@ class LargeDeformableAttention(nn.Module):
         return self.attn(self.embed(x).permute(0, 2, 3, 1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('arch', [V1_ARCH, V2_ARCH], ids=['v1', 'v2'])
 def test_torchscript_export_agrees_at_another_size(arch, tmp_path):
     output = tmp_path / 'model.onnx'
@@ -62,6 +63,7 @@ def test_torchscript_export_agrees_at_another_size(arch, tmp_path):
     assert all(len(errors) == 4 and max(errors) < 1e-4 for errors in report.values())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('arch', [V1_ARCH, V2_ARCH], ids=['v1', 'v2'])
 def test_dynamo_export_agrees_at_another_size(arch, tmp_path):
     pytest.importorskip('onnxscript')
@@ -86,6 +88,7 @@ def test_refuses_a_model_that_bakes_the_batch(tmp_path):
         pytorch2onnx.export_checked(BakesTheBatch(), str(tmp_path / 'model.onnx'), (8, 8), (8, 12))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('dynamo', [False, True], ids=['torchscript', 'dynamo'])
 def test_exports_where_eager_mode_runs_the_kernel(dynamo, tmp_path):
     """Exports take SDPA where 'auto' would run a kernel (and 'fused' too): same results."""

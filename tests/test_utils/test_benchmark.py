@@ -45,16 +45,14 @@ def test_time_in_turns_rotates_the_order():
 @pytest.mark.slow
 def test_a_cell_runs_in_a_fresh_process_and_measures_its_peak_memory():
     """The reference op at 512x512 holds (12 heads, 1,024 queries, 1,024 keys) float32 scores,
-    48 MiB, a few times over; at 32x32 almost nothing. The peak is this growth, not the size of
-    the process (which would exceed the upper bound) nor zero."""
-    cell = dict(kind='op', arch='tiny', size=(32, 32), mode='infer', path='reference', device='cpu',
+    48 MiB, a few times over. The peak is this growth: not zero, nor the size of the process
+    (torch and mmdat alone are several times the upper bound)."""
+    cell = dict(kind='op', arch='tiny', size=(512, 512), mode='infer', path='reference', device='cpu',
                 amp='none', batch=1, warmup=0, repeats=1, isolated=True, threads=1)
-    small = benchmark.run_cell(cell)
-    large = benchmark.run_cell(dict(cell, size=(512, 512)))
+    result = benchmark.run_cell(cell)
     scores = 12 * 1024 * 1024 * 4
-    assert small['seconds'] > 0 and large['seconds'] > 0
-    assert large['peak_bytes'] - small['peak_bytes'] >= scores
-    assert large['peak_bytes'] < 8 * scores
+    assert result['seconds'] > 0
+    assert scores <= result['peak_bytes'] < 8 * scores
 
 
 @pytest.mark.slow

@@ -67,6 +67,7 @@ def test_any_input_size(version, size):
         assert torch.isfinite(out).all()
 
 
+@pytest.mark.slow  # DAT-T at 800x1333
 def test_detection_resolution_forward():
     model = DAT('tiny').eval()
     with torch.no_grad():
@@ -75,18 +76,17 @@ def test_detection_resolution_forward():
 
 
 @VERSIONS
-@pytest.mark.parametrize('out_indices', [(3, 1), (1, 3), (2, 0, 3)])
-def test_outputs_come_in_stage_order_whatever_the_order_of_out_indices(version, out_indices):
+def test_outputs_come_in_stage_order_whatever_the_order_of_out_indices(version):
     """As mmdet's Swin Transformer: one map per index, in stage order (necks take them so)."""
-    model = small_backbone(version, out_indices=out_indices).eval()
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        outs = model(x)
         every_stage = small_backbone(version).eval()(x)
-    assert len(outs) == len(out_indices)
-    for out, i in zip(outs, sorted(out_indices)):
-        assert out.shape == (1, 16 * 2**i, 16 >> i, 16 >> i)
-        assert torch.equal(out, every_stage[i])
+        for out_indices in [(3, 1), (2, 0, 3)]:
+            outs = small_backbone(version, out_indices=out_indices).eval()(x)
+            assert len(outs) == len(out_indices)
+            for out, i in zip(outs, sorted(out_indices)):
+                assert out.shape == (1, 16 * 2**i, 16 >> i, 16 >> i)
+                assert torch.equal(out, every_stage[i])
 
 
 def test_outputs_are_normalised_per_index():
@@ -111,7 +111,7 @@ def test_later_stages_are_skipped_when_not_output():
 @VERSIONS
 @pytest.mark.parametrize('impl_pair', [('sdpa', 'reference'), ('auto', 'sdpa')])
 def test_attention_paths_agree_forward_and_backward(version, impl_pair):
-    x = torch.randn(2, 3, 61, 83, dtype=torch.float64)
+    x = torch.randn(2, 3, 45, 61, dtype=torch.float64)  # maps 12x16 to 2x2: v1 pads windows in each
     results = []
     for impl in impl_pair:
         model = small_backbone(version, attn_impl=impl).double()

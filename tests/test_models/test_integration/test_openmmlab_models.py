@@ -90,6 +90,7 @@ def test_retinanet_loss_and_predict():
         assert len(result.pred_instances.scores) == len(result.pred_instances.labels) == len(boxes)
 
 
+@pytest.mark.slow
 def test_mask_rcnn_loss_and_predict():
     from mmdet.structures.mask import BitmapMasks
     model = build('mask_rcnn_dat_t_swap.py', 'mmdet', **SMALL)
@@ -108,6 +109,7 @@ def test_mask_rcnn_loss_and_predict():
         assert len(instances.masks) == len(instances.bboxes) == len(instances.scores)
 
 
+@pytest.mark.slow
 def test_upernet_loss_and_predict():
     model = build('upernet_dat_t_swap.py', 'mmseg', **SMALL)
     results = loss_then_predict(model, seg_batch())
@@ -144,6 +146,7 @@ print(type(model.backbone).__module__, sum(p.numel() for p in model.backbone.par
     assert int(outputs) == (5 if scope == 'mmdet' else 4)  # FPN levels / backbone maps
 
 
+@pytest.mark.slow
 def test_adamw_steps_lower_the_loss():
     """The whole detector learns through DAT: a few AdamW steps on one batch lower its loss."""
     torch.manual_seed(0)

@@ -16,7 +16,9 @@ def relative_error(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-@pytest.mark.parametrize('arch', ['tiny', 'small', 'base'])
+# the small and base models take seconds each: in the slow tier
+@pytest.mark.parametrize('arch', ['tiny', pytest.param('small', marks=pytest.mark.slow),
+                                  pytest.param('base', marks=pytest.mark.slow)])
 def test_converted_official_weights_match_the_official_model(arch):
     state_dict = official_state_dict(1, arch)
     assert is_official_dat(state_dict)

@@ -17,7 +17,9 @@ def relative_error(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-@pytest.mark.parametrize('size', ['tiny', 'small', 'base'])
+# the small and base models take seconds each: in the slow tier
+@pytest.mark.parametrize('size', ['tiny', pytest.param('small', marks=pytest.mark.slow),
+                                  pytest.param('base', marks=pytest.mark.slow)])
 def test_converted_official_weights_match_the_official_model(size):
     """Same parameter count as the official model, and the same cls_norm features."""
     layout = official_layout(2, size)
