@@ -46,6 +46,7 @@ def test_pretrain_img_size_and_window_size_shape_the_tables():
     assert model.stages[0].blocks[0].attn.relative_position_bias_table.shape == (23 * 23, 3)
 
 
+@pytest.mark.slow
 def test_odd_input_size_with_tiny():
     model = DAT('tiny').eval()
     with torch.no_grad():

@@ -38,6 +38,7 @@ def test_datpp_structure_follows_the_official_configs(arch, dims, heads, groups)
     assert model.patch_embed.conv1.stride == (2, 2) and model.patch_embed.conv2.stride == (2, 2)
 
 
+@pytest.mark.slow
 def test_tiny_pp_at_a_size_where_stage_4_is_smaller_than_the_kernel():
     model = DAT('tiny++').eval()
     with torch.no_grad():

@@ -80,6 +80,7 @@ def loss_then_predict(model, batch):
         return model(**data, mode='predict')
 
 
+@pytest.mark.slow
 def test_retinanet_loss_and_predict():
     model = build('retinanet_dat_t_swap.py', 'mmdet', **SMALL)
     results = loss_then_predict(model, det_batch())
