@@ -14,11 +14,6 @@ from typing import Dict, Optional
 import pytest
 import torch
 
-# Without a GPU the Triton kernels (attn_impl='fused') run in Triton's CPU interpreter, which is
-# chosen when a kernel is defined, i.e. when mmdat is imported.
-if not torch.cuda.is_available():
-    os.environ.setdefault('TRITON_INTERPRET', '1')
-
 
 #: The checkout's root folder (configs/, tools/, tests/data/ ...).
 REPO_ROOT = Path(__file__).resolve().parents[1]

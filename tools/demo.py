@@ -4,9 +4,13 @@ DAT backbone on one image and save the picture drawn by mmdet's or mmseg's own v
 Uses mmdet's DetInferencer or mmseg's MMSegInferencer, so the image goes through the config's
 test pipeline, and runs on a CPU. Without a checkpoint the model has random weights (the
 picture then shows the pipeline working, not a useful prediction); class names come from the
-checkpoint, or else from the config's test dataset.
+checkpoint, or else from the config's test dataset. An image over 2048 pixels a side is shrunk
+to that before the model sees it (the picture is drawn at that size); one over 100 million
+pixels is refused unless it is a JPEG (decoded reduced).
 """
 import argparse
+import os.path as osp
+import tempfile
 from typing import Optional, Sequence
 
 import mmcv
@@ -15,9 +19,9 @@ import torch
 from mmengine.config import DictAction
 
 import mmdat  # noqa: F401  (registers DAT; mmengine reads checkpoints with mmdat's safe loader)
-from mmdat.models.utils import CheckpointError, trust_checkpoint
-from mmdat.utils import (add_checkpoint_arguments, build_inferencer, check_file, check_out_file,
-                         load_dat_config, read_image)
+from mmdat.models.utils import trust_checkpoint
+from mmdat.utils import (ConfigError, add_checkpoint_arguments, build_inferencer, check_file,
+                         check_out_file, load_dat_config, one_line_errors, read_image)
 
 #: Detections listed by name in the printed summary.
 MAX_LISTED = 10
@@ -45,31 +49,43 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@one_line_errors
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
     if not 0.0 <= args.score_thr <= 1.0:
         raise SystemExit(f'--score-thr must be in [0, 1], got {args.score_thr}')
     if not 0.0 <= args.opacity <= 1.0:
         raise SystemExit(f'--opacity must be in [0, 1], got {args.opacity}')
-    check_file(args.config, 'Config')
-    check_file(args.checkpoint, 'Checkpoint')
+    check_file(args.checkpoint, 'Checkpoint', addresses=True)
     check_out_file(args.out, OUT_FORMATS)
-    read_image(args.image)  # a clear message now rather than a traceback from the pipeline
+    # Read (and shrunk) before anything is built: a clear message, and no full-size decode.
+    image, scale = read_image(args.image)
     cfg, kind = load_dat_config(args.config, args.cfg_options)
     if kind == 'backbone':
-        raise SystemExit(f'{args.config} is a backbone-only config: the demo needs a detector or '
-                         'segmenter (tools/visualize_deformable.py draws what a backbone does)')
+        raise ConfigError(f'{args.config} is a backbone-only config: the demo needs a detector or '
+                          'segmenter (tools/visualize_deformable.py draws what a backbone does)')
     torch.manual_seed(args.seed)
     if args.checkpoint and args.trust_checkpoint:
         trust_checkpoint(args.checkpoint)
-    try:
-        inferencer = build_inferencer(cfg, kind, args.checkpoint, args.device,
-                                      args.allow_partial_weights)
-    except CheckpointError as error:  # a one-line message naming the file
-        raise SystemExit(str(error)) from None
+    inferencer = build_inferencer(cfg, kind, args.checkpoint, args.device,
+                                  args.allow_partial_weights)
+    with tempfile.TemporaryDirectory() as folder:
+        image_file = args.image
+        if scale < 1:  # the inferencers read a file: give them the shrunk image
+            image_file = osp.join(folder, 'image.png')
+            mmcv.imwrite(image[..., ::-1], image_file)
+            print(f'{args.image} shrunk by {scale:.3g} to {image.shape[1]}x{image.shape[0]}')
+        summary, drawing = predict(inferencer, kind, image_file, args)
+    mmcv.imwrite(drawing[..., ::-1], args.out)  # the visualizers draw RGB
+    print(summary)
+    print(f'Saved {args.out}')
+
+
+def predict(inferencer, kind: str, image_file: str, args: argparse.Namespace):
+    """The one-line summary and the drawing (RGB) of the inferencer's prediction."""
     with torch.no_grad():
         if kind == 'mmdet':
-            result = inferencer(args.image, return_vis=True, no_save_vis=True,
+            result = inferencer(image_file, return_vis=True, no_save_vis=True,
                                 pred_score_thr=args.score_thr, return_datasamples=True)
             instances = result['predictions'][0].pred_instances
             kept = instances[instances.scores >= args.score_thr]
@@ -83,14 +99,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         else:
             # mmseg returns no drawing with return_datasamples; for one image it returns the
             # label map and the drawing themselves rather than lists.
-            result = inferencer(args.image, return_vis=True, opacity=args.opacity)
+            result = inferencer(image_file, return_vis=True, opacity=args.opacity)
             classes = inferencer.model.dataset_meta['classes']
             summary = 'classes present: ' + ', '.join(
                 classes[i] for i in np.unique(result['predictions']))
             drawing = result['visualization']
-    mmcv.imwrite(drawing[..., ::-1], args.out)  # the visualizers draw RGB
-    print(summary)
-    print(f'Saved {args.out}')
+    return summary, drawing
 
 
 if __name__ == '__main__':

@@ -17,7 +17,8 @@ import torch
 from mmengine.runner import Runner
 
 from mmdat.datasets import make_synthetic_dataset
-from mmdat.utils import adapt_to_cpu, build_inferencer, load_dat_config, load_tool_config
+from mmdat.utils import (adapt_to_cpu, build_inferencer, load_dat_config, load_tool_config,
+                         one_line_errors)
 
 REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 DET_CONFIG = osp.join(REPO_ROOT, 'configs', 'demo', 'retinanet_dat_demo_shapes.py')
@@ -109,6 +110,7 @@ def draw_predictions(data_root: str, det: dict, seg: Optional[dict], out_file: s
     mmcv.imwrite(np.concatenate(rows, axis=0)[..., ::-1], out_file, auto_mkdir=True)
 
 
+@one_line_errors
 def main():
     args = parse_args()
     os.chdir(REPO_ROOT)

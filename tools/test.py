@@ -9,8 +9,9 @@ from mmengine.config import DictAction
 from mmengine.model import is_model_wrapper
 from mmengine.runner import Runner
 
-from mmdat.models.utils import CheckpointError, check_weights_fit, trust_checkpoint
-from mmdat.utils import add_checkpoint_arguments, adapt_to_cpu, check_dataset_files, load_tool_config
+from mmdat.models.utils import check_weights_fit, trust_checkpoint
+from mmdat.utils import (add_checkpoint_arguments, adapt_to_cpu, check_dataset_files,
+                         load_tool_config, one_line_errors)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -28,10 +29,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@one_line_errors
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
     cfg = load_tool_config(args.config, args.cfg_options, args.launcher, args.work_dir)
-    if not osp.isfile(args.checkpoint):
+    if '://' not in args.checkpoint and not osp.isfile(args.checkpoint):  # addresses: when read
         raise SystemExit(f'Checkpoint file not found: {args.checkpoint}')
     if args.trust_checkpoint:
         trust_checkpoint(args.checkpoint)
@@ -42,11 +44,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     check_dataset_files(cfg, ['test_dataloader'])
     runner = Runner.from_cfg(cfg)
     model = runner.model.module if is_model_wrapper(runner.model) else runner.model
-    try:
-        checkpoint = runner.load_checkpoint(args.checkpoint)
-        check_weights_fit(model, checkpoint, args.checkpoint, args.allow_partial_weights)
-    except CheckpointError as error:  # a one-line message naming the file
-        raise SystemExit(str(error)) from None
+    checkpoint = runner.load_checkpoint(args.checkpoint)
+    check_weights_fit(model, checkpoint, args.checkpoint, args.allow_partial_weights)
     runner.test()
     if torch.distributed.is_initialized():
         # Free the runner (kept alive by reference cycles) and with it DDP's reference to the

@@ -7,10 +7,11 @@ import torch
 from mmengine.config import DictAction
 from mmengine.runner import Runner
 
-from mmdat.models.utils import CheckpointError, trust_checkpoint
-from mmdat.utils import (adapt_to_cpu, check_backbone_weights, check_checkpoint_files,
-                         check_dataset_files, load_tool_config, set_up_resume,
-                         use_atomic_checkpoints)
+from mmdat.engine import set_up_resume
+from mmdat.models.utils import trust_checkpoint
+from mmdat.utils import (ConfigError, adapt_to_cpu, check_backbone_weights,
+                         check_checkpoint_files, check_dataset_files, load_tool_config,
+                         one_line_errors, use_atomic_checkpoints)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -35,6 +36,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@one_line_errors
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
     cfg = load_tool_config(args.config, args.cfg_options, args.launcher, args.work_dir)
@@ -43,9 +45,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         cfg.optim_wrapper.loss_scale = 'dynamic'
     if args.auto_scale_lr:
         if 'auto_scale_lr' not in cfg:
-            raise SystemExit('--auto-scale-lr needs auto_scale_lr.base_batch_size in the config')
+            raise ConfigError('--auto-scale-lr needs auto_scale_lr.base_batch_size in the config')
         cfg.auto_scale_lr.enable = True
-    set_up_resume(cfg, args.resume)
+    set_up_resume(cfg, args.resume, trusted=args.trust_checkpoint)
     check_dataset_files(cfg, ['train_dataloader', 'val_dataloader'])
     check_backbone_weights(cfg)
     check_checkpoint_files(cfg)
@@ -53,10 +55,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         trust_checkpoint(cfg.load_from)
     use_atomic_checkpoints(cfg)
     adapt_to_cpu(cfg)
-    try:
-        Runner.from_cfg(cfg).train()
-    except CheckpointError as error:  # a one-line message naming the file
-        raise SystemExit(str(error)) from None
+    Runner.from_cfg(cfg).train()
     if torch.distributed.is_initialized():
         # Free the runner (kept alive by reference cycles) and with it DDP's reference to the
         # process group first: a gloo group still held by a model at exit may abort the process.

@@ -13,10 +13,16 @@ Input: with a detector or segmenter config, the image goes through the config's 
 data preprocessor (as mmdet's/mmseg's inferencers do, e.g. resized); with a backbone-only config
 (`model = dict(type='DAT', ...)`) the image is used at its own size, normalised with the config's
 `data_preprocessor` mean/std if it has one, else the ImageNet ones. Points are drawn on the
-original image, mapped back through the resize.
+original image, mapped back through the resize. An image over 2048 pixels a side is shrunk to
+that first (and drawn at that size; --query stays in the pixels of the file); one over 100
+million pixels is refused unless it is a JPEG (decoded reduced).
 """
 import argparse
+import os.path as osp
+import tempfile
 from typing import List, Optional, Sequence, Tuple
+
+import mmcv
 
 import numpy as np
 import torch
@@ -25,10 +31,10 @@ from mmengine.config import DictAction
 
 import mmdat  # noqa: F401  (registers DAT; mmengine reads checkpoints with mmdat's safe loader)
 from mmdat.models import DAT
-from mmdat.models.utils import (CheckpointError, check_unloaded, deformable_blocks,
-                                record_deformable_attention, trust_checkpoint)
+from mmdat.models.utils import (check_unloaded, deformable_blocks, record_deformable_attention,
+                                trust_checkpoint)
 from mmdat.utils import (add_checkpoint_arguments, build_inferencer, check_file, check_out_file,
-                         load_dat_config, read_image)
+                         load_dat_config, one_line_errors, read_image)
 from mmdat.visualization import STAGE_STRIDES, draw_deformable_attention, query_index
 
 #: RGB ImageNet statistics, used for backbone-only configs without a data_preprocessor.
@@ -71,9 +77,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def backbone_and_input(args: argparse.Namespace,
-                       image: np.ndarray) -> Tuple[DAT, torch.Tensor, Tuple[float, float]]:
-    """The DAT backbone, the network input ``(1, 3, H, W)`` and the ``(w, h)`` resize factor."""
+def backbone_and_input(args: argparse.Namespace, image: np.ndarray,
+                       image_file: str) -> Tuple[DAT, torch.Tensor, Tuple[float, float]]:
+    """The DAT backbone, the network input ``(1, 3, H, W)`` and the ``(w, h)`` resize factor.
+
+    ``image`` is what ``image_file`` holds (the pipelines of detector and segmenter configs read
+    the file).
+    """
     cfg, kind = load_dat_config(args.config, args.cfg_options)
     if kind == 'backbone':
         model_cfg = dict(cfg.model)
@@ -93,7 +103,7 @@ def backbone_and_input(args: argparse.Namespace,
         return backbone, inputs, (1.0, 1.0)
     inferencer = build_inferencer(cfg, kind, args.checkpoint, args.device,
                                   args.allow_partial_weights)
-    data = next(iter(inferencer.preprocess([args.image])))
+    data = next(iter(inferencer.preprocess([image_file])))
     if not isinstance(data, dict):  # mmdet yields (original inputs, data), mmseg data
         data = data[1]
     with torch.no_grad():
@@ -124,14 +134,20 @@ def choose_block(backbone: DAT, stage: int, block: Optional[int]) -> Tuple[int, 
 
 def choose_queries(args: argparse.Namespace, image_size: Tuple[int, int],
                    map_size: Tuple[int, int], stride: int,
-                   scale_factor: Tuple[float, float]) -> List[int]:
-    """Row-major map indices of the queries, from --query or along the image diagonal."""
+                   scale_factor: Tuple[float, float], shrink: float = 1.0) -> List[int]:
+    """Row-major map indices of the queries, from --query or along the image diagonal.
+
+    ``image_size`` is the size of the image as read, ``shrink`` the factor by which reading
+    shrank the file's image (--query is in the file's pixels).
+    """
     height, width = image_size
     if args.query:
-        outside = [(x, y) for x, y in args.query if not (0 <= x < width and 0 <= y < height)]
+        file_size = (round(width / shrink), round(height / shrink))
+        outside = [(x, y) for x, y in args.query
+                   if not (0 <= x < file_size[0] and 0 <= y < file_size[1])]
         if outside:
-            raise SystemExit(f'--query {outside} outside the {width}x{height} image')
-        points = args.query
+            raise SystemExit(f'--query {outside} outside the {file_size[0]}x{file_size[1]} image')
+        points = [(x * shrink, y * shrink) for x, y in args.query]
     else:
         if args.num_queries < 1:
             raise SystemExit(f'--num-queries must be >= 1, got {args.num_queries}')
@@ -141,28 +157,31 @@ def choose_queries(args: argparse.Namespace, image_size: Tuple[int, int],
     return list(dict.fromkeys(indices))  # two points in one feature pixel are one query
 
 
+@one_line_errors
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
     if args.top_k < 1:
         raise SystemExit(f'--top-k must be >= 1, got {args.top_k}')
     if args.grid_step is not None and args.grid_step < 1:
         raise SystemExit(f'--grid-step must be >= 1, got {args.grid_step}')
-    check_file(args.config, 'Config')
-    check_file(args.checkpoint, 'Checkpoint')
+    check_file(args.checkpoint, 'Checkpoint', addresses=True)
     check_out_file(args.out, FigureCanvasBase.get_supported_filetypes())
-    image = read_image(args.image)
+    image, shrink = read_image(args.image)
     torch.manual_seed(args.seed)
     if args.checkpoint and args.trust_checkpoint:
         trust_checkpoint(args.checkpoint)
-    try:
-        backbone, inputs, scale_factor = backbone_and_input(args, image)
-    except CheckpointError as error:  # a one-line message naming the file
-        raise SystemExit(str(error)) from None
+    with tempfile.TemporaryDirectory() as folder:
+        image_file = args.image
+        if shrink < 1:  # the pipelines read a file: give them the shrunk image
+            image_file = osp.join(folder, 'image.png')
+            mmcv.imwrite(image[..., ::-1], image_file)
+            print(f'{args.image} shrunk by {shrink:.3g} to {image.shape[1]}x{image.shape[0]}')
+        backbone, inputs, scale_factor = backbone_and_input(args, image, image_file)
     stage, block = choose_block(backbone, args.stage, args.block)
     stride = STAGE_STRIDES[stage]
     # DAT's maps have ceil(size / stride) pixels a side.
     map_size = (-(-inputs.shape[2] // stride), -(-inputs.shape[3] // stride))
-    queries = choose_queries(args, image.shape[:2], map_size, stride, scale_factor)
+    queries = choose_queries(args, image.shape[:2], map_size, stride, scale_factor, shrink)
 
     with torch.no_grad(), record_deformable_attention(backbone, [(stage, block)],
                                                       query_indices=queries) as records:

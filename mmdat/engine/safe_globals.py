@@ -1,19 +1,30 @@
-"""Let ``torch.load(weights_only=True)`` read the checkpoints mmengine's runner writes.
+"""Let ``torch.load(weights_only=True)`` read the checkpoints mmengine's runner writes, safely.
 
 Since torch 2.6 ``torch.load`` defaults to ``weights_only=True``, which refuses the few non-tensor
 objects mmengine stores to resume a run: its ``HistoryBuffer`` of logged scalars and the numpy
 arrays, dtypes and scalars inside them. We allow-list exactly those types, instead of turning
-``weights_only`` off, so that resuming still runs no code from the file.
+``weights_only`` off, so that such a load still runs no code from the file. (mmdat's own reader,
+:func:`mmdat.models.utils.load_checkpoint_file`, does not need this: it has its own, stricter
+rules.)
 
-``HistoryBuffer`` also pickles its class-wide table of statistics functions, which can only be
-rebuilt through ``getattr``, a global too powerful to allow. The table is class state that the
-loading process already has (``__setstate__`` re-registers the defaults), so buffers pickled after
-:func:`allow_mmengine_checkpoints` leave it out. Checkpoints written without mmdat imported keep
-it and are still refused: load those only if you trust them.
+``HistoryBuffer`` needs two changes for that:
+
+* mmengine's ``__setstate__`` copies a ``statistics_methods`` entry of the file into a table that
+  the whole process shares (torch lets ``BUILD`` call ``__setstate__`` of allow-listed types), so
+  one file could break the logging of every later run in the process. It is replaced by
+  :func:`~mmdat.models.utils.restricted_pickle.history_buffer_setstate`, which drops that entry
+  and refuses unknown ones.
+* mmengine's ``__getstate__`` pickles that table of functions, which can only be rebuilt through
+  ``getattr``, a global too powerful to allow; buffers pickled after
+  :func:`allow_mmengine_checkpoints` leave it out (the loading process has it already).
+  Checkpoints written without mmdat imported keep it and are still refused: load those only if
+  you trust them.
 """
 import numpy as np
 import torch
 from mmengine.logging.history_buffer import HistoryBuffer
+
+from mmdat.models.utils.restricted_pickle import history_buffer_setstate
 
 # numpy 2 moved ``numpy.core`` to ``numpy._core``.
 _multiarray = np._core.multiarray if hasattr(np, '_core') else np.core.multiarray
@@ -47,10 +58,11 @@ def _history_buffer_state(buffer: HistoryBuffer) -> dict:
 def allow_mmengine_checkpoints() -> None:
     """Make mmengine checkpoints loadable with ``weights_only=True``.
 
-    Adds :data:`MMENGINE_CHECKPOINT_GLOBALS` to torch's allow-list and stops ``HistoryBuffer``
-    from pickling functions.
+    Adds :data:`MMENGINE_CHECKPOINT_GLOBALS` to torch's allow-list, stops ``HistoryBuffer`` from
+    pickling functions and from writing the process-wide table when it is unpickled.
     """
     HistoryBuffer.__getstate__ = _history_buffer_state
+    HistoryBuffer.__setstate__ = history_buffer_setstate
     add_safe_globals = getattr(torch.serialization, 'add_safe_globals', None)
     if add_safe_globals is not None:  # torch < 2.4 loads everything unrestricted anyway
         add_safe_globals(MMENGINE_CHECKPOINT_GLOBALS)

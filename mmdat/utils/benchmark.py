@@ -28,15 +28,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mmdat.models import DAT
-from mmdat.models.layers import DeformableAttention
-from mmdat.models.layers import fused_deformable_attention as fused_module
-from mmdat.models.layers.deformable_attention import pixel_centre_grid
+from mmdat.models.layers import DeformableAttention, deformable_attention_op, pixel_centre_grid
+from mmdat.models.layers.policy import DEFORMABLE, layer_impls
 
 AMP_DTYPES = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 #: How failed allocations read (CUDA, and torch's CPU allocator in its versions).
 ALLOCATION_FAILURES = ('out of memory', 'not enough memory', "can't allocate memory", 'bad_alloc')
 #: Stage whose deformable maps are the largest (stride 16): the shapes of the ``op`` cells.
 OP_STAGE = 2
+#: The paths of the ``op`` cells: every ``attn_impl`` of the deformable layers, run by the
+#: layer's own dispatcher, and SDPA without the bias on the same q, k, v.
+OP_PATHS = layer_impls(DEFORMABLE) + ('sdpa-no-bias', )
 
 #: The models of the peer table: mmdat's DAT archs and mmdet's Swin Transformer as in its
 #: detection configs (Swin-T: 2/2/6/2 blocks, Swin-S: 2/2/18/2; 96 channels, 3/6/12/24 heads,
@@ -101,9 +103,9 @@ def op_shapes(arch: str, size: Tuple[int, int], batch: int) -> dict:
 
 def op_inputs(arch: str, size: Tuple[int, int], batch: int, dtype: torch.dtype,
               device: str) -> List[torch.Tensor]:
-    """Random q, k, v, reference points, key positions and table at the shapes of
-    :func:`op_shapes`; key positions are the reference points moved by up to one pixel, as
-    DAT's offsets (range factor 2) move them."""
+    """Random q, k, v, query points (the ``(H, W, 2)`` grid of reference points), key
+    positions and table at the shapes of :func:`op_shapes`; key positions are the reference
+    points moved by up to one pixel, as DAT's offsets (range factor 2) move them."""
     shapes = op_shapes(arch, size, batch)
     height, width = shapes['height'], shapes['width']
     tokens = height * width
@@ -114,20 +116,18 @@ def op_inputs(arch: str, size: Tuple[int, int], batch: int, dtype: torch.dtype,
     shift = torch.rand(batch * shapes['groups'], tokens, 2, device=device, generator=gen) * 2 - 1
     positions = reference + shift * reference.new_tensor([2 / height, 2 / width])
     table = torch.randn(shapes['table'], device=device, generator=gen) * 0.02
-    return qkv + [reference, positions, table]
+    return qkv + [reference.view(height, width, 2), positions, table]
 
 
 def op_function(path: str) -> Callable[..., torch.Tensor]:
-    """The deformable attention op of a path: ``'fused'``, ``'reference'``, ``'sdpa'`` (the bias
-    materialised, then SDPA) or ``'sdpa-no-bias'`` (plain SDPA on the same q, k, v)."""
-    def materialised_sdpa(q, k, v, reference, positions, table):
-        bias = fused_module.sampled_position_bias(reference, positions, table, q.shape[0])
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
-
-    return dict(fused=fused_module.fused_deformable_attention,
-                reference=fused_module.reference_deformable_attention,
-                sdpa=materialised_sdpa,
-                **{'sdpa-no-bias': lambda q, k, v, *_: F.scaled_dot_product_attention(q, k, v)})[path]
+    """The deformable attention op of a path of :data:`OP_PATHS`: an ``attn_impl`` as the model
+    runs it (:func:`~mmdat.models.layers.deformable_attention_op`, which resolves the path once
+    per call, as the layer does), or ``'sdpa-no-bias'`` (plain SDPA on the same q, k, v)."""
+    if path not in OP_PATHS:
+        raise ValueError(f'op path must be one of {OP_PATHS}, got {path!r}')
+    if path == 'sdpa-no-bias':
+        return lambda q, k, v, *_: F.scaled_dot_product_attention(q, k, v)
+    return lambda *inputs: deformable_attention_op(*inputs, attn_impl=path)
 
 
 def device_name(device: str, threads: Optional[int] = None) -> str:
@@ -367,10 +367,10 @@ def run_here(cell: dict) -> dict:
         return CELL_FUNCTIONS[cell['kind']](cell)
     except (torch.cuda.OutOfMemoryError, MemoryError):
         return dict(error='out of memory')
-    except RuntimeError as e:  # CPU allocation failures and kernel errors
-        if any(text in str(e).lower() for text in ALLOCATION_FAILURES):
-            return dict(error='out of memory')
-        return dict(error=f'{type(e).__name__}: {str(e).splitlines()[0]}')
+    except Exception as e:  # a failing cell is an error row, whatever failed
+        if isinstance(e, RuntimeError) and any(text in str(e).lower() for text in ALLOCATION_FAILURES):
+            return dict(error='out of memory')  # CPU allocation failures
+        return dict(error=f'{type(e).__name__}: {(str(e).strip().splitlines() or [""])[0]}')
     finally:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -1,15 +1,15 @@
-"""What tools/demo.py and tools/visualize_deformable.py do to their inputs: check the files, read
-the image, load a config with a DAT backbone and build mmdet's or mmseg's inferencer for it."""
+"""What tools/demo.py and tools/visualize_deformable.py do to their inputs: check the files, load
+a config with a DAT backbone and build mmdet's or mmseg's inferencer for it (the image is read
+by :mod:`mmdat.utils.image`)."""
 import copy
 import importlib
 import os.path as osp
 from typing import Iterable, Optional, Tuple
 
-import numpy as np
 from mmengine.config import Config
 
 from mmdat.models.utils import check_weights_fit, load_checkpoint_file
-from .setup_cfg import register_scope
+from .tool_config import ConfigError, read_config, register_scope
 
 #: ``type`` names under which a config may refer to mmdat's backbone.
 DAT_TYPES = ('DAT', 'mmdet.DAT', 'mmseg.DAT')
@@ -27,8 +27,17 @@ def add_checkpoint_arguments(parser) -> None:
                         'parameters at random init')
 
 
-def check_file(path: Optional[str], what: str) -> None:
-    """Stop with a one-line message when ``path`` is given but is not a file."""
+def check_file(path: Optional[str], what: str, addresses: bool = False) -> None:
+    """Stop with a one-line message when ``path`` is given but is not a file.
+
+    Args:
+        path (str, optional): The file.
+        what (str): What it is, for the message.
+        addresses (bool): Accept a source with ``://`` too (a checkpoint's address; reading it
+            gives its own one-line error). Defaults to False.
+    """
+    if addresses and path is not None and '://' in path:
+        return
     if path is not None and not osp.isfile(path):
         raise SystemExit(f'{what} not found: {path}')
 
@@ -44,19 +53,6 @@ def check_out_file(path: str, extensions: Iterable[str]) -> None:
     if extension not in extensions:
         raise SystemExit(f'--out {path}: the extension picks the image format; use one of '
                          f'{", ".join("." + e for e in extensions)}')
-
-
-def read_image(path: str) -> np.ndarray:
-    """Read an image file as ``(H, W, 3)`` RGB uint8, or stop with a one-line message."""
-    import mmcv  # only the tools need mmcv
-    check_file(path, 'Image')
-    try:
-        image = mmcv.imread(path, channel_order='rgb')
-    except Exception as error:  # mmcv raises various errors for files it cannot decode
-        raise SystemExit(f'Cannot read image {path}: {error}') from None
-    if image is None or image.ndim != 3 or min(image.shape[:2]) < 1:
-        raise SystemExit(f'Cannot read image {path}: not an image file of a known format')
-    return image
 
 
 def _is_dat(model_cfg) -> bool:
@@ -75,20 +71,20 @@ def load_dat_config(config: str, cfg_options: Optional[dict] = None) -> Tuple[Co
         tuple[Config, str]: The config and its kind: ``'backbone'`` for ``model = dict(type='DAT',
         ...)``, otherwise the library of its detector or segmenter, ``'mmdet'`` or ``'mmseg'``
         (whose modules are then registered).
+
+    Raises:
+        ConfigError: The config cannot be read or has no DAT backbone.
     """
-    check_file(config, 'Config')
-    cfg = Config.fromfile(config)
-    if cfg_options:
-        cfg.merge_from_dict(cfg_options)
+    cfg = read_config(config, cfg_options)
     model = cfg.get('model')
     if not isinstance(model, dict):
-        raise SystemExit(f'{config} has no model dict')
+        raise ConfigError(f'{config} has no model dict')
     if _is_dat(model):
         return cfg, 'backbone'
     if not _is_dat(model.get('backbone')):
         backbone = model.get('backbone')
         found = backbone.get('type') if isinstance(backbone, dict) else None
-        raise SystemExit(f'{config} has no DAT backbone: model.type is {model.get("type")!r} and '
+        raise ConfigError(f'{config} has no DAT backbone: model.type is {model.get("type")!r} and '
                          f'model.backbone.type is {found!r}; expected {DAT_TYPES[0]!r}')
     return cfg, register_scope(cfg)
 

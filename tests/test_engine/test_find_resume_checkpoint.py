@@ -1,17 +1,35 @@
 """Which checkpoint --resume (without a path) resumes from, and the --resume checks."""
-import os
+import fractions
+import zipfile
 
 import pytest
 import torch
 from mmengine.config import Config
 
-from mmdat.engine import checkpoint_problem, find_resume_checkpoint
+from mmdat.engine import checkpoint_problem, find_resume_checkpoint, set_up_resume
 from mmdat.engine import resume as resume_module
-from mmdat.utils import set_up_resume
+from mmdat.models.utils import CheckpointError
+
+TRUST_ADVICE = '--trust-checkpoint'
 
 
-def save(path, epoch):
-    torch.save({'meta': {'epoch': epoch}, 'state_dict': {'w': torch.zeros(64)}}, path)
+def save(path, epoch, **extra):
+    """A checkpoint as training saves it (what mmengine's resume reads), plus ``extra``."""
+    torch.save({'meta': {'epoch': epoch, 'iter': 2 * epoch}, 'message_hub': {},
+                'state_dict': {'w': torch.zeros(64)}, **extra}, path)
+    return str(path)
+
+
+def save_unpicklable(path, epoch):
+    """A zip whose every entry passes its CRC, but whose data.pkl is cut short (written so)."""
+    save(path, epoch)
+    with zipfile.ZipFile(path) as archive:
+        entries = [(name, archive.read(name)) for name in archive.namelist()]
+    with zipfile.ZipFile(path, 'w') as archive:
+        for name, data in entries:
+            archive.writestr(name, data[:len(data) // 2] if name.endswith('data.pkl') else data)
+    with zipfile.ZipFile(path) as archive:
+        assert archive.testzip() is None
     return str(path)
 
 
@@ -38,8 +56,61 @@ def test_a_corrupt_newest_checkpoint_falls_back_with_a_warning(tmp_path, warning
     (tmp_path / 'iter_200.pth').write_bytes(data[:len(data) // 2])  # killed while writing
     (tmp_path / 'last_checkpoint').write_text(str(tmp_path / 'iter_200.pth'))
     assert find_resume_checkpoint(str(tmp_path)) == str(tmp_path / 'iter_100.pth')
-    assert any(f'skipping {tmp_path / "iter_200.pth"}' in w and 'previous checkpoint' in w
-               for w in warnings)
+    assert len(warnings) == 1
+    assert f'skipping {tmp_path / "iter_200.pth"} is not a readable checkpoint: damaged' in warnings[0]
+    assert TRUST_ADVICE not in warnings[0]
+
+
+def test_falls_back_past_a_file_that_passes_its_checksums_but_cannot_be_unpickled(tmp_path,
+                                                                                warnings):
+    save(tmp_path / 'epoch_1.pth', 1)
+    save_unpicklable(tmp_path / 'epoch_2.pth', 2)
+    save_unpicklable(tmp_path / 'epoch_3.pth', 3)
+    (tmp_path / 'last_checkpoint').write_text(str(tmp_path / 'epoch_3.pth'))
+    assert find_resume_checkpoint(str(tmp_path)) == str(tmp_path / 'epoch_1.pth')
+    # one warning per skipped file, naming it; damage is not a question of trust
+    assert len(warnings) == 2
+    for warning, epoch in zip(warnings, (3, 2)):
+        assert f'skipping {tmp_path / f"epoch_{epoch}.pth"}' in warning
+        assert 'damaged' in warning and TRUST_ADVICE not in warning
+
+
+def test_a_file_refused_for_its_objects_is_skipped_with_the_trust_advice(tmp_path, warnings):
+    save(tmp_path / 'epoch_1.pth', 1)
+    save(tmp_path / 'epoch_2.pth', 2, extra=fractions.Fraction(1, 3))
+    assert find_resume_checkpoint(str(tmp_path)) == str(tmp_path / 'epoch_1.pth')
+    warning, = warnings
+    assert 'refused to load fractions.Fraction' in warning and TRUST_ADVICE in warning
+    # --trust-checkpoint: the user vouches for the work dir's files
+    assert find_resume_checkpoint(str(tmp_path), trusted=True) == str(tmp_path / 'epoch_2.pth')
+
+
+def test_weights_only_files_are_not_resume_points(tmp_path, warnings):
+    save(tmp_path / 'epoch_1.pth', 1)
+    torch.save({'state_dict': {'w': torch.zeros(64)}}, tmp_path / 'epoch_2.pth')
+    assert find_resume_checkpoint(str(tmp_path)) == str(tmp_path / 'epoch_1.pth')
+    assert 'holds weights only' in warnings[0] and TRUST_ADVICE not in warnings[0]
+    # named with --resume PATH: one line, not mmengine's KeyError: 'meta'
+    with pytest.raises(CheckpointError, match=r'^--resume: .*epoch_2.pth holds weights only .*'
+                       r'use --cfg-options load_from=.*epoch_2.pth$'):
+        set_up_resume(Config(dict(work_dir=str(tmp_path))), str(tmp_path / 'epoch_2.pth'))
+
+
+def test_a_config_in_meta_is_not_run(tmp_path):
+    """mmengine's Runner.resume runs ``meta['config']`` as Python (Config.fromstring)."""
+    marker = tmp_path / 'CONFIG_RAN'
+    path = save(tmp_path / 'epoch_1.pth', 1)
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint['meta']['config'] = f"x = __import__('os').system('touch {marker}')\n"
+    torch.save(checkpoint, path)
+    cfg = Config(dict(work_dir=str(tmp_path)))
+    with pytest.raises(CheckpointError, match='holds a config that resuming would run as Python '
+                       r'code \(if you trust this file, pass --trust-checkpoint\)$'):
+        set_up_resume(cfg, path)
+    with pytest.raises(CheckpointError, match='holds a config'):  # config resume = True
+        set_up_resume(Config(dict(work_dir=str(tmp_path), resume=True, load_from=path)), None)
+    assert set_up_resume(cfg, path, trusted=True) == path
+    assert not marker.exists()
 
 
 def test_a_checkpoint_with_a_damaged_entry_is_not_complete(tmp_path):
@@ -54,13 +125,13 @@ def test_a_checkpoint_with_a_damaged_entry_is_not_complete(tmp_path):
 def test_refuses_when_no_checkpoint_is_complete(tmp_path):
     (tmp_path / 'epoch_1.pth').write_bytes(b'')
     (tmp_path / 'epoch_2.pth').write_text('text')
-    with pytest.raises(SystemExit, match=r'no complete checkpoint in .*epoch_2.pth \(.*\); '
-                       r'.*epoch_1.pth \(the file is empty\)'):
+    with pytest.raises(CheckpointError, match=r'no checkpoint in .* to resume from: .*epoch_2.pth '
+                       r'.*; .*epoch_1.pth is not a readable checkpoint: the file is empty$'):
         find_resume_checkpoint(str(tmp_path))
     (tmp_path / 'epoch_1.pth').unlink()
     (tmp_path / 'epoch_2.pth').unlink()
     (tmp_path / 'last_checkpoint').write_text(str(tmp_path / 'epoch_1.pth'))
-    with pytest.raises(SystemExit, match='names .*epoch_1.pth, and no checkpoint is in'):
+    with pytest.raises(CheckpointError, match='names .*epoch_1.pth, and no checkpoint is in'):
         find_resume_checkpoint(str(tmp_path))
 
 
@@ -83,5 +154,5 @@ def test_set_up_resume(tmp_path):
     # a config's own resume = True is the same as --resume
     cfg = Config(dict(work_dir=str(tmp_path), resume=True, load_from=None))
     assert set_up_resume(cfg, None) == str(tmp_path / 'iter_4.pth')
-    with pytest.raises(SystemExit, match='--resume: checkpoint file not found: .*missing.pth'):
+    with pytest.raises(CheckpointError, match='^--resume: Checkpoint file not found: .*missing.pth$'):
         set_up_resume(Config(dict(work_dir=str(tmp_path))), str(tmp_path / 'missing.pth'))

@@ -44,7 +44,7 @@ class KillAfterFirstEpoch(Hook):
         raise Killed
 
 
-def make_runner(work_dir, max_epochs, resume=False, custom_hooks=()):
+def make_runner(work_dir, max_epochs, resume=False, custom_hooks=(), load_from=None):
     return Runner(
         model=TinyModel(),
         work_dir=str(work_dir),
@@ -56,6 +56,7 @@ def make_runner(work_dir, max_epochs, resume=False, custom_hooks=()):
         default_hooks=dict(checkpoint=dict(type='CheckpointHook', interval=1)),
         custom_hooks=list(custom_hooks),
         resume=resume,
+        load_from=load_from,
         randomness=dict(seed=0))
 
 

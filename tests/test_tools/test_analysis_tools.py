@@ -6,6 +6,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from mmengine.analysis import FlopAnalyzer
 
+from mmdat.models.layers import cpu_kernel_available
+from mmdat.utils import benchmark as lib
 from tests.conftest import TEST_CONFIGS, load_tool
 
 
@@ -91,20 +93,44 @@ def test_blocks_benchmark_times_each_attention_module_on_its_backbone_input(keep
     assert 'memory: not measured (--blocks)' in table
 
 
-def test_fused_cells_follow_the_attention_policy(monkeypatch):
+def test_cells_follow_the_attention_policy(monkeypatch):
     asked = []
 
-    def no_kernel(name, device, dtype):
+    def no_fused_kernel(name, device, dtype):
         asked.append((name, device.type, dtype))
-        return False
+        return name != 'fused'
 
-    monkeypatch.setattr(benchmark, 'kernel_available', no_kernel)
+    monkeypatch.setattr(benchmark, 'runs_on', no_fused_kernel)
     assert benchmark.skip_reason('sdpa', 'cpu') is None
     assert benchmark.skip_reason('fused', 'cpu') == 'skipped: no fused kernel for cpu float32 here'
     assert benchmark.skip_reason('fused', 'cuda', 'bf16') == 'skipped: no fused kernel for cuda bfloat16 here'
-    assert asked == [('fused', 'cpu', torch.float32), ('fused', 'cuda', torch.bfloat16)]
-    monkeypatch.setattr(benchmark, 'kernel_available', lambda *args: True)
+    assert asked == [('sdpa', 'cpu', torch.float32), ('fused', 'cpu', torch.float32),
+                     ('fused', 'cuda', torch.bfloat16)]
+    monkeypatch.setattr(benchmark, 'runs_on', lambda *args: True)
     assert benchmark.skip_reason('fused', 'cpu') is None
+    assert benchmark.skip_reason('natten', 'cpu', arch='tiny') == 'skipped: no neighborhood blocks in tiny'
+    assert benchmark.skip_reason('natten', 'cpu', arch='tiny++') is None
+
+
+def test_op_benchmark_on_cpu_runs_every_path_through_the_model_dispatcher(monkeypatch, keep_num_threads):
+    """Without TRITON_INTERPRET: 'fused' is the C++ kernel, as in the model (the policy's
+    kernel for CPU), and 'auto' runs too."""
+    monkeypatch.delenv('TRITON_INTERPRET', raising=False)
+    rows, table = benchmark.main(['--op', '--archs', 'tiny', '--sizes', '64', '--batch', '1', '--warmup', '0',
+                                  '--repeats', '1', '--no-isolate', '--modes', 'infer', '--threads', '1',
+                                  '--paths', *benchmark.OP_PATHS])
+    if not cpu_kernel_available():
+        pytest.skip('the CPU kernel does not build here')
+    assert [r['path'] for r in rows] == list(benchmark.OP_PATHS)
+    assert all('seconds' in r for r in rows), rows
+
+
+def test_a_failing_cell_is_an_error_row_whatever_the_exception(monkeypatch):
+    def broken(cell):
+        raise KeyError('no such thing')
+
+    monkeypatch.setitem(lib.CELL_FUNCTIONS, 'op', broken)
+    assert lib.run_here(dict(kind='op', isolated=False)) == dict(error="KeyError: 'no such thing'")
 
 
 def test_max_size_search():
@@ -167,7 +193,7 @@ def test_out_writes_the_file_it_names(tmp_path, capsys, keep_num_threads):
     (['--sizes', '16'], 'sides >= 32'),
     (['--sizes', '8x9x10'], 'H or HxW'),
     (['--paths', 'sdpa-no-bias'], 'unknown paths'),
-    (['--op', '--paths', 'auto'], 'unknown paths'),
+    (['--op', '--paths', 'natten'], 'unknown paths'),  # not a path of the deformable layers
     (['--min-height', '100'], 'multiples of 32'),
     (['--batch', '0'], '--batch'),
     (['--threads', '0'], '--threads'),

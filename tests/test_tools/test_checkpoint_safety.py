@@ -10,7 +10,7 @@ import torch
 
 from mmdat.datasets import make_synthetic_dataset
 from mmdat.models import DAT
-from tests.conftest import REPO_ROOT, TEST_CONFIGS, load_tool
+from tests.conftest import REPO_ROOT, TEST_CONFIGS, load_module, load_tool
 
 DETECTOR = str(TEST_CONFIGS / 'retinanet_dat_shapes_tiny.py')
 BACKBONE_ARCH = dict(embed_dims=8, depths=(1, 1, 2, 1), num_heads=(1, 2, 2, 4), offset_groups=(0, 0, 1, 2))
@@ -21,7 +21,13 @@ BROKEN = ['empty', 'text', 'truncated_zip', 'truncated_legacy']
 TOOLS = {name: load_tool(path) for name, path in [
     ('train', 'train.py'), ('test', 'test.py'), ('demo', 'demo.py'),
     ('visualize', 'visualize_deformable.py'), ('dat2mmdat', 'model_converters/dat2mmdat.py'),
-    ('dat_det_seg2mmdat', 'model_converters/dat_det_seg2mmdat.py')]}
+    ('dat_det_seg2mmdat', 'model_converters/dat_det_seg2mmdat.py'),
+    ('pytorch2onnx', 'deployment/pytorch2onnx.py')]}
+SEGMENTER = str(TEST_CONFIGS / 'upernet_dat_shapes_tiny.py')
+
+
+# the hostile-file writers of the checkpoint reader's tests
+hf = load_module(REPO_ROOT / 'tests' / 'test_models' / 'test_utils' / 'hostile_files.py')
 
 
 @pytest.fixture(scope='module')
@@ -122,7 +128,7 @@ def test_command_lines_print_one_line_and_fail(hostile_checkpoints, tmp_path):
         assert result.returncode == 1, result.stderr[-2000:]
         assert 'Traceback' not in result.stderr
         assert result.stderr.strip().splitlines()[-1].endswith(
-            ('--trust-checkpoint)', 'failed finding central directory'))
+            ('--trust-checkpoint)', 'a truncated or damaged zip archive'))
     assert not marker.exists()
 
 
@@ -162,3 +168,49 @@ def test_allow_partial_weights(image, backbone_config, tmp_path):
     assert 'leaves' in run('visualize', argv + ['--stage', '3'])
     TOOLS['visualize'].main(argv + ['--stage', '3', '--allow-partial-weights'])
     assert (tmp_path / 'out.png').stat().st_size > 0
+
+
+def every_route(image, backbone_config, source, tmp_path):
+    """Each tool and each way a tool reads ``source``: both converters, test, train's --resume and
+    load_from, the mmdet and mmseg inferencers (demo), visualize, pytorch2onnx."""
+    calls = tool_calls(image, backbone_config, source, tmp_path)
+    calls['train load_from'] = [DETECTOR, '--cfg-options', f'load_from={source}', '--work-dir',
+                                str(tmp_path / 'train_load_from')]
+    calls['demo mmseg'] = [image, SEGMENTER, source, '--out', str(tmp_path / 'seg.png')]
+    calls['pytorch2onnx'] = [DETECTOR, str(tmp_path / 'out.onnx'), '--checkpoint', source]
+    return calls
+
+
+@pytest.mark.parametrize('kind, where', [
+    ('zip', 'address'), pytest.param('negating', 'hub_cache', marks=pytest.mark.slow),
+    pytest.param('negating', 'path', marks=pytest.mark.slow)])
+def test_hostile_addresses_in_every_tool(kind, where, hostile_checkpoints, image, backbone_config,
+                                         shapes_env, tmp_path, monkeypatch):
+    """A file that runs code (served on the loopback interface) and one that would negate every
+    later tensor (already in torch's hub cache, with no network, and as a path): every route
+    refuses it with one line, nothing runs, and weights loaded afterwards are unchanged."""
+    hostile, _, marker = hostile_checkpoints
+    path = hostile['zip'] if kind == 'zip' else hf.negating_defaults(tmp_path)
+    reason = 'refused to load posix.system' if kind == 'zip' else 'refused to set the state of'
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch_home'))
+    monkeypatch.setattr(torch.hub, '_hub_dir', None)
+    with hf.LoopbackServer() as server:
+        if where == 'path':
+            source = str(path)
+        elif where == 'address':
+            server.files['/weights/hostile.pth'] = path.read_bytes()
+            source = f'{server.url}/weights/hostile.pth'
+        else:
+            cache = tmp_path / 'torch_home' / 'hub' / 'checkpoints'
+            cache.mkdir(parents=True)
+            cache.joinpath('hostile.pth').write_bytes(path.read_bytes())
+            source = 'http://127.0.0.1:9/weights/hostile.pth'  # nothing listens on port 9
+        for route, argv in every_route(image, backbone_config, source, tmp_path).items():
+            message = run(route.split()[0], argv)
+            assert message.count('\n') == 0 and source in message and reason in message, \
+                (route, message)
+            assert not marker.exists(), route
+        assert server.requests in ([], ['/weights/hostile.pth'])  # downloaded once at most
+    good = hf.good_weights(tmp_path)
+    assert torch.equal(torch.load(good, weights_only=True)['state_dict']['w'],
+                       torch.arange(1.0, 5.0))

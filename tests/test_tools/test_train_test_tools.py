@@ -64,7 +64,7 @@ def test_train_resume_from_a_missing_file(tmp_path, monkeypatch):
     train = load_tool('train.py')
     monkeypatch.setattr(train, 'Runner', None)  # building anything would fail
     monkeypatch.setattr(train, 'check_dataset_files', None)
-    with pytest.raises(SystemExit, match='^--resume: checkpoint file not found: missing.pth$'):
+    with pytest.raises(SystemExit, match='^--resume: Checkpoint file not found: missing.pth$'):
         train.main([str(REPO_ROOT / 'configs' / 'retinanet_dat_t_coco.py'), '--resume', 'missing.pth',
                     '--work-dir', str(tmp_path)])
 

@@ -1,4 +1,8 @@
 """tools/visualize_deformable.py and tools/demo.py end to end on a CPU, with tiny random models."""
+import functools
+import re
+import sys
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -6,7 +10,10 @@ import pytest
 import torch
 
 from mmdat.datasets import make_synthetic_dataset
+from mmdat.utils import read_image
 from tests.conftest import TEST_CONFIGS, load_tool, small_backbone
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'test_utils'))  # png_header_only
 
 DETECTOR = str(TEST_CONFIGS / 'retinanet_dat_shapes_tiny.py')
 SEGMENTER = str(TEST_CONFIGS / 'upernet_dat_shapes_tiny.py')
@@ -108,7 +115,7 @@ def test_visualize_errors(image_file, backbone_config, tmp_path):
     out = str(tmp_path / 'x.png')
     cases = [
         ([str(tmp_path / 'missing.png'), '--config', config], 'Image not found'),
-        ([image_file, '--config', str(tmp_path / 'missing.py')], 'Config not found'),
+        ([image_file, '--config', str(tmp_path / 'missing.py')], 'Config file not found'),
         ([image_file, '--config', config, '--checkpoint', str(tmp_path / 'w.pth')], 'Checkpoint not found'),
         ([image_file, '--config', config, '--stage', '2'], r'stages \(1-based\) with deformable blocks: \[3, 4\]'),
         ([image_file, '--config', config, '--block', '2'], r'--block 2 .* stage 3; choose one of \[1, 3\]'),
@@ -179,7 +186,7 @@ def test_demo_errors(image_file, backbone_config, tmp_path):
     cases = [
         ([str(tmp_path / 'missing.png'), DETECTOR], 'Image not found'),
         ([str(not_an_image), DETECTOR], 'Cannot read image'),
-        ([image_file, str(tmp_path / 'missing.py')], 'Config not found'),
+        ([image_file, str(tmp_path / 'missing.py')], 'Config file not found'),
         ([image_file, DETECTOR, str(tmp_path / 'missing.pth')], 'Checkpoint not found'),
         ([image_file, config], 'backbone-only config'),
         ([image_file, DETECTOR, '--score-thr', '2'], r'--score-thr must be in \[0, 1\]'),
@@ -191,3 +198,42 @@ def test_demo_errors(image_file, backbone_config, tmp_path):
                              (str(tmp_path / 'demo'), r'use one of \.bmp, \.jpeg, \.jpg, \.png')]:
         with pytest.raises(SystemExit, match=message):
             demo.main([image_file, DETECTOR, '--out', bad_out])
+
+
+def test_demo_shrinks_a_large_image_before_the_model_sees_it(tmp_path, capsys):
+    large = tmp_path / 'large.png'
+    picture = np.zeros((1300, 2600, 3), np.uint8)
+    picture[200:900, 300:1500] = (40, 180, 220)
+    cv2.imwrite(str(large), picture)
+    out = tmp_path / 'demo.png'
+    demo.main([str(large), DETECTOR, '--out', str(out)])
+    assert cv2.imread(str(out)).shape == (1024, 2048, 3)  # drawn at the working size
+    assert f'{large} shrunk by 0.788 to 2048x1024' in capsys.readouterr().out
+
+
+def test_demo_and_visualize_refuse_a_huge_image_before_decoding_it(tmp_path, backbone_config):
+    """Seen: a 20000x20000 PNG: 4.47 GiB ArrayMemoryError. This one only declares that size."""
+    from test_image import png_header_only
+    huge = png_header_only(tmp_path / 'huge.png', 20000, 20000)
+    message = (f'^{re.escape(huge)} is 20000x20000 pixels, over the limit of 100 million pixels '
+               'that the tools decode')
+    with pytest.raises(SystemExit, match=message):
+        demo.main([huge, DETECTOR, '--out', str(tmp_path / 'demo.png')])
+    with pytest.raises(SystemExit, match=message):
+        visualize.main([huge, '--config', backbone_config[0], '--out', str(tmp_path / 'v.png')])
+
+
+def test_visualize_queries_stay_in_the_pixels_of_the_file(image_file, backbone_config, tmp_path,
+                                                          monkeypatch):
+    """The 205x150 image shrunk to 100 pixels a side: --query is still given in the file's pixels."""
+    config, checkpoint, _ = backbone_config
+    monkeypatch.setattr(visualize, 'read_image', functools.partial(read_image, max_side=100))
+    calls = spy_on_drawing(monkeypatch)
+    out = str(tmp_path / 'v.png')
+    visualize.main([image_file, '--config', config, '--checkpoint', checkpoint, '--query', '200',
+                    '149', '--out', out])
+    (image, record, (stride, *_)), = calls
+    assert image.shape == (73, 100, 3) and record.map_size == (5, 7)  # stage 3 of a 73x100 input
+    assert record.query_indices == [4 * 7 + 6]  # (200, 149) * 100/205: the last map pixel
+    with pytest.raises(SystemExit, match=r'outside the 205x150 image'):
+        visualize.main([image_file, '--config', config, '--query', '205', '10', '--out', out])

@@ -9,11 +9,11 @@ from mmdat.utils import benchmark
 def test_op_inputs_have_the_stage3_shapes_of_the_built_model():
     assert benchmark.op_shapes('tiny', (800, 1333), 2) == dict(
         batch=2, heads=12, groups=3, height=50, width=84, head_dims=32, table=(12, 27, 27))
-    q, k, v, reference, positions, table = benchmark.op_inputs('tiny', (800, 1333), 2, torch.float32, 'cpu')
+    q, k, v, queries, positions, table = benchmark.op_inputs('tiny', (800, 1333), 2, torch.float32, 'cpu')
     assert q.shape == k.shape == v.shape == (2, 12, 50 * 84, 32)
-    assert reference.shape == (4200, 2) and positions.shape == (2 * 3, 4200, 2)
+    assert queries.shape == (50, 84, 2) and positions.shape == (2 * 3, 4200, 2)
     assert table.shape == (12, 27, 27)
-    assert (positions - reference).abs().amax() <= 2 / 50 + 1e-6
+    assert (positions - queries.view(4200, 2)).abs().amax() <= 2 / 50 + 1e-6
     # DAT++ keeps its offset groups per stage: read from the module, not from a formula
     assert benchmark.op_shapes('tiny++', (224, 224), 1)['groups'] == 4
 

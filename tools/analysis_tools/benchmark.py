@@ -44,8 +44,10 @@ runs them in this process (faster; then CPU memory is not reported). Peak memory
 ``torch.cuda.max_memory_allocated`` over the timed steps (weights, input and activations
 included); on CPU, the growth of the process's peak resident set size over its size before the
 first step; ``--memory-limit`` caps the growth of a CPU cell's address space so that it fails
-with "out of memory" instead of waking the kernel's OOM killer. The fused path needs CUDA; on CPU its cells
-are listed as skipped. ``--out FILE`` also writes the table there (its folder must exist).
+with "out of memory" instead of waking the kernel's OOM killer. The paths are the model's ``attn_impl``
+values, run by its own dispatcher; a path without a kernel for the device and dtype here, or for
+layers the arch lacks (the attention policy's table), is listed as skipped, and a cell that fails
+as an error row. ``--out FILE`` also writes the table there (its folder must exist).
 """
 import argparse
 import sys
@@ -55,15 +57,15 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 
 from mmdat.models import DAT
-from mmdat.models.layers import fused_deformable_attention as fused_module
-from mmdat.models.layers.attention import kernel_available
+from mmdat.models.backbones.dat import BLOCK_TYPES
+from mmdat.models.layers import IMPLEMENTATIONS, attn_impls, triton_deformable
+from mmdat.models.layers.policy import runs_on
 from mmdat.utils import benchmark as lib
-from mmdat.utils.benchmark import AMP_DTYPES, PEER_MODELS, markdown_table, run_cell
+from mmdat.utils.benchmark import AMP_DTYPES, OP_PATHS, PEER_MODELS, markdown_table, run_cell
 
-#: 'auto' (the default of DAT: fused on CUDA; on CPU SDPA or matmuls, whichever is faster for
-#: the block) is accepted but not run by default.
-BACKBONE_PATHS = ('reference', 'sdpa', 'fused', 'auto')
-OP_PATHS = ('reference', 'sdpa', 'fused', 'sdpa-no-bias')
+#: Every attn_impl of the model (the attention policy's table). 'auto' (the default of DAT) is
+#: accepted but not run by default.
+BACKBONE_PATHS = attn_impls()
 #: The model the peer table divides by.
 PEER_BASE = 'Swin-T'
 MAX_SIZE_ASPECT = 1333 / 800
@@ -82,13 +84,18 @@ def parse_size(text: str) -> Tuple[int, int]:
     return sides
 
 
-def skip_reason(path: str, device: str, amp: str = 'none') -> Optional[str]:
+def skip_reason(path: str, device: str, amp: str = 'none', arch: Optional[str] = None) -> Optional[str]:
     """Why a cell of ``path`` cannot run here (None if it can), by the attention policy's own
-    rule: ``'fused'`` needs its kernel for the device and dtype (Triton on CUDA, the C++ kernel
-    on CPU in float32)."""
+    table: a path whose kernels run neither on the device nor in the dtype (e.g. ``'fused'``:
+    C++ on CPU in float32/float64, Triton on CUDA), or for layers the arch has none of (e.g.
+    ``'natten'`` in a v1 arch)."""
     dtype = AMP_DTYPES[amp] or torch.float32
-    if path == 'fused' and not kernel_available('fused', torch.device(device), dtype):
-        return f'skipped: no fused kernel for {device} {str(dtype).replace("torch.", "")} here'
+    if path in IMPLEMENTATIONS and arch is not None:
+        layers = {BLOCK_TYPES[letter][0] for types in DAT._check_arch(arch)['block_types'] for letter in types}
+        if not layers & set(IMPLEMENTATIONS[path].layers):
+            return f'skipped: no {" or ".join(IMPLEMENTATIONS[path].layers)} blocks in {arch}'
+    if path in IMPLEMENTATIONS and not runs_on(path, torch.device(device), dtype):
+        return f'skipped: no {path} kernel for {device} {str(dtype).replace("torch.", "")} here'
     return None
 
 
@@ -110,8 +117,8 @@ def _progress(row: dict, name: str = 'path') -> None:
 
 def header(args: argparse.Namespace) -> str:
     versions = f'torch {torch.__version__}'
-    if fused_module.TRITON_AVAILABLE:
-        versions += f', triton {fused_module.triton.__version__}'
+    if triton_deformable.TRITON_AVAILABLE:
+        versions += f', triton {triton_deformable.triton.__version__}'
     memory = ('not measured (--interleave)' if args.interleave else
               'not measured (--blocks)' if args.blocks else
               'peak allocated (torch.cuda.max_memory_allocated)' if args.device == 'cuda' else
@@ -131,7 +138,7 @@ def benchmark_backbone(args: argparse.Namespace) -> Tuple[List[dict], List[str]]
             for mode in args.modes:
                 group = [dict(arch=arch, size=size, mode=mode, path=path) for path in args.paths]
                 for row in group:
-                    reason = skip_reason(row['path'], args.device, args.amp)
+                    reason = skip_reason(row['path'], args.device, args.amp, arch)
                     if reason:
                         row['error'] = reason
                 runnable = [row for row in group if 'error' not in row]
@@ -175,7 +182,7 @@ def benchmark_op(args: argparse.Namespace) -> Tuple[List[dict], List[str]]:
             for mode in args.modes:
                 for path in args.paths:
                     row = dict(arch=arch, size=size, mode=mode, path=path)
-                    reason = skip_reason(path, args.device, args.amp)
+                    reason = skip_reason(path, args.device, args.amp, arch)
                     if reason:
                         row['error'] = reason
                     else:
@@ -207,7 +214,7 @@ def benchmark_blocks(args: argparse.Namespace) -> Tuple[List[dict], List[str]]:
         for size in args.sizes:
             for mode in args.modes:
                 for path in args.paths:
-                    reason = skip_reason(path, args.device, args.amp)
+                    reason = skip_reason(path, args.device, args.amp, arch)
                     result = dict(error=reason) if reason else run_cell(
                         dict(kind='blocks', arch=arch, size=size, mode=mode, path=path, **_common(args)))
                     row = dict(arch=arch, size=size, mode=mode, path=path)
@@ -304,7 +311,7 @@ def benchmark_max_size(args: argparse.Namespace) -> Tuple[List[dict], List[str]]
     for arch in args.archs:
         for path in args.paths:
             row = dict(arch=arch, path=path)
-            reason = skip_reason(path, args.device, args.amp)
+            reason = skip_reason(path, args.device, args.amp, arch)
             if reason:
                 row['error'] = reason
             else:

@@ -33,6 +33,7 @@ from mmengine.analysis.jit_handles import get_shape
 from mmengine.config import DictAction
 
 from mmdat.models import DAT
+from mmdat.utils import one_line_errors, read_config, register_scope
 
 
 def sdpa_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
@@ -85,12 +86,7 @@ def build_model(target: str, shape: Sequence[int] = (224, 224), cfg_options: Opt
     if not target.endswith('.py') or not osp.isfile(target):
         raise SystemExit(f'target must be one of {sorted(DAT.arch_zoo)} or an existing config '
                          f'file (.py), got {target!r}')
-    from mmengine.config import Config
-
-    from mmdat.utils.setup_cfg import register_scope
-    cfg = Config.fromfile(target)
-    if cfg_options:
-        cfg.merge_from_dict(cfg_options)
+    cfg = read_config(target, cfg_options)
     scope = register_scope(cfg)
     backbone = cfg.model.get('backbone', {})
     if backbone.get('type') == 'DAT':
@@ -142,6 +138,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+@one_line_errors
 def main(argv=None) -> dict:
     args = parse_args(argv)
     result = count(build_model(args.target, args.shape, args.cfg_options), args.shape)

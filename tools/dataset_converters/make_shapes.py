@@ -2,6 +2,7 @@
 import argparse
 
 from mmdat.datasets import make_synthetic_dataset
+from mmdat.utils import one_line_errors
 
 
 def parse_args():
@@ -15,6 +16,7 @@ def parse_args():
     return parser.parse_args()
 
 
+@one_line_errors
 def main():
     args = parse_args()
     if args.train < 1 or args.val < 1 or min(args.size) < 32:

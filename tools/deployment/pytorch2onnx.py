@@ -41,6 +41,7 @@ import torch.nn as nn
 
 from mmdat.models import DAT
 from mmdat.models.backbones.dat import NUM_STAGES, STEM_STRIDE
+from mmdat.utils import one_line_errors, read_config, register_scope
 
 #: Largest height and width of the dynamic axes of a torch.export (``--dynamo``) export.
 MAX_SIZE = 8192
@@ -102,11 +103,9 @@ def build_model(target: str, checkpoint: Optional[str] = None, part: str = 'feat
     if not target.endswith('.py') or not osp.isfile(target):
         raise ValueError(f'target must be one of {sorted(DAT.arch_zoo)} or an existing config '
                          f'file (.py), got {target!r}')
-    from mmengine.config import Config
     from mmengine.runner import load_checkpoint
 
-    from mmdat.utils.setup_cfg import register_scope
-    cfg = Config.fromfile(target)
+    cfg = read_config(target)
     scope = register_scope(cfg)
     backbone = cfg.model.get('backbone', {})
     if backbone.get('type') == 'DAT':
@@ -283,6 +282,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+@one_line_errors
 def main(argv=None) -> dict:
     args = parse_args(argv)
     try:

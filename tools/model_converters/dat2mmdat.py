@@ -12,6 +12,7 @@ import torch
 
 from mmdat.models.utils import (dat_converter, extract_state_dict, is_official_dat,
                                 is_official_dat_det_seg, is_official_datpp, load_checkpoint_file)
+from mmdat.utils import one_line_errors
 
 
 def parse_args():
@@ -25,6 +26,7 @@ def parse_args():
     return parser.parse_args()
 
 
+@one_line_errors
 def main():
     args = parse_args()
     try:

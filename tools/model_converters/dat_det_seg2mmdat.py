@@ -16,6 +16,7 @@ import torch
 
 from mmdat.models.utils import (dat_det_seg_converter, extract_state_dict,
                                 is_official_dat_det_seg, load_checkpoint_file)
+from mmdat.utils import one_line_errors, read_config, register_scope
 
 
 def parse_args():
@@ -33,13 +34,13 @@ def parse_args():
 
 def check_against_config(state_dict, config):
     """Compare ``state_dict`` with the model ``config`` builds; exit naming every difference."""
-    from mmengine.config import Config
     from mmengine.registry import init_default_scope
 
     import mmdat  # noqa: F401  registers DAT into mmdet and mmseg
-    cfg = Config.fromfile(config)
-    init_default_scope(cfg.default_scope)
-    registry = __import__(f'{cfg.default_scope}.registry', fromlist=['MODELS']).MODELS
+    cfg = read_config(config)
+    scope = register_scope(cfg)
+    init_default_scope(scope)
+    registry = __import__(f'{scope}.registry', fromlist=['MODELS']).MODELS
     model_state = registry.build(cfg.model).state_dict()
     missing = [k for k in model_state if k not in state_dict]
     unexpected = [k for k in state_dict if k not in model_state]
@@ -51,8 +52,11 @@ def check_against_config(state_dict, config):
         raise SystemExit(f'The converted weights do not fit {config}:\n' + '\n'.join(problems))
 
 
+@one_line_errors
 def main():
     args = parse_args()
+    if args.config:
+        read_config(args.config)  # a config it cannot read stops it before the conversion
     try:
         state_dict = extract_state_dict(load_checkpoint_file(args.src, trusted=args.trust_checkpoint))
     except (FileNotFoundError, ValueError) as error:

@@ -5,10 +5,10 @@ writes files and the ``last_checkpoint`` pointer in place: a run killed during a
 with a truncated newest file, a pointer to nothing, and no older checkpoint.
 """
 import contextlib
-import glob
 import logging
 import os
 import os.path as osp
+import shutil
 from typing import List, Optional
 
 from mmengine.dist import is_main_process
@@ -17,36 +17,40 @@ from mmengine.hooks import CheckpointHook
 from mmengine.logging import print_log
 from mmengine.registry import HOOKS
 
+from ..resume import list_checkpoints
+from ..work_dir import WorkDirLock, remove_abandoned_temporaries, temporary_name
+
 #: The file backend name under which :class:`AtomicLocalBackend` is registered.
 ATOMIC_BACKEND = 'mmdat_atomic_local'
-_TMP_SUFFIX = '.mmdat-tmp'
-
-
-def _temporary_name(path: str) -> str:
-    """A hidden name next to ``path``, unique to this process."""
-    directory, name = osp.split(path)
-    return osp.join(directory, f'.{name}.{os.getpid()}{_TMP_SUFFIX}')
 
 
 def write_atomically(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` so that ``path`` is either the old file or the whole new one.
 
-    The data goes to a temporary file in the same folder, is flushed to disk, and the file is
-    renamed over ``path`` (``os.replace`` is atomic on POSIX and Windows).
+    The data goes to a temporary file in the same folder (named after this process, see
+    :func:`mmdat.engine.work_dir.temporary_name`), is flushed to disk, and the file is renamed
+    over ``path`` (``os.replace`` is atomic on POSIX and Windows).
+
+    Raises:
+        OSError: As the file system reports it (e.g. a full disk), naming ``path`` rather than
+            the temporary file.
     """
     path = str(path)
     directory = osp.dirname(osp.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    temporary = _temporary_name(path)
+    temporary = temporary_name(path)
     try:
         with open(temporary, 'wb') as file:
             file.write(data)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         if osp.exists(temporary):
             os.remove(temporary)
+        if isinstance(error, OSError) and error.errno is not None and error.filename in (
+                None, temporary):
+            raise type(error)(error.errno, error.strerror, path) from error
         raise
     if hasattr(os, 'O_DIRECTORY'):  # make the rename itself durable (POSIX)
         handle = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
@@ -105,11 +109,17 @@ class AtomicCheckpointHook(CheckpointHook):
     - each file is written to a temporary name and renamed when complete;
     - ``last_checkpoint`` is written the same way, after the checkpoint it names;
     - checkpoints beyond ``max_keep_ckpts`` (and a superseded best checkpoint) are removed only
-      after the new file is complete;
-    - temporary files left by a killed run are removed when training starts.
+      after the new file and ``last_checkpoint`` are complete, and found by listing the folder:
+      files that a run killed during an earlier save left are removed too;
+    - a run holds its work dir and checkpoint folder (:class:`~mmdat.engine.work_dir.WorkDirLock`):
+      a second run there stops with :class:`~mmdat.engine.work_dir.WorkDirInUseError` naming the
+      first;
+    - temporary files whose writing process has ended are removed when training starts (never
+      those of a live process).
 
-    So the work dir always holds a complete checkpoint once one was saved, and ``last_checkpoint``
-    names a complete file. Checkpoints saved elsewhere (``out_dir`` a URL, or ``backend_args``
+    So the work dir always holds a complete checkpoint once one was saved, ``last_checkpoint``
+    names a complete file, and at most ``max_keep_ckpts`` checkpoints stay, whenever the run is
+    killed. Checkpoints saved elsewhere (``out_dir`` a URL, or ``backend_args``
     given) are saved as mmengine saves them, with a warning.
 
     Registered in mmengine's root ``HOOKS``, so mmdet and mmseg configs find it as
@@ -117,6 +127,7 @@ class AtomicCheckpointHook(CheckpointHook):
     ``mmdat``); ``tools/train.py`` uses it in place of a plain ``CheckpointHook``.
     """
     _atomic = False  # set in before_train
+    _locks: List[WorkDirLock] = []  # the folders this run holds (main process)
 
     def before_train(self, runner) -> None:
         out_dir = self.out_dir or runner.work_dir
@@ -128,21 +139,38 @@ class AtomicCheckpointHook(CheckpointHook):
             print_log(f'AtomicCheckpointHook: checkpoints go to {out_dir} through a storage '
                       'backend; they are saved as mmengine saves them (not atomically)',
                       logger='current', level=logging.WARNING)
-        super().before_train(runner)
-        if self._atomic and is_main_process():
-            for leftover in glob.glob(osp.join(glob.escape(str(self.out_dir)), f'.*{_TMP_SUFFIX}')):
-                os.remove(leftover)
+        held = self._atomic and is_main_process()
+        if held:  # before CheckpointHook's own before_train, which may remove checkpoints
+            self._hold(str(runner.work_dir))
+        super().before_train(runner)  # sets self.out_dir: out_dir/<work dir name> or the work dir
+        if held:
+            self._hold(str(self.out_dir))
+            for folder in dict.fromkeys([str(runner.work_dir), str(self.out_dir)]):
+                for path in remove_abandoned_temporaries(folder):
+                    print_log(f'Removed {path}, left by a run that ended during a save',
+                              logger='current', level=logging.INFO)
+
+    def _hold(self, folder: str) -> None:
+        if any(osp.realpath(lock.folder) == osp.realpath(folder) for lock in self._locks):
+            return
+        lock = WorkDirLock(folder)
+        lock.acquire()
+        self._locks = self._locks + [lock]
+
+    def after_run(self, runner) -> None:
+        for lock in self._locks:
+            lock.release()
+        self._locks = []
 
     def _save_checkpoint_with_step(self, runner, step, meta) -> None:
         if not self._atomic:
             super()._save_checkpoint_with_step(runner, step, meta)
             return
         # The same bookkeeping as CheckpointHook (the saved message hub lists the kept
-        # checkpoints, the new one included), but the superseded file is removed last.
-        superseded = None
+        # checkpoints, the new one included), but old files are removed last.
         if self.max_keep_ckpts > 0 and not (self.keep_ckpt_ids and self.keep_ckpt_ids[-1] == step):
             if len(self.keep_ckpt_ids) == self.max_keep_ckpts:
-                superseded = self.keep_ckpt_ids.popleft()
+                self.keep_ckpt_ids.popleft()
             self.keep_ckpt_ids.append(step)
             runner.message_hub.update_info('keep_ckpt_ids', list(self.keep_ckpt_ids))
         filename = self.filename_tmpl.format(step)
@@ -155,12 +183,24 @@ class AtomicCheckpointHook(CheckpointHook):
         if not is_main_process():
             return
         write_atomically(osp.join(runner.work_dir, 'last_checkpoint'), self.last_ckpt.encode())
-        if superseded is not None:
-            path = self.file_backend.join_path(self.out_dir, self.filename_tmpl.format(superseded))
-            if self.file_backend.isdir(path):  # DeepSpeed saves folders
-                self.file_backend.rmtree(path)
-            elif self.file_backend.isfile(path):
-                self.file_backend.remove(path)
+        self._remove_old_checkpoints(step)
+
+    def _remove_old_checkpoints(self, step: int) -> None:
+        """Remove the checkpoints in the folder older than ``step`` that are not kept.
+
+        The folder is listed rather than trusting the kept steps alone: a run killed between
+        its rename and this removal left a file that no later run would otherwise remove.
+        Files of later steps (from an earlier, longer run) are left to be overwritten.
+        """
+        if self.max_keep_ckpts <= 0:
+            return
+        kept = set(self.keep_ckpt_ids)
+        for old_step, path in list_checkpoints(str(self.out_dir), (self.filename_tmpl, )):
+            if old_step < step and old_step not in kept:
+                if osp.isdir(path):  # DeepSpeed saves folders
+                    shutil.rmtree(path)
+                else:
+                    os.remove(path)
 
     def _save_best_checkpoint(self, runner, metrics) -> None:
         if not self._atomic:

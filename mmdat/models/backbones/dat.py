@@ -1,21 +1,18 @@
 """DAT (Xia et al., CVPR 2022) and DAT++ (arXiv 2309.01430) backbones."""
-import logging
 from collections import OrderedDict
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint as cp
-from mmengine.logging import print_log
 from mmengine.model import BaseModule
 
 from mmdat.registry import register_model
-from ..layers import (DeformableAttention, DeformableAttentionPP, NeighborhoodAttention,
+from ..layers import (IMPLEMENTATIONS, DeformableAttention, DeformableAttentionPP, NeighborhoodAttention,
                       WindowAttention, block_attn_impl, check_attn_impl)
 from ..layers.tracing import pad_to_multiple
-from ..utils import (CheckpointError, check_pretrained_file, dat_converter, extract_state_dict,
-                     fit_position_tables, is_official_dat, is_official_datpp, load_checkpoint_file)
+from ..utils import check_pretrained_file, load_backbone_weights
 
 #: Stem stride and output strides of the stages: 4, 8, 16, 32.
 STEM_STRIDE = 4
@@ -176,11 +173,34 @@ class DATBlock(nn.Module):
         return self._forward(x)
 
 
+def _deformable(stage: dict, attn_impl: str) -> nn.Module:
+    if stage['datpp']:
+        return DeformableAttentionPP(stage['embed_dims'], stage['num_heads'], stage['offset_groups'],
+                                     stage['offset_kernel_size'], stage['offset_stride'], stage['table_size'],
+                                     attn_impl)
+    return DeformableAttention(stage['embed_dims'], stage['num_heads'], stage['offset_groups'],
+                               stage['offset_kernel_size'], stage['table_size'], OFFSET_RANGE_FACTOR, attn_impl)
+
+
+#: Each block letter: the layer kind it has (for the attention policy, see
+#: :func:`~mmdat.models.layers.policy.block_attn_impl`) and how a stage builds it from its
+#: arguments (see :class:`DATStage`) and the block's ``attn_impl``.
+BLOCK_TYPES: Dict[str, Tuple[str, Callable[[dict, str], nn.Module]]] = dict(
+    W=(WindowAttention.LAYER, lambda stage, impl: WindowAttention(
+        stage['embed_dims'], stage['num_heads'], stage['window_size'], 0, impl)),
+    S=(WindowAttention.LAYER, lambda stage, impl: WindowAttention(
+        stage['embed_dims'], stage['num_heads'], stage['window_size'], -(-stage['window_size'] // 2), impl)),
+    N=(NeighborhoodAttention.LAYER, lambda stage, impl: NeighborhoodAttention(
+        stage['embed_dims'], stage['num_heads'], stage['window_size'], impl, stage['with_cp'])),
+    D=(DeformableAttention.LAYER, _deformable),
+)
+
+
 class DATStage(nn.Module):
     """A downsampling layer (except in the first stage) and a sequence of :class:`DATBlock`.
 
-    Block ``i`` uses the attention named by ``block_types[i]``: ``'W'`` window, ``'S'``
-    shifted-window (shift ``ceil(window_size / 2)``), ``'D'`` deformable (v1's
+    Block ``i`` uses the attention named by ``block_types[i]`` (:data:`BLOCK_TYPES`): ``'W'``
+    window, ``'S'`` shifted-window (shift ``ceil(window_size / 2)``), ``'D'`` deformable (v1's
     :class:`DeformableAttention`, or :class:`DeformableAttentionPP` in DAT++ stages) and ``'N'``
     neighborhood attention (kernel ``window_size``).
 
@@ -200,7 +220,8 @@ class DATStage(nn.Module):
         datpp (bool): DAT++ stage (blocks, downsampling and deformable attention of DAT++).
         attn_impl (str): The backbone's ``attn_impl``; each block gets
             :func:`block_attn_impl` of it.
-        with_cp (bool): Gradient checkpointing of every block.
+        with_cp (bool): Gradient checkpointing of every block (neighborhood blocks then leave
+            natten out under ``'auto'``).
     """
 
     def __init__(self, in_channels: int, embed_dims: int, block_types: str, num_heads: int,
@@ -214,31 +235,16 @@ class DATStage(nn.Module):
             self.downsample = OverlappingDownsample(in_channels, embed_dims)
         else:
             self.downsample = ConvDownsample(in_channels, embed_dims, 2, bias=False)
+        stage = dict(embed_dims=embed_dims, num_heads=num_heads, offset_groups=offset_groups,
+                     window_size=window_size, offset_kernel_size=offset_kernel_size,
+                     offset_stride=offset_stride, table_size=table_size, datpp=datpp, with_cp=with_cp)
         self.blocks = nn.ModuleList()
         for i, block_type in enumerate(block_types):
-            layer = self.block_layer(block_type, datpp)
-            impl = block_attn_impl(attn_impl, layer.SUPPORTED_IMPLS, with_cp)
-            if block_type in 'WS':
-                shift = 0 if block_type == 'W' else -(-window_size // 2)
-                attn = WindowAttention(embed_dims, num_heads, window_size, shift, impl)
-            elif block_type == 'N':
-                attn = NeighborhoodAttention(embed_dims, num_heads, window_size, impl)
-            elif datpp:
-                attn = DeformableAttentionPP(embed_dims, num_heads, offset_groups,
-                                             offset_kernel_size, offset_stride, table_size, impl)
-            else:
-                attn = DeformableAttention(embed_dims, num_heads, offset_groups, offset_kernel_size,
-                                           table_size, OFFSET_RANGE_FACTOR, impl)
+            if block_type not in BLOCK_TYPES:
+                raise ValueError(f'Unknown block type {block_type!r}')
+            layer, build = BLOCK_TYPES[block_type]
+            attn = build(stage, block_attn_impl(attn_impl, layer))
             self.blocks.append(DATBlock(embed_dims, attn, drop_path_rates[i], with_cp, datpp))
-
-    @staticmethod
-    def block_layer(block_type: str, datpp: bool) -> type:
-        """The attention layer class of a block type letter (see the class docstring)."""
-        layers = dict(W=WindowAttention, S=WindowAttention, N=NeighborhoodAttention,
-                      D=DeformableAttentionPP if datpp else DeformableAttention)
-        if block_type not in layers:
-            raise ValueError(f'Unknown block type {block_type!r}')
-        return layers[block_type]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Args: x (Tensor): ``(B, H, W, C)``. Returns: Tensor ``(B, H', W', C')``."""
@@ -287,8 +293,8 @@ class DAT(BaseModule):
             Defaults to ``(0, 1, 2, 3)``.
         drop_path_rate (float): Stochastic depth rate, increasing linearly over the blocks from
             0 to this value. Defaults to 0.1.
-        attn_impl (str): How attention is computed (one vocabulary for every block; see
-            :mod:`mmdat.models.layers.attention`): ``'sdpa'``
+        attn_impl (str): How attention is computed: one vocabulary for every block, from the
+            table of :mod:`mmdat.models.layers.policy`: ``'sdpa'``
             (:func:`torch.nn.functional.scaled_dot_product_attention` with the bias as
             ``attn_mask``), ``'reference'`` (plain matmul and softmax, the same function),
             ``'fused'`` (deformable blocks sample the position bias inside a kernel and never
@@ -296,12 +302,14 @@ class DAT(BaseModule):
             the other blocks use SDPA), ``'natten'`` (DAT++: the neighborhood blocks run natten's
             kernels, the others SDPA), or ``'auto'``: per call, the deformable blocks run the
             fused kernel on CUDA (with Triton) and on CPU from 512 scores per query row (map
-            width x keys);
-            otherwise SDPA, except on CPU when the bias needs a gradient (training) and for
-            attention over fewer than 128 keys (windows, neighborhoods), where matmuls are
-            faster; in DAT++, natten for the neighborhood blocks when a compatible natten is
-            installed and ``with_cp`` is off (natten 0.14's backward does not work under
-            non-reentrant checkpointing). Defaults to ``'auto'``.
+            width x keys); otherwise SDPA, except on CPU when the bias needs a gradient
+            (training) and for attention over fewer than 128 keys (windows, neighborhoods),
+            where matmuls are faster; in DAT++, natten for the neighborhood blocks when a
+            compatible natten is installed and ``with_cp`` is off (natten 0.14's backward does
+            not work under non-reentrant checkpointing). Each kernel checks itself against the
+            reference math the first time it runs on a device type and dtype; under ``'auto'``
+            one that fails is left out after a warning, an explicit value raises.
+            Defaults to ``'auto'``.
         with_cp (bool): Gradient checkpointing: less memory, same results, slower backward.
             Defaults to False.
         frozen_stages (int): Stages to freeze (no gradients, eval mode), ``-1..4``; 0 freezes
@@ -366,7 +374,7 @@ class DAT(BaseModule):
         if pretrain_img_size < STEM_STRIDE * 2**(NUM_STAGES - 1):
             raise ValueError(f'pretrain_img_size must be at least {STEM_STRIDE * 2**(NUM_STAGES - 1)}, '
                              f'got {pretrain_img_size!r}')
-        self._check_attn_impl(attn_impl, arch['block_types'], datpp)
+        self._check_attn_impl(attn_impl, arch['block_types'])
         self.arch = arch
         self.in_channels = in_channels
         self.frozen_stages = frozen_stages
@@ -402,12 +410,13 @@ class DAT(BaseModule):
         self._freeze_stages()
 
     @staticmethod
-    def _check_attn_impl(attn_impl: str, block_types: Sequence[str], datpp: bool) -> None:
-        """A known ``attn_impl`` whose kernels are installed; ``'natten'`` only with neighborhood
-        blocks (``'fused'`` is accepted anywhere: blocks without the kernel run SDPA)."""
-        layers = {DATStage.block_layer(t, datpp) for types in block_types for t in types}
-        if attn_impl == 'natten' and not any('natten' in layer.SUPPORTED_IMPLS for layer in layers):
-            raise ValueError("attn_impl='natten' is for DAT++ archs (neighborhood attention)")
+    def _check_attn_impl(attn_impl: str, block_types: Sequence[str]) -> None:
+        """A known ``attn_impl`` whose kernels are installed, and that some block of the arch has
+        (blocks without it run :func:`block_attn_impl` of it)."""
+        layers = {BLOCK_TYPES[t][0] for types in block_types for t in types}
+        if attn_impl in IMPLEMENTATIONS and not layers & set(IMPLEMENTATIONS[attn_impl].layers):
+            raise ValueError(f'attn_impl={attn_impl!r} is for {" or ".join(IMPLEMENTATIONS[attn_impl].layers)} '
+                             f'blocks, and this arch has none (its blocks: {" and ".join(sorted(layers))})')
         check_attn_impl(attn_impl)
 
     @classmethod
@@ -505,53 +514,13 @@ class DAT(BaseModule):
         self.load_pretrained(checkpoint)
 
     def load_pretrained(self, checkpoint: str) -> List[str]:
-        """Load an mmdat or official DAT/DAT++ checkpoint (see ``init_cfg``) into the backbone.
-
-        Weights the file lacks keep their initialisation: missing blocks are named in a warning
-        (the output norms ``norm{i}``, which classification files lack, in an info line); a file
-        that lacks a whole stage or the stem is refused.
+        """Load an mmdat or official DAT/DAT++ checkpoint (see ``init_cfg``) into the backbone:
+        :func:`~mmdat.models.utils.pretrained.load_backbone_weights`.
 
         Returns:
             list[str]: Names of the parameters left at their initialisation.
-
-        Raises:
-            CheckpointError: The file cannot be read or lacks a whole stage or the stem.
         """
-        state_dict = extract_state_dict(load_checkpoint_file(checkpoint), prefix='backbone.')
-        if is_official_dat(state_dict):
-            file_version = 2 if is_official_datpp(state_dict) else 1
-            if file_version != self.arch['version']:
-                names = {1: 'DAT (v1)', 2: 'DAT++'}
-                raise ValueError(f'{checkpoint} is an official {names[file_version]} checkpoint, but '
-                                 f'this backbone is {names[self.arch["version"]]}; choose a matching arch')
-            state_dict = dat_converter(state_dict)
-        if not state_dict.keys() & self.state_dict().keys():
-            raise ValueError(f'No weight of {checkpoint} belongs to this DAT backbone (neither an '
-                             'mmdat nor an official DAT/DAT++ layout)')
-        state_dict = fit_position_tables(state_dict, self.state_dict())
-        missing, unexpected = self.load_state_dict(state_dict, strict=False)
-        params = [name for name, _ in self.named_parameters()]
-        missing = [name for name in params if name in missing]
-        # whole modules: stem, stages.i.downsample, stages.i.blocks.j, norm{i}
-        modules = list(dict.fromkeys('.'.join(name.split('.')[:(
-            4 if '.blocks.' in name else 3 if name.startswith('stages.') else 1)]) for name in missing))
-        for whole in ['patch_embed'] + [f'stages.{i}' for i in range(NUM_STAGES)]:
-            inside = [name for name in params if name.startswith(f'{whole}.')]
-            if inside and all(name in missing for name in inside):
-                raise CheckpointError(f'{checkpoint} has no weights for {whole} of this DAT '
-                                      'backbone; is it a checkpoint of another arch?')
-        blocks = [m for m in modules if not m.startswith('norm')]
-        norms = [m for m in modules if m.startswith('norm')]
-        if blocks:
-            print_log(f'DAT: {checkpoint} has no weights for {", ".join(blocks)}: they keep their '
-                      'random initialisation', logger='current', level=logging.WARNING)
-        if norms:
-            print_log(f'DAT: output norms initialised, not loaded: {", ".join(norms)}',
-                      logger='current')
-        if unexpected:
-            print_log(f'DAT: unexpected weights in the checkpoint: {", ".join(unexpected)}',
-                      logger='current')
-        return missing
+        return load_backbone_weights(self, checkpoint)
 
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor) or x.dim() != 4:

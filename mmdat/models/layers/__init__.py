@@ -1,20 +1,23 @@
-from .attention import (ATTN_IMPLS, MASK_VALUE, attention_probabilities, biased_attention,
-                        block_attn_impl, check_attn_impl, resolve_attn_impl, sampled_position_bias)
-from .cpu_deformable_attention import cpu_deformable_attention, cpu_kernel_available
-from .deformable_attention import (DeformableAttention, OffsetNetwork, deformable_attention_kernel,
+from .attention_math import (MASK_VALUE, attention_probabilities, biased_attention, reference_deformable_attention,
+                             reference_neighborhood_attention, sampled_position_bias)
+from .cpu_deformable import cpu_deformable_attention, cpu_kernel_available
+from .deformable_attention import (DeformableAttention, OffsetNetwork, deformable_attention_op,
                                    pixel_centre_grid)
-from .deformable_attention_pp import (DeformableAttentionPP, StridedOffsetNetwork,
-                                      datpp_query_grid, datpp_reference_grid)
-from .neighborhood_attention import (NA_IMPLS, NeighborhoodAttention, natten_available,
-                                     neighborhood_attention)
+from .deformable_attention_pp import (DeformableAttentionPP, StridedOffsetNetwork, datpp_query_grid,
+                                      datpp_reference_grid)
+from .natten_kernel import installed as natten_available
+from .neighborhood_attention import NeighborhoodAttention, neighborhood_attention
+from .policy import (IMPLEMENTATIONS, Implementation, Kernel, attn_impls, block_attn_impl, check_attn_impl,
+                     resolve_attn_impl)
+from .triton_deformable import fused_deformable_attention
 from .window_attention import WindowAttention, build_window_attention_mask, window_attention_mask
 
 __all__ = [
-    'ATTN_IMPLS', 'MASK_VALUE', 'attention_probabilities', 'biased_attention', 'block_attn_impl',
-    'check_attn_impl', 'resolve_attn_impl', 'sampled_position_bias', 'cpu_deformable_attention',
-    'cpu_kernel_available', 'DeformableAttention', 'OffsetNetwork', 'deformable_attention_kernel',
-    'pixel_centre_grid', 'DeformableAttentionPP', 'StridedOffsetNetwork', 'datpp_query_grid',
-    'datpp_reference_grid', 'NA_IMPLS', 'NeighborhoodAttention', 'natten_available',
-    'neighborhood_attention', 'WindowAttention',
-    'build_window_attention_mask', 'window_attention_mask'
+    'MASK_VALUE', 'attention_probabilities', 'biased_attention', 'reference_deformable_attention',
+    'reference_neighborhood_attention', 'sampled_position_bias', 'cpu_deformable_attention',
+    'cpu_kernel_available', 'DeformableAttention', 'OffsetNetwork', 'deformable_attention_op', 'pixel_centre_grid',
+    'DeformableAttentionPP',    'StridedOffsetNetwork', 'datpp_query_grid', 'datpp_reference_grid', 'natten_available',
+    'NeighborhoodAttention', 'neighborhood_attention', 'IMPLEMENTATIONS', 'Implementation', 'Kernel',
+    'attn_impls', 'block_attn_impl', 'check_attn_impl', 'resolve_attn_impl', 'fused_deformable_attention',
+    'WindowAttention', 'build_window_attention_mask', 'window_attention_mask'
 ]

@@ -1,14 +1,12 @@
 """Deformable multi-head attention of DAT (Xia et al., CVPR 2022), v1 formulas."""
-from typing import Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import (biased_attention, check_attn_impl, cpu_kernel_ready, resolve_attn_impl,
-                        sampled_position_bias)
-from .cpu_deformable_attention import cpu_deformable_attention, grid_axes
-from .fused_deformable_attention import fused_deformable_attention, interpreter_enabled
+from .attention_math import biased_attention, sampled_position_bias
+from .policy import DEFORMABLE, check_attn_impl, resolve_attn_impl
 from .tracing import copy_view
 
 
@@ -20,15 +18,13 @@ def pixel_centre_grid(height: int, width: int, device: torch.device,
     return torch.stack(torch.meshgrid(ys, xs, indexing='ij'), dim=-1)
 
 
-def deformable_attention_kernel(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                                queries: torch.Tensor, positions: torch.Tensor,
-                                table: torch.Tensor) -> torch.Tensor:
-    """The ``'fused'`` path: attention with the position bias sampled inside a kernel.
-
-    On CPU the C++ kernel (float32/float64; Triton's interpreter instead where it does not
-    build or take the dtype and ``TRITON_INTERPRET=1``), elsewhere the Triton kernel. The same
-    math as ``biased_attention(query, key, value, sampled_position_bias(queries, positions,
-    table, B), 'reference')``.
+def deformable_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, queries: torch.Tensor,
+                         positions: torch.Tensor, table: torch.Tensor, attn_impl: str = 'sdpa',
+                         bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The attention of :class:`DeformableAttention` once keys and values are sampled: the path
+    resolved once for the call (:func:`~mmdat.models.layers.policy.resolve_attn_impl`), then its
+    kernel or the materialised bias (:func:`~mmdat.models.layers.attention_math.
+    sampled_position_bias`, then :func:`~mmdat.models.layers.attention_math.biased_attention`).
 
     Args:
         query (Tensor): ``(B, heads, H * W, head_dims)``.
@@ -36,16 +32,18 @@ def deformable_attention_kernel(query: torch.Tensor, key: torch.Tensor, value: t
         value (Tensor): ``(B, heads, Nk, head_dims)``.
         queries (Tensor): Query points ``(H, W, 2)``, a separable grid of normalised ``(y, x)``.
         positions (Tensor): Key positions ``(B * groups, Nk, 2)``.
-        table (Tensor): ``(heads, Th, Tw)``.
+        table (Tensor): Position bias table ``(heads, Th, Tw)``.
+        attn_impl (str): One of the values of :class:`DeformableAttention`.
+        bias (Tensor, optional): The materialised bias, when the caller has it already.
     """
-    if query.device.type == 'cpu' and cpu_kernel_ready(query.dtype):
-        ys, xs = grid_axes(queries.to(query.dtype))
-        return cpu_deformable_attention(query, key, value, ys, xs, positions.to(query.dtype),
-                                        table.to(query.dtype))
-    if query.device.type == 'cpu' and not interpreter_enabled():
-        raise TypeError("attn_impl='fused' on CPU needs float32 or float64 inputs and a C++ "
-                        f"compiler, got {query.dtype}; use attn_impl='auto'")
-    return fused_deformable_attention(query, key, value, queries.flatten(0, 1), positions, table)
+    bias_grad = torch.is_grad_enabled() and (positions.requires_grad or table.requires_grad)
+    choice = resolve_attn_impl(attn_impl, DEFORMABLE, query.device, query.dtype, key.shape[-2], bias_grad,
+                               row_queries=queries.shape[1])
+    if choice.kernel is not None:
+        return choice.op(query, key, value, queries, positions, table)
+    if bias is None:
+        bias = sampled_position_bias(queries, positions, table, query.shape[0])
+    return biased_attention(query, key, value, bias, choice.attention)
 
 
 class OffsetNetwork(nn.Module):
@@ -92,13 +90,14 @@ class DeformableAttention(nn.Module):
             (the map size at pre-training resolution); the table has ``2 * size - 1`` entries a side.
         offset_range_factor (float): Offsets are ``tanh(raw) * factor / (H, W)`` in normalised
             coordinates, i.e. at most ``factor / 2`` pixels.
-        attn_impl (str): One of :attr:`SUPPORTED_IMPLS`: ``'sdpa'`` or ``'reference'`` (see
-            :func:`biased_attention`), ``'fused'`` (:func:`deformable_attention_kernel`: the
+        attn_impl (str): ``'sdpa'`` or ``'reference'`` (the materialised bias, see
+            :func:`~mmdat.models.layers.attention_math.biased_attention`), ``'fused'`` (the
             bias is sampled inside the attention kernel and no ``N x N`` tensor is stored;
-            Triton on CUDA, C++ on CPU), or ``'auto'`` (:func:`resolve_attn_impl`).
+            C++ on CPU, Triton on CUDA), or ``'auto'``; see
+            :func:`~mmdat.models.layers.policy.resolve_attn_impl`.
     """
-    #: The ``attn_impl`` values this layer takes (see :mod:`mmdat.models.layers.attention`).
-    SUPPORTED_IMPLS = ('auto', 'sdpa', 'reference', 'fused')
+    #: What this layer computes, for the attention policy (:mod:`mmdat.models.layers.policy`).
+    LAYER = DEFORMABLE
 
     def __init__(self, embed_dims: int, num_heads: int, num_groups: int, offset_kernel_size: int,
                  table_size: Union[int, Sequence[int]], offset_range_factor: float = 2.0,
@@ -113,7 +112,7 @@ class DeformableAttention(nn.Module):
         self.num_heads = num_heads
         self.num_groups = num_groups
         self.offset_range_factor = offset_range_factor
-        self.attn_impl = check_attn_impl(attn_impl, self.SUPPORTED_IMPLS, type(self).__name__)
+        self.attn_impl = check_attn_impl(attn_impl, self.LAYER, type(self).__name__)
 
         self.proj_q = nn.Linear(embed_dims, embed_dims)
         self.proj_k = nn.Linear(embed_dims, embed_dims)
@@ -187,19 +186,11 @@ class DeformableAttention(nn.Module):
 
         query = heads(query, height * width)
         key, value = heads(self.proj_k(sampled), num_keys), heads(self.proj_v(sampled), num_keys)
-        bias_grad = torch.is_grad_enabled() and (positions.requires_grad or self.rpe_table.requires_grad)
-        impl = resolve_attn_impl(self.attn_impl, self.SUPPORTED_IMPLS, query.device, query.dtype,
-                                 key.shape[-2], bias_grad, row_queries=width)
-        # the kernels sample the bias themselves; recording needs it materialised anyway
         bias = None
-        if impl != 'fused' or self.recorder is not None:
+        if self.recorder is not None:  # recording needs the bias materialised, whatever the path
             bias = self.position_bias(queries, positions, batch)
-        if self.recorder is not None:
             self.recorder(reference, positions, query, key, bias, (height, width))
-        if impl == 'fused':
-            out = deformable_attention_kernel(query, key, value, queries, positions.flatten(1, 2),
-                                              self.rpe_table)
-        else:
-            out = biased_attention(query, key, value, bias, impl)
+        out = deformable_attention_op(query, key, value, queries, positions.flatten(1, 2), self.rpe_table,
+                                   self.attn_impl, bias)
         out = copy_view(out.transpose(1, 2), batch, height, width, channels)
         return self.proj_out(out)

@@ -4,8 +4,12 @@ When a model is traced or compiled, sizes read from ``tensor.shape`` are not pla
 tensors under TorchScript tracing (``torch.onnx.export(dynamo=False)``), ``SymInt`` under
 torch.export and dynamic torch.compile. Python branches on them and caches keyed by them bake
 the first input size into the graph, so layers ask :func:`is_tracing` and then build their
-masks and index tables from the sizes, uncached and without branching on them.
+masks and index tables from the sizes, uncached and without branching on them
+(:func:`eager_cache`).
 """
+import functools
+from typing import Callable, Optional
+
 import torch
 
 
@@ -18,6 +22,36 @@ def is_exporting() -> bool:
     """Whether the forward pass is being exported (ONNX, TorchScript tracing, torch.export):
     there only standard operators can be recorded, not mmdat's kernels."""
     return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
+
+
+def eager_cache(maxsize: int, traced: Optional[Callable] = None) -> Callable[[Callable], Callable]:
+    """Cache a builder of index tables or masks for eager calls, keyed by its arguments.
+
+    The cached tensors are built outside ``inference_mode`` (so that they also serve calls that
+    record gradients) and must not be modified by callers. While tracing or compiling
+    (:func:`is_tracing`) nothing is cached and ``traced`` (by default the builder itself) is
+    called instead: a cache keyed by traced sizes would bake them into the graph.
+
+    Args:
+        maxsize (int): Entries kept (least recently used first out).
+        traced (Callable, optional): What traced calls run instead, with the same arguments.
+    """
+
+    def decorate(build: Callable) -> Callable:
+
+        @functools.lru_cache(maxsize=maxsize)
+        def cached(*args):
+            with torch.inference_mode(False):
+                return build(*args)
+
+        @functools.wraps(build)
+        def call(*args):
+            return (traced or build)(*args) if is_tracing() else cached(*args)
+
+        call.cache_clear, call.cache_info = cached.cache_clear, cached.cache_info
+        return call
+
+    return decorate
 
 
 def pad_to_multiple(size, multiple: int):

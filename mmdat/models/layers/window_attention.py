@@ -1,13 +1,13 @@
 """Window attention and shifted-window attention for maps of any size."""
-import functools
 from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import MASK_VALUE, biased_attention, check_attn_impl
-from .tracing import copy_view, is_tracing, pad_to_multiple
+from .attention_math import MASK_VALUE, biased_attention
+from .policy import WINDOW, check_attn_impl, resolve_attn_impl
+from .tracing import copy_view, eager_cache, pad_to_multiple
 
 
 def _axis_labels(size, padded, window_size: int, shift_size: int,
@@ -51,14 +51,15 @@ def build_window_attention_mask(height, width, window_size: int, shift_size: int
     return mask.unsqueeze(1)
 
 
-@functools.lru_cache(maxsize=64)
+@eager_cache(64, traced=build_window_attention_mask)
 def window_attention_mask(height: int, width: int, window_size: int, shift_size: int,
                           device: torch.device) -> Optional[torch.Tensor]:
-    """:func:`build_window_attention_mask` for eager calls: cached per size, and ``None``
+    """:func:`build_window_attention_mask`, and for eager calls cached per size and ``None``
     when every key is allowed (no shift and no padding). Callers must not modify the result.
 
-    Not for traced or compiled code: the cache would hold traced values and the ``None``
-    branch would fix the map size (see :func:`mmdat.models.layers.tracing.is_tracing`).
+    Traced and compiled calls always build the mask in the graph: a cache would hold traced
+    values and the ``None`` branch would fix the map size (see
+    :func:`~mmdat.models.layers.tracing.eager_cache`).
     """
     if shift_size == 0 and height % window_size == 0 and width % window_size == 0:
         return None
@@ -78,10 +79,11 @@ class WindowAttention(nn.Module):
         window_size (int): Side of the square windows.
         shift_size (int): Cyclic shift of the windows; 0 for plain windows, otherwise in
             ``(0, window_size)``.
-        attn_impl (str): ``'auto'``, ``'sdpa'`` or ``'reference'``; see :func:`biased_attention`.
+        attn_impl (str): ``'auto'``, ``'sdpa'`` or ``'reference'``
+            (:func:`~mmdat.models.layers.policy.resolve_attn_impl`).
     """
-    #: The ``attn_impl`` values this layer takes (see :mod:`mmdat.models.layers.attention`).
-    SUPPORTED_IMPLS = ('auto', 'sdpa', 'reference')
+    #: What this layer computes, for the attention policy (:mod:`mmdat.models.layers.policy`).
+    LAYER = WINDOW
 
     def __init__(self, embed_dims: int, num_heads: int, window_size: int, shift_size: int = 0,
                  attn_impl: str = 'sdpa'):
@@ -94,7 +96,7 @@ class WindowAttention(nn.Module):
         self.num_heads = num_heads
         self.window_size = window_size
         self.shift_size = shift_size
-        self.attn_impl = check_attn_impl(attn_impl, self.SUPPORTED_IMPLS, type(self).__name__)
+        self.attn_impl = check_attn_impl(attn_impl, self.LAYER, type(self).__name__)
 
         self.qkv = nn.Linear(embed_dims, embed_dims * 3)
         self.proj = nn.Linear(embed_dims, embed_dims)
@@ -131,14 +133,11 @@ class WindowAttention(nn.Module):
         query, key, value = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)  # B, nW, heads, N, d
 
         bias = self.relative_position_bias()
-        if is_tracing():
-            # sizes may be traced or symbolic: build the mask in the graph, always
-            mask = build_window_attention_mask(height, width, ws, shift, x.device)
-        else:
-            mask = window_attention_mask(height, width, ws, shift, x.device)
+        mask = window_attention_mask(height, width, ws, shift, x.device)
         if mask is not None:
             bias = bias + mask
-        out = biased_attention(query, key, value, bias, self.attn_impl)
+        choice = resolve_attn_impl(self.attn_impl, self.LAYER, query.device, query.dtype, ws * ws, bias.requires_grad)
+        out = biased_attention(query, key, value, bias, choice.attention)
 
         out = copy_view(out.transpose(2, 3), batch, rows, cols, ws, ws, channels)
         out = copy_view(out.transpose(2, 3), batch, padded_h, padded_w, channels)

@@ -1,15 +1,24 @@
-"""Reading checkpoint files safely and fitting their weights to a model.
+"""Reading checkpoints safely, from a file or an address, and fitting their weights to a model.
 
-:func:`load_checkpoint_file` is mmdat's one reader of checkpoint files: DAT's ``init_cfg``, the
-model converters and the tools call it, and :func:`use_safe_checkpoint_loader` makes mmengine's
-runner (``load_from``, ``resume``) and the mmdet/mmseg inferencers call it for local files too.
+:func:`load_checkpoint_file` is mmdat's one reader of checkpoints: DAT's ``init_cfg``, the model
+converters and the tools call it, and :func:`use_safe_checkpoint_loader` makes mmengine call it
+for every source (the runner's ``load_from`` and ``resume``, ``Pretrained`` init_cfgs of any
+module, the mmdet/mmseg inferencers). What it refuses and how to trust a file:
+``docs/weights.md``.
 """
 import logging
+import os
 import os.path as osp
-import pickle
-import types
+import shutil
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
 import warnings
-from typing import Dict, List, Mapping, Optional
+import zipfile
+from http.client import HTTPException
+from typing import Callable, Dict, List, Mapping, Optional, Tuple
+from urllib.parse import unquote, urlparse
 
 import torch
 import torch.nn as nn
@@ -17,176 +26,346 @@ import torch.nn.functional as F
 from mmengine.logging import print_log
 from mmengine.runner.checkpoint import CheckpointLoader
 
+from .restricted_pickle import (CONFIG_CLASSES, OmittedObject, Refused, Unreadable, _MemoryGuard,
+                                object_allowance, restricted_pickle_module)
+
 
 class CheckpointError(ValueError):
-    """A checkpoint file that cannot be read, or whose weights do not fit the model.
+    """A checkpoint that cannot be read, or whose weights do not fit the model.
 
-    Its message is one line that names the file and the reason.
+    Its message is one line that names the file (or address) and the reason.
     """
 
 
-# numpy 2 moved ``numpy.core`` to ``numpy._core``; pickles name either.
-_NUMPY_GLOBALS = {(f'numpy.{core}.multiarray', name)
-                  for core in ('core', '_core') for name in ('_reconstruct', 'scalar')}
-_NUMPY_GLOBALS |= {('numpy', 'ndarray'), ('numpy', 'dtype')}
-
-#: ``(module, name)`` globals the restricted reader builds: tensors, their storages and dtypes,
-#: plain containers and numpy arrays. Nothing here runs code chosen by the file.
-_ALLOWED_GLOBALS = {
-    ('collections', 'OrderedDict'),
-    ('builtins', 'set'),
-    ('builtins', 'frozenset'),
-    ('_codecs', 'encode'),  # how protocol 2 pickles bytes
-    ('torch._utils', '_rebuild_tensor'),
-    ('torch._utils', '_rebuild_tensor_v2'),
-    ('torch._utils', '_rebuild_parameter'),
-    ('torch', 'Size'),
-    ('torch', 'device'),
-} | _NUMPY_GLOBALS
-
-#: Classes of the configs that training scripts pickle next to the weights (the official DAT
-#: files hold a yacs ``CfgNode``). They are read as inert :class:`OmittedObject` stand-ins.
-CONFIG_CLASSES = {('yacs.config', 'CfgNode'), ('argparse', 'Namespace')}
-
-#: Files the user trusted with :func:`trust_checkpoint` (real paths).
+#: Sources the user trusted with :func:`trust_checkpoint`: real paths of files, and addresses.
 _TRUSTED = set()
 
+#: Seconds a download may wait for the server before it is given up.
+DOWNLOAD_TIMEOUT = 60
 
-class OmittedObject:
-    """Stands in for a pickled config object (see :data:`CONFIG_CLASSES`).
-
-    It accepts whatever the unpickler hands it and keeps nothing, so reading it runs no code.
-    """
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def __setstate__(self, state):
-        pass
-
-    def __setitem__(self, key, value):
-        pass
-
-    def append(self, value):
-        pass
-
-    def extend(self, values):
-        pass
+#: Name schemes that mmengine resolves to an address (or a file) through its model tables.
+_NAMED_SCHEMES = ('open-mmlab', 'openmmlab', 'torchvision', 'modelzoo', 'mmcls')
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Builds only :data:`_ALLOWED_GLOBALS` (and torch dtypes and storage types); configs become
-    :class:`OmittedObject`; any other global is refused before it is imported."""
-
-    def find_class(self, module, name):
-        if (module, name) in _ALLOWED_GLOBALS:
-            return super().find_class(module, name)
-        if module == 'torch' and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        if module == 'torch' and name.endswith('Storage') and name.isidentifier():
-            return super().find_class(module, name)
-        if (module, name) in CONFIG_CLASSES:
-            return OmittedObject
-        raise pickle.UnpicklingError(f'refused to load {module}.{name}: only tensors, plain '
-                                     'containers and numpy arrays are read')
+def _trust_keys(source: str, path: Optional[str] = None) -> List[str]:
+    keys = [osp.realpath(path)] if path else []
+    if '://' in source and not source.lower().startswith('file://'):
+        keys.append(source)
+    return keys
 
 
-def _restricted_load(file, **kwargs):
-    return _RestrictedUnpickler(file, **kwargs).load()
-
-
-#: A ``pickle_module`` for :func:`torch.load`. torch's reader of the legacy (non-zip) format
-#: unpickles its header with ``pickle_module.load``, so both entry points are restricted.
-_restricted_pickle = types.SimpleNamespace(Unpickler=_RestrictedUnpickler, load=_restricted_load,
-                                           __name__='mmdat_restricted_pickle')
-
-
-def trust_checkpoint(path: str) -> None:
-    """Let :func:`load_checkpoint_file` read ``path`` with an unrestricted unpickler.
+def trust_checkpoint(source: str) -> None:
+    """Let :func:`load_checkpoint_file` unpickle ``source`` without restrictions.
 
     Only for files the user vouches for (the tools' ``--trust-checkpoint``): unpickling such a
     file may run any code it holds.
+
+    Args:
+        source (str): A path, a ``file://`` URL, or an address; trusting an ``http(s)://``
+            address trusts the file cached for it in torch's hub cache (which, as torch's and
+            mmengine's, is keyed by the file name).
     """
-    _TRUSTED.add(osp.realpath(path))
+    if '://' in source and not source.lower().startswith('file://'):
+        _TRUSTED.add(source)
+    else:
+        _TRUSTED.add(osp.realpath(_local_path(source)))
+
+
+def _local_path(source: str) -> str:
+    if source.lower().startswith('file://'):
+        parsed = urlparse(source)
+        if parsed.netloc not in ('', 'localhost'):
+            raise CheckpointError(f'{source}: a file:// URL on another host ({parsed.netloc})')
+        return unquote(parsed.path)
+    return osp.expanduser(source)
+
+
+def _download(url: str) -> str:
+    """The file cached for ``url`` in torch's hub cache (``torch.hub.get_dir()/checkpoints``,
+    named as torch and mmengine name it), downloaded first if it is not there."""
+    name = osp.basename(urlparse(url).path)
+    if not name:
+        raise CheckpointError(f'{url} names no file to download')
+    cache_dir = osp.join(torch.hub.get_dir(), 'checkpoints')
+    path = osp.join(cache_dir, name)
+    if osp.isfile(path):
+        return path
+    os.makedirs(cache_dir, exist_ok=True)
+    print_log(f'Downloading {url} to {path}', logger='current')
+    handle, partial = tempfile.mkstemp(dir=cache_dir, prefix=f'.{name}.', suffix='.partial')
+    try:
+        request = urllib.request.Request(url, headers={'User-Agent': 'mmdat'})
+        with os.fdopen(handle, 'wb') as out, \
+                urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT) as response:
+            shutil.copyfileobj(response, out, 2**20)
+            announced, received = response.getheader('Content-Length'), out.tell()
+        # http.client ends a read at a closed connection without an error
+        if announced is not None and announced.isdigit() and int(announced) != received:
+            raise CheckpointError(f'{url} could not be downloaded: the connection closed after '
+                                  f'{received} of {announced} bytes')
+        os.replace(partial, path)  # a partial download never takes the cached name
+    except urllib.error.HTTPError as error:
+        raise CheckpointError(f'{url} could not be downloaded: HTTP {error.code} '
+                              f'{error.reason}') from None
+    except urllib.error.URLError as error:
+        raise CheckpointError(f'{url} could not be downloaded: {error.reason}') from None
+    except (OSError, HTTPException) as error:
+        raise CheckpointError(f'{url} could not be downloaded: {_reason(error)}') from None
+    finally:
+        if osp.exists(partial):
+            os.remove(partial)
+    return path
+
+
+def _named_model(source: str) -> Tuple[str, Optional[Callable]]:
+    """The address (or file) that mmengine's model tables give for ``open-mmlab://NAME`` etc.,
+    and what mmengine does to the checkpoint after loading it."""
+    from mmengine.runner import checkpoint as mmengine_checkpoint
+    scheme, name = source.split('://', 1)
+    scheme = scheme.lower()
+    process = None
+    try:
+        if scheme in ('open-mmlab', 'openmmlab'):
+            name = mmengine_checkpoint.get_deprecated_model_names().get(name, name)
+            target = mmengine_checkpoint.get_external_models()[name]
+            if not target.startswith(('http://', 'https://')):
+                target = osp.join(mmengine_checkpoint._get_mmengine_home(), target)
+        elif scheme in ('torchvision', 'modelzoo'):
+            target = mmengine_checkpoint.get_torchvision_models()[name]
+        else:
+            target = mmengine_checkpoint.get_mmcls_models()[name]
+            process = mmengine_checkpoint._process_mmcls_checkpoint
+    except KeyError:
+        raise CheckpointError(f'{source}: no model of that name in mmengine\'s {scheme} '
+                              'table') from None
+    except ImportError as error:
+        raise CheckpointError(f'{source}: {_reason(error)}') from None
+    return target, process
+
+
+def _resolve(source: str) -> Tuple[str, str, List[str], Optional[Callable]]:
+    """``(local file, name for messages, trust keys, post-processing)`` of a source."""
+    if '://' not in source or source.lower().startswith('file://'):
+        path = _local_path(source)
+        if not osp.isfile(path):
+            raise FileNotFoundError(f'Checkpoint file not found: {source}')
+        return path, source, _trust_keys(source, path), None
+    scheme = source.split('://', 1)[0].lower()
+    if scheme in ('http', 'https'):
+        path = _download(source)
+        return path, f'{source} (cached as {path})', _trust_keys(source, path), None
+    if scheme in _NAMED_SCHEMES:
+        target, process = _named_model(source)
+        path, _, keys, _ = _resolve(target)
+        return path, f'{source} ({target})', keys + _trust_keys(source), process
+    raise CheckpointError(f'{source}: mmdat reads checkpoints from local files, file:// and '
+                          'http(s):// addresses (and the names of open-mmlab://, torchvision:// '
+                          f'and mmcls://), not from {scheme}:// sources; copy the file here and '
+                          'pass its path')
 
 
 def _reason(error: BaseException) -> str:
     """The first sentence of an error message, after the error's type."""
-    if isinstance(error, pickle.UnpicklingError) and str(error).startswith('refused'):
-        return str(error)  # our own message
+    if isinstance(error, Refused):
+        return str(error)  # our own one-line message
     lines = str(error).strip().splitlines()
     text = lines[0].split('. ')[0] if lines else ''
     text = text if len(text) <= 160 else text[:157] + '...'
     return f'{type(error).__name__}: {text}' if text else type(error).__name__
 
 
+def _storage_element_size(storage_type) -> int:
+    if storage_type is torch.UntypedStorage:
+        return 1
+    dtype = getattr(storage_type, 'dtype', None)
+    if not isinstance(dtype, torch.dtype):
+        raise Refused(f'refused a storage of type {storage_type!r}')
+    return torch._utils._element_size(dtype)
+
+
+def _zip_storage_check(path: str) -> Tuple[Callable, int]:
+    """The storage check of a zip checkpoint (each storage must be a member of exactly the size
+    it declares, and no member may be larger than its bytes in the file), and its pickle's size.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        raise Unreadable('a truncated or damaged zip archive') from None
+    names = [member.filename for member in members]
+    if not members or len(set(names)) != len(names):
+        raise Unreadable('a zip archive with no members or with two of one name')
+    if any(name.endswith('constants.pkl') for name in names):
+        raise Refused('refused a TorchScript archive (load it with torch.jit.load if you trust it)')
+    for member in members:
+        if member.file_size > member.compress_size:
+            raise Unreadable(f'refused a compressed zip member ({member.filename}: '
+                            f'{member.file_size} bytes from {member.compress_size})')
+    prefix = names[0].split('/', 1)[0]  # torch's reader takes the first member's folder
+    sizes = {member.filename: member.file_size for member in members}
+    pickle_size = sizes.get(f'{prefix}/data.pkl', 0)
+    seen = set()
+
+    def check(pid) -> int:
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] in ('storage', b'storage')):
+            raise Refused(f'refused a persistent id {pid!r:.80}')
+        _, storage_type, key, location, numel = pid
+        if type(key) is not str or type(numel) is not int or numel < 0 or \
+                not isinstance(location, (str, bytes)):
+            raise Refused(f'refused a persistent id {pid!r:.80}')
+        nbytes = numel * _storage_element_size(storage_type)
+        held = sizes.get(f'{prefix}/data/{key}')
+        if held is None or nbytes != held:
+            raise Unreadable(f'refused storage {key!r}: it declares {nbytes} bytes, the file holds '
+                            f'{held or 0}')
+        if key in seen:
+            return 0
+        seen.add(key)
+        return nbytes
+
+    return check, pickle_size
+
+
+def _legacy_storage_check(file_size: int) -> Callable:
+    """The storage check of the legacy format: all storages together within the file size."""
+    declared = {}
+
+    def check(pid) -> int:
+        if not (isinstance(pid, tuple) and len(pid) == 6 and pid[0] in ('storage', b'storage')):
+            raise Refused(f'refused a persistent id {pid!r:.80}')
+        _, storage_type, key, location, numel, view = pid
+        if type(key) is not str or type(numel) is not int or numel < 0 or \
+                not isinstance(location, (str, bytes)) or not (view is None or (
+                    isinstance(view, tuple) and len(view) == 3 and type(view[0]) is str
+                    and all(type(v) is int and v >= 0 for v in view[1:]))):
+            raise Refused(f'refused a persistent id {pid!r:.80}')
+        if key in declared:
+            return 0
+        declared[key] = numel * _storage_element_size(storage_type)
+        if sum(declared.values()) > file_size:
+            raise Unreadable(f'refused storage {key!r}: its storages declare '
+                            f'{sum(declared.values())} bytes, more than the file\'s {file_size}')
+        return declared[key]
+
+    return check
+
+
+def _is_torch_tar(path: str) -> bool:
+    """The tar format of torch < 0.4, which torch's legacy reader tries first."""
+    try:
+        with tarfile.open(path, mode='r:', format=tarfile.PAX_FORMAT):
+            return True
+    except (tarfile.TarError, OSError, ValueError, EOFError):
+        return False
+
+
+def _restricted_load(path: str, map_location):
+    """``torch.load`` with the restricted unpickler and the storage and memory checks."""
+    with open(path, 'rb') as file:
+        is_zip = file.read(4) == b'PK\x03\x04'  # as torch tells the formats apart
+    file_size = osp.getsize(path)
+    if is_zip:
+        storage_check, pickle_size = _zip_storage_check(path)
+    elif _is_torch_tar(path):
+        raise Refused('refused the tar format of torch < 0.4 (load and save it again with torch '
+                      'if you trust it)')
+    else:
+        storage_check, pickle_size = _legacy_storage_check(file_size), file_size
+    guard = _MemoryGuard(object_allowance(pickle_size))
+    return torch.load(path, map_location=map_location, weights_only=False,
+                      pickle_module=restricted_pickle_module(storage_check, guard))
+
+
 def load_checkpoint_file(filename: str, map_location='cpu',
                          trusted: Optional[bool] = None) -> Mapping:
-    """Read a checkpoint without running code from it.
+    """Read a checkpoint without running code from it, from a file or an address.
 
-    A local file is read with ``torch.load(weights_only=True)`` (both the zip and the legacy
-    format; mmdat allow-lists what mmengine checkpoints hold, see ``mmdat.engine.safe_globals``).
-    If that refuses the file, it is read with an unpickler that builds only tensors, plain
-    containers and numpy arrays, reads a pickled config (:data:`CONFIG_CLASSES`, as the official
-    DAT files hold) as an inert :class:`OmittedObject` and refuses every other object. Other
-    sources (URLs, ``open-mmlab://`` etc.) go through mmengine's :class:`CheckpointLoader`.
+    The source is a local path, a ``file://`` URL, an ``http(s)://`` address (downloaded once
+    into torch's hub cache, ``torch.hub.get_dir()/checkpoints``, under its file name, as torch
+    and mmengine do; a file already there is not downloaded again) or a name of mmengine's
+    ``open-mmlab://``, ``torchvision://`` or ``mmcls://`` tables. Whatever the source, the
+    local file is read the same way: with an unpickler that builds only tensors, plain
+    containers, numeric numpy arrays and mmengine's log buffers, reads a pickled config
+    (:data:`CONFIG_CLASSES`, as the official DAT files hold) as an inert
+    :class:`OmittedObject`, refuses every other object, and bounds memory (each storage must be
+    in the file; objects are limited, see ``restricted_pickle.object_allowance``).
 
     Args:
-        filename (str): A local path or a URL that mmengine can load.
+        filename (str | os.PathLike): The source.
         map_location: As for :func:`torch.load`. Defaults to ``'cpu'``.
         trusted (bool, optional): Unpickle without restrictions (the file may then run code).
-            ``None`` (default): only if :func:`trust_checkpoint` was called for the file.
+            ``None`` (default): only if :func:`trust_checkpoint` was called for the source (for
+            an address: the address or its cached file).
 
     Returns:
         Mapping: The checkpoint.
 
     Raises:
         FileNotFoundError: No such local file.
-        CheckpointError: The file cannot be read (empty, not a checkpoint, truncated, or holding
-            objects that are not weights); the message is one line naming the file.
+        CheckpointError: The source cannot be read (unknown scheme, download failed, empty,
+            not a checkpoint, truncated, holding objects that are not weights, declaring more
+            data than it holds); the message is one line naming the source.
     """
-    if not osp.isfile(filename):
-        if '://' in filename:
-            return CheckpointLoader.load_checkpoint(filename, map_location=map_location)
-        raise FileNotFoundError(f'Checkpoint file not found: {filename}')
+    return _read(filename, map_location, trusted)[0]
+
+
+def _read(filename, map_location, trusted: Optional[bool]) -> Tuple[Mapping, bool]:
+    """:func:`load_checkpoint_file`, and whether the source was read as trusted."""
+    path, name, trust_keys, process = _resolve(os.fspath(filename))
     if trusted is None:
-        trusted = osp.realpath(filename) in _TRUSTED
-    if osp.getsize(filename) == 0:
-        raise CheckpointError(f'{filename} is not a readable checkpoint: the file is empty')
+        trusted = any(key in _TRUSTED for key in trust_keys)
+    if osp.getsize(path) == 0:
+        raise CheckpointError(f'{name} is not a readable checkpoint: the file is empty')
     try:
-        if trusted:
-            checkpoint = torch.load(filename, map_location=map_location, weights_only=False)
-        else:
-            try:
-                with warnings.catch_warnings():  # torch's note on pickle protocols other than 2
-                    warnings.filterwarnings('ignore', message='Detected pickle protocol')
-                    checkpoint = torch.load(filename, map_location=map_location, weights_only=True)
-            except pickle.UnpicklingError:
-                # Holds more than weights (e.g. a pickled config): read what is safe to read.
-                checkpoint = torch.load(filename, map_location=map_location, weights_only=False,
-                                        pickle_module=_restricted_pickle)
+        with warnings.catch_warnings():  # torch's note on pickle protocols other than 2
+            warnings.filterwarnings('ignore', message='Detected pickle protocol')
+            if trusted:
+                checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+            else:
+                checkpoint = _restricted_load(path, map_location)
     except Exception as error:  # torch reports broken files with many error types
         hint = (' (if you trust this file, pass --trust-checkpoint)'
-                if isinstance(error, pickle.UnpicklingError) else '')
-        raise CheckpointError(f'{filename} is not a readable checkpoint: {_reason(error)}{hint}') \
+                if getattr(error, 'trust_helps', False) else '')
+        raise CheckpointError(f'{name} is not a readable checkpoint: {_reason(error)}{hint}') \
             from None
     if not isinstance(checkpoint, Mapping):
-        raise CheckpointError(f'{filename} is not a readable checkpoint: it holds a '
+        raise CheckpointError(f'{name} is not a readable checkpoint: it holds a '
                               f'{type(checkpoint).__name__}, not a dict of weights')
+    return (process(checkpoint) if process is not None else checkpoint), trusted
+
+
+def load_from_mmdat(filename: str, map_location=None) -> Mapping:
+    """mmengine's checkpoint loader for every source once mmdat is imported (its log line reads
+    "Loads checkpoint by mmdat backend").
+
+    mmengine's ``Runner.resume`` runs ``meta['config']`` as Python (``Config.fromstring``, to
+    compare GPU ids), so an untrusted file's ``meta['config']`` is left out, with a warning
+    (mmengine saves its own config as ``meta['cfg']``, which it never runs).
+    """
+    checkpoint, trusted = _read(filename, map_location, None)
+    meta = checkpoint.get('meta')
+    if not trusted and isinstance(meta, Mapping) and 'config' in meta:
+        print_log(f'{filename}: left out meta["config"], which resuming would run as Python code '
+                  '(pass --trust-checkpoint if you trust this file)', logger='current',
+                  level=logging.WARNING)
+        checkpoint = dict(checkpoint, meta={k: v for k, v in meta.items() if k != 'config'})
     return checkpoint
 
 
-def _load_from_local(filename: str, map_location) -> Mapping:
-    return load_checkpoint_file(osp.expanduser(filename), map_location=map_location)
+#: The prefixes mmengine registers loaders for.
+MMENGINE_PREFIXES = ('', 'http://', 'https://', 'pavi://', r'(\S+\:)?s3://', r'(\S+\:)?petrel://',
+                     'modelzoo://', 'torchvision://', 'open-mmlab://', 'openmmlab://', 'mmcls://')
 
 
 def use_safe_checkpoint_loader() -> None:
-    """Make mmengine read local checkpoint files with :func:`load_checkpoint_file`.
+    """Make mmengine read every checkpoint source with :func:`load_checkpoint_file`.
 
-    This covers the runner's ``load_from`` and ``resume``, ``Pretrained`` init_cfgs of other
-    modules and the mmdet/mmseg inferencers.
+    This covers the runner's ``load_from`` and ``resume``, ``Pretrained`` init_cfgs of any
+    module, ``mmengine.runner.load_checkpoint`` and the mmdet/mmseg inferencers, for each prefix
+    mmengine (or a package imported before) registered.
     """
-    CheckpointLoader.register_scheme(prefixes='', loader=_load_from_local, force=True)
+    prefixes = sorted(set(CheckpointLoader._schemes) | set(MMENGINE_PREFIXES))
+    CheckpointLoader.register_scheme(prefixes=prefixes, loader=load_from_mmdat, force=True)
 
 
 def extract_state_dict(checkpoint: Mapping, prefix: str = '') -> Dict[str, torch.Tensor]:

@@ -7,13 +7,18 @@ variable when the file is parsed, so a ``pretrained`` set in a child config or w
 over late instead, and is the only place that does. mmdat's tools call it when they load a
 config, and :class:`mmdat.engine.BackboneWeightsHook` (in every mmdat config's
 ``default_hooks``) calls it before the runner initialises the weights, so that mmdet's and
-mmseg's own tools honour ``pretrained`` too.
+mmseg's own tools honour ``pretrained`` too. :func:`load_backbone_weights` then loads that file
+into the backbone.
 """
 import logging
 import os.path as osp
-from typing import Any, Optional
+from typing import Any, List, Optional
 
+import torch.nn as nn
 from mmengine.logging import print_log
+
+from .checkpoint import CheckpointError, extract_state_dict, fit_position_tables, load_checkpoint_file
+from .ckpt_convert import dat_converter, is_official_dat, is_official_datpp
 
 #: Says, at the end of each error, how to choose the weights.
 HOW_TO_SET = ('set pretrained=PATH in the config or with --cfg-options pretrained=PATH, or '
@@ -77,3 +82,58 @@ def check_pretrained_file(checkpoint: Optional[str]) -> None:
         raise FileNotFoundError(
             f"Backbone weights file '{checkpoint}' not found: download it (docs/weights.md, "
             f"'Official weights'), or {HOW_TO_SET}")
+
+
+def load_backbone_weights(backbone: nn.Module, checkpoint: str) -> List[str]:
+    """Load an mmdat or official DAT/DAT++ checkpoint into a :class:`~mmdat.models.DAT`.
+
+    Official files are converted (:func:`~mmdat.models.utils.dat_converter`) and position
+    tables fitted to the backbone's sizes. Weights the file lacks keep their initialisation:
+    missing blocks are named in a warning (the output norms ``norm{i}``, which classification
+    files lack, in an info line); a file that lacks a whole stage or the stem is refused.
+
+    Args:
+        backbone (DAT): The backbone.
+        checkpoint (str): Path or URL of the file.
+
+    Returns:
+        list[str]: Names of the parameters left at their initialisation.
+
+    Raises:
+        CheckpointError: The file cannot be read or lacks a whole stage or the stem.
+        ValueError: An official file of the other DAT version, or a file with no weight of
+            this backbone.
+    """
+    state_dict = extract_state_dict(load_checkpoint_file(checkpoint), prefix='backbone.')
+    if is_official_dat(state_dict):
+        file_version = 2 if is_official_datpp(state_dict) else 1
+        if file_version != backbone.arch['version']:
+            names = {1: 'DAT (v1)', 2: 'DAT++'}
+            raise ValueError(f'{checkpoint} is an official {names[file_version]} checkpoint, but '
+                             f'this backbone is {names[backbone.arch["version"]]}; choose a matching arch')
+        state_dict = dat_converter(state_dict)
+    if not state_dict.keys() & backbone.state_dict().keys():
+        raise ValueError(f'No weight of {checkpoint} belongs to this DAT backbone (neither an '
+                         'mmdat nor an official DAT/DAT++ layout)')
+    state_dict = fit_position_tables(state_dict, backbone.state_dict())
+    missing, unexpected = backbone.load_state_dict(state_dict, strict=False)
+    params = [name for name, _ in backbone.named_parameters()]
+    missing = [name for name in params if name in missing]
+    # whole modules: stem, stages.i.downsample, stages.i.blocks.j, norm{i}
+    modules = list(dict.fromkeys('.'.join(name.split('.')[:(
+        4 if '.blocks.' in name else 3 if name.startswith('stages.') else 1)]) for name in missing))
+    for whole in ['patch_embed'] + [f'stages.{i}' for i in range(len(backbone.stages))]:
+        inside = [name for name in params if name.startswith(f'{whole}.')]
+        if inside and all(name in missing for name in inside):
+            raise CheckpointError(f'{checkpoint} has no weights for {whole} of this DAT '
+                                  'backbone; is it a checkpoint of another arch?')
+    blocks = [m for m in modules if not m.startswith('norm')]
+    norms = [m for m in modules if m.startswith('norm')]
+    if blocks:
+        print_log(f'DAT: {checkpoint} has no weights for {", ".join(blocks)}: they keep their '
+                  'random initialisation', logger='current', level=logging.WARNING)
+    if norms:
+        print_log(f'DAT: output norms initialised, not loaded: {", ".join(norms)}', logger='current')
+    if unexpected:
+        print_log(f'DAT: unexpected weights in the checkpoint: {", ".join(unexpected)}', logger='current')
+    return missing

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mmdat.models import DAT
-from mmdat.models.backbones import dat as dat_module
+from mmdat.models.utils import pretrained as pretrained_module
 from mmdat.models.layers import DeformableAttention
 from tests.conftest import SMALL_ARCHS, small_backbone
 
@@ -228,7 +228,7 @@ def test_init_cfg_pretrained_reports_missing_and_unexpected_keys(tmp_path, monke
     torch.save(weights, tmp_path / 'partial.pth')
     target = DAT(arch=SMALL_ARCH, init_cfg=dict(type='Pretrained', checkpoint=str(tmp_path / 'partial.pth')))
     logged = []
-    monkeypatch.setattr(dat_module, 'print_log', lambda msg, **kwargs: logged.append(msg))
+    monkeypatch.setattr(pretrained_module, 'print_log', lambda msg, **kwargs: logged.append(msg))
     target.init_weights()
     assert len(logged) == 2
     assert 'output norms initialised, not loaded: norm3' in logged[0]
@@ -307,7 +307,7 @@ BAD_ARCH_ARGUMENTS = [
     (dict(arch={**SMALL_ARCH_PP, 'embed_dims': 15, 'num_heads': (1, 1, 1, 1)}), ValueError,
      'embed_dims must be even'),
     (dict(arch=SMALL_ARCH_PP, window_size=6), ValueError, 'must be odd and >= 3'),
-    (dict(arch='tiny', attn_impl='natten'), ValueError, 'for DAT\\+\\+ archs'),
+    (dict(arch='tiny', attn_impl='natten'), ValueError, 'is for neighborhood blocks, and this arch has none'),
 ]
 
 

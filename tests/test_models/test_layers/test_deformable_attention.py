@@ -68,6 +68,30 @@ def test_position_bias_depends_on_the_offsets():
     assert grad.abs().sum() > 0
 
 
+def test_position_bias_against_values_worked_out_by_hand():
+    """Head 0's table is ``10 * row + column`` on a 3 x 3 grid (``table_size=2``), head 1's its
+    negative; ``align_corners=True`` puts normalised ``-1, 0, 1`` on rows and columns 0, 1, 2,
+    and bilinear sampling of a plane is exact. The bias is read at half of query - key:
+
+    - query (y, x) = (0.5, -0.5), key (-0.5, 0.0): (1.0, -0.5) / 2 = (0.5, -0.25), i.e. row
+      1.5, column 0.75: 15.75;
+    - the same query, key (-1.0, 1.0): (1.5, -1.5) / 2 = (0.75, -0.75): row 1.75, column 0.25:
+      17.75.
+
+    (key - query would read 6.25 and 4.25; the whole displacement, without the half, 20.5 and
+    a point beyond the table.)
+    """
+    module = make_module(num_heads=2, num_groups=1, table_size=2)
+    plane = torch.tensor([[0.0, 1.0, 2.0], [10.0, 11.0, 12.0], [20.0, 21.0, 22.0]])
+    with torch.no_grad():
+        module.rpe_table.copy_(torch.stack([plane, -plane]))
+    queries = torch.tensor([[[0.5, -0.5]]])  # (H, W, 2) = (1, 1, 2)
+    positions = torch.tensor([[[[-0.5, 0.0], [-1.0, 1.0]]]])  # (B * groups, Hk, Wk, 2) = (1, 1, 2, 2)
+    bias = module.position_bias(queries, positions, batch=1)
+    expected = torch.tensor([[[[15.75, 17.75]], [[-15.75, -17.75]]]])
+    torch.testing.assert_close(bias, expected, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize('size', [(7, 7), (6, 9)])
 def test_sdpa_and_reference_agree(size):
     x = torch.randn(2, *size, 16, dtype=torch.float64)

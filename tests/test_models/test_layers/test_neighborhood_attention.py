@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from mmdat.models.layers import NeighborhoodAttention, natten_available, neighborhood_attention
-from mmdat.models.layers.neighborhood_attention import (NA_TILES, _tile_plan,
-                                                        _tiled_neighborhood_attention, neighborhood_path)
+from mmdat.models.layers import NeighborhoodAttention, natten_available, neighborhood_attention, policy
+from mmdat.models.layers.neighborhood_tiles import NA_TILES, tile_plan, tiled_neighborhood_attention
+from mmdat.models.layers.policy import NEIGHBORHOOD, resolve_attn_impl
 
 
 def naive_neighborhood_attention(q, k, v, rpb, kernel_size):
@@ -67,14 +67,14 @@ def test_kernel_covering_the_map_is_global_attention_with_a_shifted_bias():
     (12, 13, 3, 3),   # another odd kernel
     (10, 9, 9, 4),
 ])
-@pytest.mark.parametrize('impl', ['auto', 'sdpa'])
+@pytest.mark.parametrize('impl', ['reference', 'sdpa'])
 def test_tiles_match_the_gathered_reference_forward_and_backward(height, width, kernel_size, tile, impl):
     """fp64, every input and the bias table: the tiled path is the reference path, tile by tile."""
     q, k, v, rpb = (t.double().requires_grad_() for t in random_qkv(height, width, kernel_size=kernel_size))
     weights = torch.randn(q.shape, dtype=torch.float64)
     reference = neighborhood_attention(q, k, v, rpb, kernel_size, 'reference')
     expected = torch.autograd.grad((reference * weights).sum(), (q, k, v, rpb))
-    out = _tiled_neighborhood_attention(q, k, v, rpb, kernel_size, impl, tile)
+    out = tiled_neighborhood_attention(q, k, v, rpb, kernel_size, impl, tile)
     grads = torch.autograd.grad((out * weights).sum(), (q, k, v, rpb))
     torch.testing.assert_close(out, reference, rtol=1e-12, atol=1e-12)
     for grad, grad_expected in zip(grads, expected):
@@ -114,19 +114,21 @@ def test_tiles_keep_only_their_inputs_for_backward(impl):
             torch.testing.assert_close(grad, grad_expected, rtol=1e-10, atol=1e-10)
 
 
-def test_paths_of_each_attn_impl():
-    assert [neighborhood_path(impl) for impl in ('auto', 'sdpa', 'reference')] == ['tiles', 'tiles', 'gathered']
-    if natten_available():
-        assert neighborhood_path('natten') == 'natten'
+def test_kernel_of_each_attn_impl():
+    cpu = torch.device('cpu')
+    auto, sdpa, reference = (resolve_attn_impl(impl, NEIGHBORHOOD, cpu, torch.float32, 196, False).kernel
+                             for impl in ('auto', 'sdpa', 'reference'))
+    assert sdpa is policy.NEIGHBORHOOD_TILES and reference is None  # None: the gathered reference
+    assert auto is (policy.NATTEN if natten_available() else policy.NEIGHBORHOOD_TILES)
     # the one check of every layer (check_attn_impl), per call too
-    with pytest.raises(ValueError, match=r"neighborhood attention supports attn_impl \('auto', 'sdpa', 'reference', 'natten'\)"):
-        neighborhood_path('fused')
+    with pytest.raises(ValueError, match=r"neighborhood attention supports attn_impl \('auto', 'natten', 'sdpa', 'reference'\)"):
+        neighborhood_attention(*random_qkv(7, 7), 5, 'fused')
     with pytest.raises(ValueError, match='attn_impl must be one of'):
         neighborhood_attention(*random_qkv(7, 7), 5, 'flash')
 
 
 def test_tile_plan_groups_the_interior_tiles_and_reads_every_pixel_once():
-    groups, queries, keys, order = _tile_plan(200, 334, 7, 8, torch.device('cpu'))
+    groups, queries, keys, order = tile_plan(200, 334, 7, 8, torch.device('cpu'))
     tiles = [g[0] for g in groups]
     # 25 x 42 tiles: first, interior and last rows/columns of tiles; the interior is one group
     assert sum(tiles) == 25 * 42 and max(tiles) == 23 * 40 and len(groups) <= 16
@@ -139,13 +141,13 @@ def test_tile_plan_groups_the_interior_tiles_and_reads_every_pixel_once():
 
 def test_tile_size_follows_the_gradient_mode(monkeypatch):
     seen = []
-    real = _tile_plan.__wrapped__
+    real = tile_plan.__wrapped__
 
     def spy(height, width, kernel_size, tile, device):
         seen.append(tile)
         return real(height, width, kernel_size, tile, device)
 
-    monkeypatch.setattr(importlib.import_module('mmdat.models.layers.neighborhood_attention'), '_tile_plan', spy)
+    monkeypatch.setattr(importlib.import_module('mmdat.models.layers.neighborhood_tiles'), 'tile_plan', spy)
     q, k, v, rpb = random_qkv(9, 9, kernel_size=5)
     with torch.no_grad():
         neighborhood_attention(q, k, v, rpb, 5, 'auto')

@@ -5,7 +5,7 @@ import torch.fx.experimental._config as fx_config
 
 from mmdat.models.layers import (DeformableAttention, DeformableAttentionPP, NeighborhoodAttention,
                                  WindowAttention, build_window_attention_mask, window_attention_mask)
-from mmdat.models.layers.neighborhood_attention import build_neighborhood_indices, neighborhood_indices
+from mmdat.models.layers.attention_math import build_neighborhood_indices, neighborhood_indices
 from mmdat.models.layers.tracing import clamp_size_min, is_tracing, pad_to_multiple
 
 

@@ -9,17 +9,20 @@ loop (online softmax over key tiles), so forward and backward memory grow linear
 number of tokens. Backward recomputes the probabilities from the saved log-sum-exp and gives
 gradients for the queries, keys, values, the key positions and the table.
 
-The kernels run on CUDA tensors, or on CPU tensors through Triton's interpreter
-(``TRITON_INTERPRET=1`` set before this module is imported), which is how the tests run
-without a GPU. This module imports without Triton; :data:`TRITON_AVAILABLE` says whether the
-kernels exist.
+The kernels run on CUDA tensors, or on CPU tensors through Triton's interpreter, which Triton
+chooses when it is imported (``TRITON_INTERPRET=1`` then; the tests run the kernels on CPU in
+a process of their own with it). They are defined on first use (:func:`kernels`), so importing
+this module compiles nothing. This module imports without Triton; :data:`TRITON_AVAILABLE`
+says whether the kernels exist. The kernel interface of :mod:`mmdat.models.layers.policy`:
+:func:`installed`, :func:`supports` and :func:`op`.
 """
+import functools
+import types
 from typing import Tuple
 
 import torch
 
-# sampled_position_bias is re-exported: the materialised bias of these kernels is the model's own
-from .attention import attention_probabilities, sampled_position_bias  # noqa: F401
+from .attention_math import check_deformable_inputs
 
 try:
     import triton
@@ -31,24 +34,33 @@ except ImportError:  # the model works without Triton, through the SDPA and refe
 TRITON_AVAILABLE = triton is not None
 #: Input dtypes the kernels take; accumulation is always in float32.
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: What the kernels need, for error messages.
+REQUIREMENT = 'Triton (pip install triton) and CUDA tensors of float16, bfloat16 or float32'
 
 
 def interpreter_enabled() -> bool:
-    """Whether the kernels were defined for Triton's CPU interpreter (``TRITON_INTERPRET=1`` when
-    this module was imported): then they take CPU tensors."""
-    return TRITON_AVAILABLE and not isinstance(_forward_kernel, triton.runtime.JITFunction)
+    """Whether Triton's CPU interpreter is on: ``TRITON_INTERPRET=1``, now and when Triton was
+    imported (its own functions, such as ``tl.zeros``, are interpreted only then). Then the
+    kernels are defined for it and take CPU tensors."""
+    return (TRITON_AVAILABLE and bool(triton.knobs.runtime.interpret)
+            and not isinstance(tl.zeros, triton.runtime.JITFunction))
 
 
-def fused_available(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether the fused kernels can run on tensors of this device and dtype."""
+def installed() -> bool:
+    """Whether Triton is importable."""
+    return TRITON_AVAILABLE
+
+
+def supports(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the kernels can run on tensors of this device and dtype."""
     if not TRITON_AVAILABLE or dtype not in SUPPORTED_DTYPES:
         return False
     return device.type == 'cuda' or (device.type == 'cpu' and interpreter_enabled())
 
 
 if TRITON_AVAILABLE:
+    # Plain functions, decorated with triton.jit by kernels() on first use.
 
-    @triton.jit
     def _dot(a, b, PRECISION: tl.constexpr):
         """``tl.dot`` with float32 accumulation; ``'upcast'`` multiplies in float32."""
         if PRECISION == 'upcast':
@@ -57,22 +69,28 @@ if TRITON_AVAILABLE:
             result = tl.dot(a, b, input_precision=PRECISION)
         return result
 
-    @triton.jit
     def _load_rows(base, offs, stride, offs_d, mask, mask_d):
         """Rows ``offs`` of a ``(N, head_dims)`` matrix with row stride ``stride`` (zero outside)."""
         return tl.load(base + offs[:, None] * stride + offs_d[None, :], mask=mask[:, None] & mask_d[None, :],
                        other=0.0)
 
-    @triton.jit
     def _load_points(base, offs, mask):
         """The ``(y, x)`` of points ``offs`` of an ``(N, 2)`` array, as float32."""
         y = tl.load(base + offs * 2, mask=mask, other=0.0).to(tl.float32)
         x = tl.load(base + offs * 2 + 1, mask=mask, other=0.0).to(tl.float32)
         return y, x
 
-    @triton.jit
-    def _table_coords(ref_y, ref_x, pos_y, pos_x, TABLE_H, TABLE_W):
-        """Table pixel coordinates of every (query, key) pair, as ``grid_sample`` computes them.
+    def _program_head(NUM_HEADS, HEADS_PER_GROUP, NUM_GROUPS):
+        """The ``(batch * heads + head)``, batch, head and offset group (of the whole batch)
+        of this program (grid axis 1)."""
+        batch_head = tl.program_id(1)
+        batch = batch_head // NUM_HEADS
+        head = batch_head % NUM_HEADS
+        return batch_head, batch, head, batch * NUM_GROUPS + head // HEADS_PER_GROUP
+
+    def _bilinear(table, ref_y, ref_x, pos_y, pos_x, TABLE_H, TABLE_W):
+        """The bias of every (query, key) pair of a tile, sampled as ``grid_sample`` samples it,
+        with what backward needs: the corner weights, indices and masks and the four values.
 
         The sampling point is ``(ref - pos) * 0.5`` in normalised coordinates;
         ``align_corners=True`` maps ``[-1, 1]`` onto ``[0, size - 1]``. Clamping to
@@ -83,39 +101,54 @@ if TRITON_AVAILABLE:
         ix = (((ref_x[:, None] - pos_x[None, :]) * 0.5 + 1.0) * 0.5) * (TABLE_W - 1)
         iy = tl.minimum(tl.maximum(iy, -2.0), TABLE_H + 1.0)
         ix = tl.minimum(tl.maximum(ix, -2.0), TABLE_W + 1.0)
-        return iy, ix
-
-    @triton.jit
-    def _table_corners(table, iy, ix, TABLE_H, TABLE_W):
-        """The four neighbouring table values (zero outside) and the corner indices and masks."""
         y0f = tl.floor(iy)
         x0f = tl.floor(ix)
         y0 = y0f.to(tl.int32)
         x0 = x0f.to(tl.int32)
-        y1 = y0 + 1
-        x1 = x0 + 1
         in_y0 = (y0 >= 0) & (y0 < TABLE_H)
-        in_y1 = (y1 >= 0) & (y1 < TABLE_H)
+        in_y1 = (y0 + 1 >= 0) & (y0 + 1 < TABLE_H)
         in_x0 = (x0 >= 0) & (x0 < TABLE_W)
-        in_x1 = (x1 >= 0) & (x1 < TABLE_W)
+        in_x1 = (x0 + 1 >= 0) & (x0 + 1 < TABLE_W)
         v00 = tl.load(table + y0 * TABLE_W + x0, mask=in_y0 & in_x0, other=0.0).to(tl.float32)
-        v01 = tl.load(table + y0 * TABLE_W + x1, mask=in_y0 & in_x1, other=0.0).to(tl.float32)
-        v10 = tl.load(table + y1 * TABLE_W + x0, mask=in_y1 & in_x0, other=0.0).to(tl.float32)
-        v11 = tl.load(table + y1 * TABLE_W + x1, mask=in_y1 & in_x1, other=0.0).to(tl.float32)
-        return y0, x0, y0f, x0f, in_y0, in_y1, in_x0, in_x1, v00, v01, v10, v11
-
-    @triton.jit
-    def _sampled_bias(table, ref_y, ref_x, pos_y, pos_x, TABLE_H, TABLE_W):
-        """Bilinearly sampled bias ``(BLOCK_M, BLOCK_N)``."""
-        iy, ix = _table_coords(ref_y, ref_x, pos_y, pos_x, TABLE_H, TABLE_W)
-        _, _, y0f, x0f, _, _, _, _, v00, v01, v10, v11 = _table_corners(table, iy, ix, TABLE_H, TABLE_W)
+        v01 = tl.load(table + y0 * TABLE_W + x0 + 1, mask=in_y0 & in_x1, other=0.0).to(tl.float32)
+        v10 = tl.load(table + (y0 + 1) * TABLE_W + x0, mask=in_y1 & in_x0, other=0.0).to(tl.float32)
+        v11 = tl.load(table + (y0 + 1) * TABLE_W + x0 + 1, mask=in_y1 & in_x1, other=0.0).to(tl.float32)
         wy1 = iy - y0f
         wx1 = ix - x0f
         wy0 = 1.0 - wy1
         wx0 = 1.0 - wx1
-        return wy0 * (wx0 * v00 + wx1 * v01) + wy1 * (wx0 * v10 + wx1 * v11)
+        bias = wy0 * (wx0 * v00 + wx1 * v01) + wy1 * (wx0 * v10 + wx1 * v11)
+        return bias, wy0, wy1, wx0, wx1, y0, x0, in_y0, in_y1, in_x0, in_x1, v00, v01, v10, v11
 
-    @triton.jit
+    def _query_tile(Q, REF, TABLE, K, V, POS, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh,
+                    stride_vb, stride_vh, NUM_HEADS, HEADS_PER_GROUP, NUM_GROUPS, NUM_QUERIES, NUM_KEYS,
+                    HEAD_DIMS, TABLE_H, TABLE_W, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+        """What a program over one query tile (grid axis 0) against all keys starts from: its
+        indices and masks, queries and reference points, and where its head's keys, values,
+        positions and table are."""
+        batch_head, batch, head, group = _program_head(NUM_HEADS, HEADS_PER_GROUP, NUM_GROUPS)
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_m = offs_m < NUM_QUERIES
+        mask_d = offs_d < HEAD_DIMS
+        q = _load_rows(Q + batch * stride_qb + head * stride_qh, offs_m, stride_qn, offs_d, mask_m, mask_d)
+        ref_y, ref_x = _load_points(REF, offs_m, mask_m)
+        return (batch_head, batch, head, offs_m, offs_d, mask_m, mask_d, q, ref_y, ref_x,
+                TABLE + head * TABLE_H * TABLE_W, K + batch * stride_kb + head * stride_kh,
+                V + batch * stride_vb + head * stride_vh, POS + group * NUM_KEYS * 2)
+
+    def _key_tile_scores(q, ref_y, ref_x, k_base, v_base, pos_base, table, start_n, stride_kn, stride_vn,
+                         offs_d, mask_d, NUM_KEYS, TABLE_H, TABLE_W, scale, BLOCK_N: tl.constexpr,
+                         PRECISION: tl.constexpr):
+        """The keys, values and biased scores of the key tile from ``start_n``."""
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < NUM_KEYS
+        k = _load_rows(k_base, offs_n, stride_kn, offs_d, mask_n, mask_d)
+        v = _load_rows(v_base, offs_n, stride_vn, offs_d, mask_n, mask_d)
+        pos_y, pos_x = _load_points(pos_base, offs_n, mask_n)
+        bias = _bilinear(table, ref_y, ref_x, pos_y, pos_x, TABLE_H, TABLE_W)[0]
+        return mask_n, k, v, _dot(q, tl.trans(k), PRECISION) * scale + bias
+
     def _forward_kernel(Q, K, V, REF, POS, TABLE, OUT, LSE,
                         stride_qb, stride_qh, stride_qn,
                         stride_kb, stride_kh, stride_kn,
@@ -125,35 +158,17 @@ if TRITON_AVAILABLE:
                         TABLE_H, TABLE_W, scale,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                         PRECISION: tl.constexpr):
-        pid_m = tl.program_id(0)
-        batch_head = tl.program_id(1)
-        batch = batch_head // NUM_HEADS
-        head = batch_head % NUM_HEADS
-        group = batch * NUM_GROUPS + head // HEADS_PER_GROUP
-
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, BLOCK_D)
-        mask_m = offs_m < NUM_QUERIES
-        mask_d = offs_d < HEAD_DIMS
-        q = _load_rows(Q + batch * stride_qb + head * stride_qh, offs_m, stride_qn, offs_d, mask_m, mask_d)
-        ref_y, ref_x = _load_points(REF, offs_m, mask_m)
-        table = TABLE + head * TABLE_H * TABLE_W
-        k_base = K + batch * stride_kb + head * stride_kh
-        v_base = V + batch * stride_vb + head * stride_vh
-        pos_base = POS + group * NUM_KEYS * 2
-
+        (batch_head, batch, head, offs_m, offs_d, mask_m, mask_d, q, ref_y, ref_x, table, k_base, v_base,
+         pos_base) = _query_tile(Q, REF, TABLE, K, V, POS, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh,
+                                 stride_vb, stride_vh, NUM_HEADS, HEADS_PER_GROUP, NUM_GROUPS, NUM_QUERIES,
+                                 NUM_KEYS, HEAD_DIMS, TABLE_H, TABLE_W, BLOCK_M, BLOCK_D)
         row_max = tl.full((BLOCK_M, ), float('-inf'), dtype=tl.float32)
         row_sum = tl.zeros((BLOCK_M, ), dtype=tl.float32)
         acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
         for start_n in range(0, NUM_KEYS, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            mask_n = offs_n < NUM_KEYS
-            k = _load_rows(k_base, offs_n, stride_kn, offs_d, mask_n, mask_d)
-            v = _load_rows(v_base, offs_n, stride_vn, offs_d, mask_n, mask_d)
-            pos_y, pos_x = _load_points(pos_base, offs_n, mask_n)
-
-            scores = _dot(q, tl.trans(k), PRECISION) * scale
-            scores += _sampled_bias(table, ref_y, ref_x, pos_y, pos_x, TABLE_H, TABLE_W)
+            mask_n, k, v, scores = _key_tile_scores(q, ref_y, ref_x, k_base, v_base, pos_base, table, start_n,
+                                                    stride_kn, stride_vn, offs_d, mask_d, NUM_KEYS, TABLE_H,
+                                                    TABLE_W, scale, BLOCK_N, PRECISION)
             scores = tl.where(mask_n[None, :], scores, float('-inf'))
             # Every key tile holds at least one real key, so the running max is finite.
             new_max = tl.maximum(row_max, tl.max(scores, 1))
@@ -168,7 +183,6 @@ if TRITON_AVAILABLE:
                  out.to(OUT.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
         tl.store(LSE + batch_head * NUM_QUERIES + offs_m, row_max + tl.log(row_sum), mask=mask_m)
 
-    @triton.jit
     def _backward_key_kernel(Q, K, V, REF, POS, TABLE, DOUT, LSE, DELTA,
                              DK, DV, DPOS, DTABLE,
                              stride_qb, stride_qh, stride_qn,
@@ -187,10 +201,7 @@ if TRITON_AVAILABLE:
         positions through the derivative of the bilinear sample w.r.t. its coordinates.
         """
         pid_n = tl.program_id(0)
-        batch_head = tl.program_id(1)
-        batch = batch_head // NUM_HEADS
-        head = batch_head % NUM_HEADS
-        group = batch * NUM_GROUPS + head // HEADS_PER_GROUP
+        batch_head, batch, head, group = _program_head(NUM_HEADS, HEADS_PER_GROUP, NUM_GROUPS)
 
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
@@ -218,15 +229,8 @@ if TRITON_AVAILABLE:
             lse = tl.load(LSE + batch_head * NUM_QUERIES + offs_m, mask=mask_m, other=0.0)
             delta = tl.load(DELTA + batch_head * NUM_QUERIES + offs_m, mask=mask_m, other=0.0)
 
-            iy, ix = _table_coords(ref_y, ref_x, pos_y, pos_x, TABLE_H, TABLE_W)
-            y0, x0, y0f, x0f, in_y0, in_y1, in_x0, in_x1, v00, v01, v10, v11 = _table_corners(
-                table, iy, ix, TABLE_H, TABLE_W)
-            wy1 = iy - y0f
-            wx1 = ix - x0f
-            wy0 = 1.0 - wy1
-            wx0 = 1.0 - wx1
-            bias = wy0 * (wx0 * v00 + wx1 * v01) + wy1 * (wx0 * v10 + wx1 * v11)
-
+            bias, wy0, wy1, wx0, wx1, y0, x0, in_y0, in_y1, in_x0, in_x1, v00, v01, v10, v11 = _bilinear(
+                table, ref_y, ref_x, pos_y, pos_x, TABLE_H, TABLE_W)
             scores = _dot(q, tl.trans(k), PRECISION) * scale + bias
             valid = mask_m[:, None] & mask_n[None, :]
             probs = tl.where(valid, tl.exp(scores - lse[:, None]), 0.0)
@@ -254,7 +258,6 @@ if TRITON_AVAILABLE:
         tl.store(dpos, dpos_y * (-0.25 * (TABLE_H - 1)), mask=mask_n)
         tl.store(dpos + 1, dpos_x * (-0.25 * (TABLE_W - 1)), mask=mask_n)
 
-    @triton.jit
     def _backward_query_kernel(Q, K, V, REF, POS, TABLE, DOUT, LSE, DELTA, DQ,
                                stride_qb, stride_qh, stride_qn,
                                stride_kb, stride_kh, stride_kn,
@@ -265,44 +268,48 @@ if TRITON_AVAILABLE:
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                                PRECISION: tl.constexpr):
         """One query tile against all keys: dQ = scale * dS K."""
-        pid_m = tl.program_id(0)
-        batch_head = tl.program_id(1)
-        batch = batch_head // NUM_HEADS
-        head = batch_head % NUM_HEADS
-        group = batch * NUM_GROUPS + head // HEADS_PER_GROUP
-
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, BLOCK_D)
-        mask_m = offs_m < NUM_QUERIES
-        mask_d = offs_d < HEAD_DIMS
-        q_mask = mask_m[:, None] & mask_d[None, :]
-        q = _load_rows(Q + batch * stride_qb + head * stride_qh, offs_m, stride_qn, offs_d, mask_m, mask_d)
+        (batch_head, batch, head, offs_m, offs_d, mask_m, mask_d, q, ref_y, ref_x, table, k_base, v_base,
+         pos_base) = _query_tile(Q, REF, TABLE, K, V, POS, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh,
+                                 stride_vb, stride_vh, NUM_HEADS, HEADS_PER_GROUP, NUM_GROUPS, NUM_QUERIES,
+                                 NUM_KEYS, HEAD_DIMS, TABLE_H, TABLE_W, BLOCK_M, BLOCK_D)
         do = _load_rows(DOUT + batch * stride_ob + head * stride_oh, offs_m, stride_on, offs_d, mask_m, mask_d)
-        ref_y, ref_x = _load_points(REF, offs_m, mask_m)
         lse = tl.load(LSE + batch_head * NUM_QUERIES + offs_m, mask=mask_m, other=0.0)
         delta = tl.load(DELTA + batch_head * NUM_QUERIES + offs_m, mask=mask_m, other=0.0)
-        table = TABLE + head * TABLE_H * TABLE_W
-        k_base = K + batch * stride_kb + head * stride_kh
-        v_base = V + batch * stride_vb + head * stride_vh
-        pos_base = POS + group * NUM_KEYS * 2
 
         dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
         for start_n in range(0, NUM_KEYS, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            mask_n = offs_n < NUM_KEYS
-            k = _load_rows(k_base, offs_n, stride_kn, offs_d, mask_n, mask_d)
-            v = _load_rows(v_base, offs_n, stride_vn, offs_d, mask_n, mask_d)
-            pos_y, pos_x = _load_points(pos_base, offs_n, mask_n)
-
-            scores = _dot(q, tl.trans(k), PRECISION) * scale
-            scores += _sampled_bias(table, ref_y, ref_x, pos_y, pos_x, TABLE_H, TABLE_W)
+            mask_n, k, v, scores = _key_tile_scores(q, ref_y, ref_x, k_base, v_base, pos_base, table, start_n,
+                                                    stride_kn, stride_vn, offs_d, mask_d, NUM_KEYS, TABLE_H,
+                                                    TABLE_W, scale, BLOCK_N, PRECISION)
             probs = tl.where(mask_n[None, :], tl.exp(scores - lse[:, None]), 0.0)
             dprobs = _dot(do, tl.trans(v), PRECISION)
             dscores = probs * (dprobs - delta[:, None])
             dq += _dot(dscores.to(k.dtype), k, PRECISION)
 
         tl.store(DQ + batch_head * NUM_QUERIES * HEAD_DIMS + offs_m[:, None] * HEAD_DIMS + offs_d[None, :],
-                 (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
+                 (dq * scale).to(DQ.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+
+    _JIT_FUNCTIONS = (_dot, _load_rows, _load_points, _program_head, _bilinear, _query_tile, _key_tile_scores,
+                      _forward_kernel, _backward_key_kernel, _backward_query_kernel)
+
+
+def kernels() -> types.SimpleNamespace:
+    """The kernels (``_forward_kernel``, ``_backward_key_kernel``, ``_backward_query_kernel``),
+    decorated with ``triton.jit`` on first use: for Triton's interpreter where it is on
+    (:func:`interpreter_enabled`), compiled for the GPU otherwise."""
+    return _jit_kernels(interpreter_enabled())
+
+
+@functools.lru_cache(maxsize=2)
+def _jit_kernels(interpret: bool) -> types.SimpleNamespace:
+    """The kernels of one mode, in a namespace of their own: Triton resolves the helpers a
+    kernel calls in its globals, and decides at decoration whether it is interpreted."""
+    namespace = dict(tl=tl, triton=triton, __name__=__name__)
+    for fn in _JIT_FUNCTIONS:
+        namespace[fn.__name__] = triton.jit(
+            types.FunctionType(fn.__code__, namespace, fn.__name__, fn.__defaults__, fn.__closure__))
+    return types.SimpleNamespace(**{name: namespace[name] for name in (
+        '_forward_kernel', '_backward_key_kernel', '_backward_query_kernel')})
 
 
 #: Launch options of the kernels (not tuned on a GPU yet). One pipeline stage: with more, Triton
@@ -355,7 +362,8 @@ class FusedDeformableAttentionFunction(torch.autograd.Function):
         lse = torch.empty(batch, num_heads, num_queries, device=query.device, dtype=torch.float32)
         scale = head_dims**-0.5
         grid = (triton.cdiv(num_queries, block_m), batch * num_heads)
-        _forward_kernel[grid](
+        ctx.kernels = kernels()  # backward runs the same mode's kernels
+        ctx.kernels._forward_kernel[grid](
             query, key, value, reference, positions, table, out, lse,
             *_strides(query), *_strides(key), *_strides(value), *_strides(out),
             num_heads, num_heads // num_groups, num_groups, num_queries, num_keys, head_dims,
@@ -393,10 +401,10 @@ class FusedDeformableAttentionFunction(torch.autograd.Function):
                   table_h, table_w, scale)
         blocks = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=precision,
                       **LAUNCH_OPTIONS)
-        _backward_key_kernel[(num_key_tiles, batch * num_heads)](
+        ctx.kernels._backward_key_kernel[(num_key_tiles, batch * num_heads)](
             query, key, value, reference, positions, table, grad_out, lse, delta,
             dk, dv, dpos, dtable, *common, **blocks)
-        _backward_query_kernel[(triton.cdiv(num_queries, block_m), batch * num_heads)](
+        ctx.kernels._backward_query_kernel[(triton.cdiv(num_queries, block_m), batch * num_heads)](
             query, key, value, reference, positions, table, grad_out, lse, delta, dq,
             *common, **blocks)
         # Heads of one offset group share its positions.
@@ -411,47 +419,30 @@ def _check_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     if not TRITON_AVAILABLE:
         raise RuntimeError("attn_impl='fused' needs Triton (pip install triton); "
                            "use attn_impl='sdpa' or 'auto' without it")
-    names = ('query', 'key', 'value', 'reference', 'positions', 'table')
-    tensors = (query, key, value, reference, positions, table)
-    for name, t in zip(names, tensors):
+    tensors = dict(query=query, key=key, value=value, reference=reference, positions=positions, table=table)
+    for name, t in tensors.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f'{name} must be a Tensor, got {type(t).__name__}')
-    devices = {t.device for t in tensors}
+    devices = {t.device for t in tensors.values()}
     if len(devices) != 1:
         raise ValueError(f'All inputs must be on one device, got {sorted(map(str, devices))}')
-    device = query.device
-    if device.type != 'cuda' and not (device.type == 'cpu' and interpreter_enabled()):
+    if not supports(query.device, torch.float32):
         raise ValueError(f'The fused kernels run on CUDA tensors (or on CPU with TRITON_INTERPRET=1 '
-                         f'set before import), got tensors on {device}')
+                         f'set), got tensors on {query.device}')
     if query.dtype not in SUPPORTED_DTYPES or key.dtype != query.dtype or value.dtype != query.dtype:
         raise TypeError(f'query, key and value must share one dtype of {SUPPORTED_DTYPES}, got '
                         f'{query.dtype}, {key.dtype}, {value.dtype}')
-    for name, t in zip(names[3:], tensors[3:]):
-        if not t.is_floating_point() or t.dtype == torch.float64:
-            raise TypeError(f'{name} must be float16, bfloat16 or float32, got {t.dtype}')
-    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
-        raise ValueError('query, key and value must be (B, heads, N, head_dims), got shapes '
-                         f'{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}')
-    batch, num_heads, num_queries, head_dims = query.shape
-    if key.shape != value.shape or key.shape[:2] != (batch, num_heads) or key.shape[3] != head_dims:
-        raise ValueError(f'key and value must be (B, heads, Nk, head_dims) matching query '
-                         f'{tuple(query.shape)}, got {tuple(key.shape)} and {tuple(value.shape)}')
-    num_keys = key.shape[2]
-    if min(batch, num_heads, num_queries, num_keys, head_dims) == 0:
-        raise ValueError(f'Empty attention inputs: query {tuple(query.shape)}, key {tuple(key.shape)}')
-    if tuple(reference.shape) != (num_queries, 2):
-        raise ValueError(f'reference must be (Nq, 2) = ({num_queries}, 2), got {tuple(reference.shape)}')
+    for name in ('reference', 'positions', 'table'):
+        if not tensors[name].is_floating_point() or tensors[name].dtype == torch.float64:
+            raise TypeError(f'{name} must be float16, bfloat16 or float32, got {tensors[name].dtype}')
+    check_deformable_inputs(tensors)
+    if tuple(reference.shape) != (query.shape[2], 2):
+        raise ValueError(f'reference must be (Nq, 2) = ({query.shape[2]}, 2), got {tuple(reference.shape)}')
     if reference.requires_grad:
         raise ValueError('The fused kernels give no gradient for the reference points (a fixed '
                          'grid in DAT); pass a tensor that does not require grad')
-    if (positions.dim() != 3 or positions.shape[0] % batch or positions.shape[1:] != (num_keys, 2)
-            or num_heads % (positions.shape[0] // batch)):
-        raise ValueError(f'positions must be (B * groups, Nk, 2) with groups dividing heads '
-                         f'({num_heads}), B = {batch}, Nk = {num_keys}; got {tuple(positions.shape)}')
-    if table.dim() != 3 or table.shape[0] != num_heads or min(table.shape[1:]) < 1:
-        raise ValueError(f'table must be (heads, Th, Tw) with heads = {num_heads}, got {tuple(table.shape)}')
-    for name, t in zip(names[:3], tensors[:3]):
-        if t.stride(-1) != 1:
+    for name in ('query', 'key', 'value'):
+        if tensors[name].stride(-1) != 1:
             raise ValueError(f'{name} must have a unit stride in its last dimension')
 
 
@@ -485,12 +476,8 @@ def fused_deformable_attention(query: torch.Tensor, key: torch.Tensor, value: to
     return FusedDeformableAttentionFunction.apply(query, key, value, reference, positions, table)
 
 
-def reference_deformable_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                                   reference: torch.Tensor, positions: torch.Tensor,
-                                   table: torch.Tensor) -> torch.Tensor:
-    """:func:`fused_deformable_attention` materialised: the model's own bias sampling and
-    reference softmax (:func:`~mmdat.models.layers.attention.sampled_position_bias`,
-    :func:`~mmdat.models.layers.attention.attention_probabilities`), for tests and benchmarks.
-    Takes any float dtype, float64 included."""
-    bias = sampled_position_bias(reference, positions, table, query.shape[0])
-    return attention_probabilities(query, key, bias).to(value.dtype) @ value
+def op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, queries: torch.Tensor,
+       positions: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """:func:`fused_deformable_attention` with the deformable kernels' arguments: ``queries`` the
+    ``(H, W, 2)`` grid of query points."""
+    return fused_deformable_attention(query, key, value, queries.flatten(0, 1), positions, table)

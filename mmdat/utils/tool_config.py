@@ -1,17 +1,49 @@
-"""What tools/train.py and tools/test.py do to a config before handing it to mmengine."""
+"""Reading a config and preparing it for the tools (train, test, demo, analysis, deployment).
+
+Every problem with a config or with the files it names is a :class:`ConfigError`, whose message
+the tools print as one line (see :func:`mmdat.utils.one_line_errors`).
+"""
 import importlib
 import logging
 import os.path as osp
-from typing import Iterable, List, Optional, Union
+from typing import Iterable, List, Optional
 
 import torch
 from mmengine.config import Config
 from mmengine.logging import print_log
 
 from mmdat.models.utils import check_pretrained_file, resolve_pretrained
+from mmdat.registry import SCOPES
 
-#: The libraries whose configs the tools run, by ``default_scope``.
-SCOPES = ('mmdet', 'mmseg')
+
+class ConfigError(ValueError):
+    """A config that cannot be read, does not fit the tool, or names files that are missing."""
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f'{type(error).__name__}: {lines[0]}' if lines else type(error).__name__
+
+
+def read_config(path: str, cfg_options: Optional[dict] = None) -> Config:
+    """``Config.fromfile(path)`` with ``cfg_options`` (``--cfg-options``) merged in.
+
+    Raises:
+        ConfigError: No such file, or the file cannot be read as a config (a syntax error, a
+            missing ``_base_``, an exception while it runs), or the options do not fit it.
+    """
+    if not osp.isfile(path):
+        raise ConfigError(f'Config file not found: {path}')
+    try:
+        cfg = Config.fromfile(path)
+    except Exception as error:  # mmengine reports bad configs with many error types
+        raise ConfigError(f'Cannot read config {path}: {_first_line(error)}') from error
+    if cfg_options:
+        try:
+            cfg.merge_from_dict(cfg_options)
+        except Exception as error:
+            raise ConfigError(f'--cfg-options do not fit {path}: {_first_line(error)}') from error
+    return cfg
 
 # A top-level ``data_root = ...`` of a config is substituted when the file is read, so
 # ``--cfg-options data_root=...`` changes nothing: the hint names the keys that do.
@@ -36,10 +68,8 @@ def load_tool_config(config: str, cfg_options: Optional[dict], launcher: str,
     Applies ``--cfg-options`` and the launcher, registers the modules of its library and sets the
     work dir: ``work_dir`` if given, else the config's, else ``work_dirs/<config name>``.
     """
-    cfg = Config.fromfile(config)
+    cfg = read_config(config, cfg_options)
     cfg.launcher = launcher
-    if cfg_options:
-        cfg.merge_from_dict(cfg_options)
     resolve_pretrained(cfg)  # `pretrained` from a child config or --cfg-options reaches the backbone
     register_scope(cfg)
     cfg.work_dir = work_dir or cfg.get('work_dir') or osp.join(
@@ -51,7 +81,7 @@ def register_scope(cfg: Config) -> str:
     """Register the modules of the config's library (mmdet or mmseg) and return its scope."""
     scope = cfg.get('default_scope')
     if scope not in SCOPES:
-        raise SystemExit(f'The config\'s default_scope must be one of {SCOPES} (inherit an mmdet:: '
+        raise ConfigError(f'The config\'s default_scope must be one of {SCOPES} (inherit an mmdet:: '
                          f'or mmseg:: config), got {scope!r}')
     importlib.import_module(f'{scope}.utils').register_all_modules(init_default_scope=False)
     return scope
@@ -74,7 +104,7 @@ def _dataset_paths(dataset: dict) -> List[str]:
 
 
 def check_dataset_files(cfg: Config, dataloaders: Iterable[str]) -> None:
-    """Stop with a clear message when the data the config reads is not on disk."""
+    """Raise :class:`ConfigError` listing the data the config reads that is not on disk."""
     missing = []
     for name in dataloaders:
         loader = cfg.get(name)
@@ -84,7 +114,7 @@ def check_dataset_files(cfg: Config, dataloaders: Iterable[str]) -> None:
         listed = '\n  '.join(dict.fromkeys(missing))
         # A config may say how to get its own data (the demo configs do).
         help_text = cfg.get('dataset_help') or _DATA_HELP[cfg.default_scope]
-        raise SystemExit(f'Dataset files not found:\n  {listed}\n{help_text}.')
+        raise ConfigError(f'Dataset files not found:\n  {listed}\n{help_text}.')
 
 
 def adapt_to_cpu(cfg: Config) -> None:
@@ -136,54 +166,6 @@ def use_atomic_checkpoints(cfg: Config) -> None:
         hook['type'] = 'AtomicCheckpointHook'
 
 
-def _checkpoint_folder(cfg: Config) -> str:
-    """Where the checkpoint hook saves: ``out_dir/<work dir name>`` if set, else the work dir."""
-    out_dir = ((cfg.get('default_hooks') or {}).get('checkpoint') or {}).get('out_dir')
-    if out_dir:
-        return osp.join(out_dir, osp.basename(cfg.work_dir.rstrip('/')))
-    return cfg.work_dir
-
-
-def set_up_resume(cfg: Config, resume: Union[str, bool, None]) -> Optional[str]:
-    """Set ``cfg.resume``/``cfg.load_from`` for ``tools/train.py --resume [PATH]``.
-
-    Args:
-        cfg (Config): The config (its ``work_dir`` set).
-        resume (str | bool | None): A checkpoint path; ``True`` for the newest complete
-            checkpoint of the work dir (see :func:`mmdat.engine.find_resume_checkpoint`); ``None``
-            for no ``--resume`` (a config with ``resume = True`` and no ``load_from`` is then
-            treated as ``True``).
-
-    Returns:
-        str or None: The checkpoint training resumes from (``None``: from the beginning).
-
-    Raises:
-        SystemExit: ``PATH`` does not exist, or the work dir has checkpoints but none complete.
-    """
-    from mmdat.engine import find_resume_checkpoint
-    if resume is None:
-        if cfg.get('resume') is not True or cfg.get('load_from'):
-            return None
-        resume = True
-    if resume is True:
-        hook = (cfg.get('default_hooks') or {}).get('checkpoint') or {}
-        templates = (hook['filename_tmpl'], ) if hook.get('filename_tmpl') else None
-        path = find_resume_checkpoint(cfg.work_dir, _checkpoint_folder(cfg),
-                                      **(dict(templates=templates) if templates else {}))
-        if path is None:
-            print_log(f'--resume: no checkpoint in {cfg.work_dir} yet; training starts from the '
-                      'beginning', logger='current', level=logging.WARNING)
-            cfg.resume, cfg.load_from = False, None
-            return None
-    else:
-        path = resume
-        if '://' not in path and not osp.isfile(path):
-            raise SystemExit(f'--resume: checkpoint file not found: {path}')
-    print_log(f'Resuming from {path}', logger='current')
-    cfg.resume, cfg.load_from = True, path
-    return path
-
-
 def _pretrained_files(node) -> List[str]:
     """Checkpoints of the ``Pretrained`` init_cfgs (and mmseg's ``pretrained``) in a model cfg."""
     files = []
@@ -201,16 +183,16 @@ def _pretrained_files(node) -> List[str]:
 
 
 def check_checkpoint_files(cfg: Config) -> None:
-    """Stop with a one-line message when ``load_from`` or a model's pretrained file is missing."""
+    """Raise :class:`ConfigError` when ``load_from`` or a model's pretrained file is missing."""
     named = [(cfg.get('load_from'), 'load_from')] + [
         (path, 'pretrained weights of the model') for path in _pretrained_files(cfg.get('model'))]
     for path, what in named:
         if path and '://' not in path and not osp.isfile(path):
-            raise SystemExit(f'Checkpoint file not found: {path} ({what})')
+            raise ConfigError(f'Checkpoint file not found: {path} ({what})')
 
 
 def check_backbone_weights(cfg: Config) -> None:
-    """Stop with a one-line message when the backbone's weights file is not chosen or missing.
+    """Raise :class:`ConfigError` when the backbone's weights file is not chosen or missing.
 
     Checked before training starts (the backbone's ``init_weights`` checks the same, later,
     under any tool). A backbone without ``init_cfg`` (e.g. ``pretrained=None``) passes.
@@ -220,4 +202,4 @@ def check_backbone_weights(cfg: Config) -> None:
         try:
             check_pretrained_file(init_cfg.get('checkpoint'))
         except (ValueError, FileNotFoundError) as error:
-            raise SystemExit(str(error)) from None
+            raise ConfigError(str(error)) from None

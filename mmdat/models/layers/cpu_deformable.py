@@ -1,7 +1,7 @@
 """Deformable attention on CPU without an ``N x N`` tensor: a C++ kernel built on first use.
 
 The kernel (``csrc/deformable_attention_cpu.cpp``) computes what
-:func:`~mmdat.models.layers.fused_deformable_attention.reference_deformable_attention` computes,
+:func:`~mmdat.models.layers.attention_math.reference_deformable_attention` computes,
 for queries on a separable grid (rows ``ys``, columns ``xs``), one query row at a time and over
 blocks of keys with an online softmax (flash-attention style): the bias is sampled inside the
 loop, so memory grows with ``row x block`` rather than ``N x N``. Forward also returns the
@@ -14,6 +14,9 @@ It is compiled with :func:`torch.utils.cpp_extension.load` the first time it is 
 cached in torch's extension directory (``TORCH_EXTENSIONS_DIR``, by default
 ``~/.cache/torch_extensions``). Where that fails (no C++ compiler), :func:`cpu_kernel_available`
 is False after one warning, and the deformable blocks use the materialised bias instead.
+
+The kernel interface of :mod:`mmdat.models.layers.policy`: :func:`installed`, :func:`supports`
+and :func:`op`.
 """
 import functools
 import hashlib
@@ -25,6 +28,8 @@ import warnings
 from typing import Sequence, Tuple
 
 import torch
+
+from .attention_math import check_deformable_inputs
 
 SOURCE = osp.join(osp.dirname(osp.abspath(__file__)), 'csrc', 'deformable_attention_cpu.cpp')
 #: Input dtypes the kernel takes (it computes in the input's dtype).
@@ -127,33 +132,19 @@ class CPUDeformableAttentionFunction(torch.autograd.Function):
 
 def _check_inputs(query, key, value, ys, xs, positions, table) -> None:
     tensors = dict(query=query, key=key, value=value, ys=ys, xs=xs, positions=positions, table=table)
+    check_deformable_inputs(tensors)
     for name, t in tensors.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f'{name} must be a Tensor, got {type(t).__name__}')
         if t.device.type != 'cpu' or t.dtype != query.dtype:
             raise TypeError(f'All inputs must be CPU tensors of one dtype of {SUPPORTED_DTYPES}, '
                             f'got {name} {t.dtype} on {t.device} (query: {query.dtype})')
     if query.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f'The CPU kernel takes {SUPPORTED_DTYPES}, got {query.dtype}')
-    if query.dim() != 4 or key.shape != value.shape or key.dim() != 4:
-        raise ValueError('query, key and value must be (B, heads, N, head_dims), got shapes '
-                         f'{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}')
-    batch, heads, num_queries, dims = query.shape
-    if key.shape[:2] != (batch, heads) or key.shape[3] != dims or 0 in key.shape or 0 in query.shape:
-        raise ValueError(f'key and value must be (B, heads, Nk, head_dims) matching query '
-                         f'{tuple(query.shape)}, got {tuple(key.shape)}')
-    if ys.dim() != 1 or xs.dim() != 1 or ys.numel() * xs.numel() != num_queries:
-        raise ValueError(f'ys and xs must be 1-D with len(ys) * len(xs) = Nq = {num_queries}, got '
+    if ys.dim() != 1 or xs.dim() != 1 or ys.numel() * xs.numel() != query.shape[2]:
+        raise ValueError(f'ys and xs must be 1-D with len(ys) * len(xs) = Nq = {query.shape[2]}, got '
                          f'{tuple(ys.shape)} and {tuple(xs.shape)}')
     if ys.requires_grad or xs.requires_grad:
         raise ValueError('The CPU kernel gives no gradient for the query coordinates; pass tensors '
                          'that do not require grad')
-    if (positions.dim() != 3 or positions.shape[0] % batch or positions.shape[1:] != (key.shape[2], 2)
-            or heads % (positions.shape[0] // batch)):
-        raise ValueError(f'positions must be (B * groups, Nk, 2) with groups dividing heads ({heads}), '
-                         f'B = {batch}, Nk = {key.shape[2]}; got {tuple(positions.shape)}')
-    if table.dim() != 3 or table.shape[0] != heads or min(table.shape[1:]) < 1:
-        raise ValueError(f'table must be (heads, Th, Tw) with heads = {heads}, got {tuple(table.shape)}')
 
 
 def cpu_deformable_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -161,8 +152,8 @@ def cpu_deformable_attention(query: torch.Tensor, key: torch.Tensor, value: torc
                              table: torch.Tensor) -> torch.Tensor:
     """Deformable attention with the sampled relative position bias, on CPU, without ``N x N``.
 
-    The same computation as :func:`~mmdat.models.layers.fused_deformable_attention.
-    fused_deformable_attention` with ``reference`` the grid of ``(ys[r], xs[c])`` in row-major
+    The same computation as :func:`~mmdat.models.layers.attention_math.
+    reference_deformable_attention` with ``queries`` the grid of ``(ys[r], xs[c])`` in row-major
     order (query ``r * len(xs) + c``).
 
     Args:
@@ -189,3 +180,30 @@ def cpu_deformable_attention(query: torch.Tensor, key: torch.Tensor, value: torc
 def grid_axes(grid: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """The row ys and column xs of a separable ``(H, W, 2)`` grid of ``(y, x)`` points."""
     return grid[:, 0, 0], grid[0, :, 1]
+
+
+#: What the kernel needs, for error messages.
+REQUIREMENT = 'a C++ compiler (the CPU kernel is built on first use) and float32 or float64 inputs'
+
+
+def installed() -> bool:
+    """Whether the kernel can be built or loaded here (a C++ compiler, or a build made before),
+    without building it."""
+    name = _build_name(CFLAGS)
+    compiler = os.environ.get('CXX', 'c++')
+    return shutil.which(compiler) is not None or osp.exists(osp.join(_build_dir(name), f'{name}.so'))
+
+
+def supports(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the kernel runs on tensors of this device and dtype (building it the first time)."""
+    return device.type == 'cpu' and dtype in SUPPORTED_DTYPES and cpu_kernel_available()
+
+
+def op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, queries: torch.Tensor,
+       positions: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """:func:`cpu_deformable_attention` with the deformable kernels' arguments: ``queries`` a
+    separable ``(H, W, 2)`` grid, ``positions`` and ``table`` in any float dtype (cast to the
+    query's)."""
+    ys, xs = grid_axes(queries.to(query.dtype))
+    return cpu_deformable_attention(query, key, value, ys, xs, positions.to(query.dtype),
+                                    table.to(query.dtype))
