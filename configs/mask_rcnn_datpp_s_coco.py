@@ -3,4 +3,6 @@ _base_ = './mask_rcnn_datpp_t_coco.py'
 
 pretrained = 'checkpoints/dat_pp_small_in1k_224.pth'
 
-model = dict(backbone=dict(arch='small++', drop_path_rate=0.1), neck=dict(in_channels=[96, 192, 384, 768]))
+# with_cp: gradient checkpointing, on as in the official DAT-Detection configs
+# (use_checkpoint=True); see docs/configs.md for when to turn it off.
+model = dict(backbone=dict(arch='small++', drop_path_rate=0.1, with_cp=True), neck=dict(in_channels=[96, 192, 384, 768]))

@@ -6,6 +6,8 @@ _base_ = './retinanet_dat_t_coco.py'
 
 pretrained = 'checkpoints/dat_pp_tiny_in1k_224.pth'  # official DAT++ file or an mmdat checkpoint
 
-model = dict(backbone=dict(arch='tiny++', drop_path_rate=0.0), neck=dict(in_channels=[128, 256, 512]))
+# with_cp: gradient checkpointing, on as in the official DAT-Detection configs
+# (use_checkpoint=True); see docs/configs.md for when to turn it off.
+model = dict(backbone=dict(arch='tiny++', drop_path_rate=0.0, with_cp=True), neck=dict(in_channels=[128, 256, 512]))
 optim_wrapper = dict(optimizer=dict(lr=2e-4), paramwise_cfg=dict(norm_decay_mult=0.))
 auto_scale_lr = dict(base_batch_size=64)

@@ -9,8 +9,9 @@ mmdat.utils.benchmark --cell JSON``) so that peak memory is per cell and an out-
 does not disturb the next, or in this process with ``isolated=False``.
 
 Common cell keys: ``device`` (``'cpu'``/``'cuda'``), ``amp`` (a key of :data:`AMP_DTYPES`),
-``batch``, ``warmup``, ``repeats``, ``isolated``, ``threads`` (torch's CPU threads or None) and
-``memory_limit_gib`` (CPU, isolated cells: the most the process's address space may grow).
+``batch``, ``warmup``, ``repeats``, ``isolated``, ``threads`` (torch's CPU threads or None),
+``memory_limit_gib`` (CPU, isolated cells: the most the process's address space may grow) and
+``with_cp`` (gradient checkpointing of every block of the backbones built; default False).
 """
 import json
 import os
@@ -42,27 +43,39 @@ OP_PATHS = layer_impls(DEFORMABLE) + ('sdpa-no-bias', )
 
 #: The models of the peer table: mmdat's DAT archs and mmdet's Swin Transformer as in its
 #: detection configs (Swin-T: 2/2/6/2 blocks, Swin-S: 2/2/18/2; 96 channels, 3/6/12/24 heads,
-#: window 7). Stochastic depth is off in all of them, as in the backbone cells.
+#: window 7; Swin-B: 2/2/18/2 blocks, 128 channels, 4/8/16/32 heads, window 7, the 224x224
+#: pre-trained Swin-B). Stochastic depth is off in all of them, as in the backbone cells.
 PEER_MODELS = {
     'Swin-T': dict(type='swin', depths=(2, 2, 6, 2)),
     'Swin-S': dict(type='swin', depths=(2, 2, 18, 2)),
     'DAT-T': dict(type='dat', arch='tiny'),
     'DAT-S': dict(type='dat', arch='small'),
     'DAT-T++': dict(type='dat', arch='tiny++'),
+    'DAT-S++': dict(type='dat', arch='small++'),
+    'Swin-B': dict(type='swin', depths=(2, 2, 18, 2), embed_dims=128, num_heads=(4, 8, 16, 32)),
+    'DAT-B': dict(type='dat', arch='base'),
+    'DAT-B++': dict(type='dat', arch='base++'),
 }
+#: The Swin Transformer each model is compared with (of its size).
+PEER_OF = {'Swin-T': 'Swin-T', 'DAT-T': 'Swin-T', 'DAT-T++': 'Swin-T', 'Swin-S': 'Swin-S', 'DAT-S': 'Swin-S',
+           'DAT-S++': 'Swin-S', 'Swin-B': 'Swin-B', 'DAT-B': 'Swin-B', 'DAT-B++': 'Swin-B'}
 
 
-def build_model(spec: dict) -> nn.Module:
+def build_model(spec: dict, with_cp: bool = False) -> nn.Module:
     """A backbone from a spec: ``dict(type='dat', arch=..., attn_impl='auto')`` or
-    ``dict(type='swin', depths=...)`` (mmdet's SwinTransformer; needs mmdet)."""
+    ``dict(type='swin', depths=...)`` (mmdet's SwinTransformer; needs mmdet). Gradient
+    checkpointing of every block: ``with_cp``, unless the spec sets its own ``with_cp``."""
     spec = dict(spec)
     kind = spec.pop('type')
+    with_cp = spec.get('with_cp', with_cp)
     if kind == 'dat':
-        return DAT(arch=spec['arch'], attn_impl=spec.get('attn_impl', 'auto'), drop_path_rate=0.0)
+        return DAT(arch=spec['arch'], attn_impl=spec.get('attn_impl', 'auto'), drop_path_rate=0.0,
+                   with_cp=with_cp)
     if kind == 'swin':
         from mmdet.models.backbones import SwinTransformer  # only the peer table needs mmdet
-        return SwinTransformer(embed_dims=96, depths=spec['depths'], num_heads=(3, 6, 12, 24),
-                               window_size=7, drop_path_rate=0.0)
+        return SwinTransformer(embed_dims=spec.get('embed_dims', 96), depths=spec['depths'],
+                               num_heads=spec.get('num_heads', (3, 6, 12, 24)), window_size=7, drop_path_rate=0.0,
+                               with_cp=with_cp)
     raise ValueError(f"model type must be 'dat' or 'swin', got {kind!r}")
 
 
@@ -248,7 +261,7 @@ def _model_spec(cell: dict, path: Optional[str] = None) -> dict:
 
 def _backbone_step(cell: dict, spec: dict) -> Callable[[], None]:
     torch.manual_seed(0)  # the same weights for every path
-    model = build_model(spec).to(cell['device'])
+    model = build_model(spec, cell.get('with_cp', False)).to(cell['device'])
     images = torch.randn(cell['batch'], 3, *cell['size'], device=cell['device'])
     return model_step(model, images, cell['mode'], cell['amp'])
 
@@ -339,8 +352,32 @@ def probe_cell(cell: dict) -> dict:
     return backbone_cell(dict(cell, mode='train', warmup=0, repeats=1))
 
 
+def profile_cell(cell: dict) -> dict:
+    """The models of ``models`` (name -> spec), one step of each profiled by component
+    (:func:`mmdat.utils.step_profile.profile_step`) per round, in turns after ``warmup`` plain
+    steps of each: per model the median seconds of each component over ``repeats`` rounds."""
+    from .step_profile import profile_step
+    models = {}
+    for name, spec in cell['models'].items():
+        torch.manual_seed(0)
+        model = build_model(spec, cell.get('with_cp', False)).to(cell['device'])
+        images = torch.randn(cell['batch'], 3, *cell['size'], device=cell['device'])
+        models[name] = model, model_step(model, images, cell['mode'], cell['amp'])
+    for _ in range(cell['warmup']):
+        for _, step in models.values():
+            step()
+    rounds = {name: [] for name in models}
+    names = list(models)
+    for round_index in range(cell['repeats']):
+        for i in range(len(names)):
+            name = names[(round_index + i) % len(names)]
+            rounds[name].append(profile_step(*models[name]))
+    return {name: {key: statistics.median(r.get(key, 0.0) for r in results)
+                   for key in set().union(*results)} for name, results in rounds.items()}
+
+
 CELL_FUNCTIONS = dict(backbone=backbone_cell, interleaved=interleaved_cell, op=op_cell, probe=probe_cell,
-                      blocks=blocks_cell)
+                      blocks=blocks_cell, profile=profile_cell)
 
 
 def _limit_memory(gib: float) -> None:

@@ -82,6 +82,12 @@ def test_config_builds_its_model(name):
     for key in ('rpe_table', 'relative_position_bias_table', 'norm'):
         assert cfg.optim_wrapper.paramwise_cfg.custom_keys[key] == dict(decay_mult=0.)
     assert cfg.default_hooks.backbone_weights == dict(type='BackboneWeightsHook')
+    # gradient checkpointing as the official configs have it: on in DAT++ detection and
+    # UperNet (use_checkpoint=True), off in DAT++ Semantic FPN; the DAT v1 configs follow
+    # Swin's recipe, whose mmdet configs have with_cp=False
+    expected_cp = version == 'datpp' and not name.startswith('fpn')
+    assert cfg.model.backbone.get('with_cp', False) is expected_cp
+    assert all(block.with_cp is expected_cp for stage in model.backbone.stages for block in stage.blocks)
     # the total batch the learning rate is given for: 16 for v1 (Swin's recipe); DAT++ as in
     # the official configs (detection 4 nodes x 8 GPUs x 2, FPN 8 x 4, UperNet 8 x 2)
     expected_batch = 16 if version == 'dat' or name.startswith('upernet') else \

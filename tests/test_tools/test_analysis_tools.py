@@ -62,6 +62,13 @@ def test_backbone_benchmark_table_on_cpu(keep_num_threads):
     assert 'Device: ' in table and '| tiny | 32x32 | train | fused |' in table
 
 
+def test_backbone_benchmark_with_checkpointing(keep_num_threads):
+    rows, table = benchmark.main(['--archs', 'tiny', '--sizes', '32', '--batch', '1', '--warmup', '0',
+                                  '--repeats', '1', '--no-isolate', '--threads', '1', '--paths', 'auto',
+                                  '--modes', 'train', '--with-cp'])
+    assert rows[0]['seconds'] > 0 and 'with_cp=True; ' in table
+
+
 def test_interleaved_timing(keep_num_threads):
     rows, table = benchmark.main(['--archs', 'tiny', '--sizes', '32', '--batch', '1', '--warmup', '0',
                                   '--repeats', '2', '--no-isolate', '--threads', '1', '--interleave',
@@ -166,7 +173,22 @@ def test_peer_table_gives_ratios_to_swin_t(tmp_path):
     assert '| Swin-T | 64x64 | inference |' in table and '| 1.00x |' in table
     ratio = rows[1]['seconds'] / rows[0]['seconds']
     assert f'| {ratio:.2f}x |' in table and 'models in turns' in table
+    assert f'| Swin-T | {ratio:.2f}x |' in table  # the ratio to its own peer, here Swin-T too
     assert out.read_text() == table + '\n'
+
+
+def test_profile_table_gives_components_and_differences_from_the_peer(keep_num_threads):
+    pytest.importorskip('mmdet')
+    rows, table = benchmark.main(['--profile', '--models', 'Swin-T', 'DAT-T', '--sizes', '64', '--modes', 'train',
+                                  '--batch', '1', '--warmup', '0', '--repeats', '1', '--threads', '1',
+                                  '--device', 'cpu', '--no-isolate'])
+    times = rows[0]
+    assert set(times) == {'size', 'mode', 'Swin-T', 'DAT-T'}
+    assert times['DAT-T']['offsets and sampling'] > 0 and 'offsets and sampling' not in times['Swin-T']
+    line = next(line for line in table.splitlines() if line.startswith('| attention op |'))
+    dat, swin = times['DAT-T']['attention op'], times['Swin-T']['attention op']
+    assert line.endswith(f', {dat - swin:+.2f} s |')  # DAT-T against its peer
+    assert '| component | Swin-T | DAT-T |' in table and '| profiled step |' in table
 
 
 def test_out_into_a_missing_folder_fails_before_the_run(tmp_path, capsys):
@@ -199,7 +221,10 @@ def test_out_writes_the_file_it_names(tmp_path, capsys, keep_num_threads):
     (['--threads', '0'], '--threads'),
     (['--op', '--interleave'], 'backbone table only'),
     (['--peers', '--interleave'], 'backbone table only'),
-    (['--peers', '--models', 'Swin-B'], 'invalid choice'),
+    (['--peers', '--models', 'Swin-L'], 'invalid choice'),
+    (['--profile', '--interleave'], 'backbone table only'),
+    (['--profile', '--peers'], 'not allowed with'),
+    (['--op', '--with-cp'], 'whole backbones'),
     (['--peers', '--op'], 'not allowed with'),
     (['--blocks', '--op'], 'not allowed with'),
     (['--device', 'cpu', '--memory-limit', '0'], '--memory-limit'),

@@ -35,6 +35,16 @@ def test_models_in_turns_in_one_process():
     assert set(result) == {'a', 'b'} and all(t > 0 for t in result.values())
 
 
+def test_with_cp_reaches_every_block_of_both_model_types():
+    dat = benchmark.build_model(dict(type='dat', arch='tiny'), with_cp=True)
+    assert all(block.with_cp for stage in dat.stages for block in stage.blocks)
+    assert not benchmark.build_model(dict(type='dat', arch='tiny', with_cp=False), with_cp=True).stages[0].blocks[0].with_cp
+    pytest.importorskip('mmdet')
+    swin = benchmark.build_model(benchmark.PEER_MODELS['Swin-B'], with_cp=True)
+    assert swin.stages[2].blocks[0].with_cp and len(swin.stages[2].blocks) == 18
+    assert swin.stages[0].blocks[0].attn.w_msa.num_heads == 4 and swin.num_features == [128, 256, 512, 1024]
+
+
 def test_time_in_turns_rotates_the_order():
     order = []
     steps = {name: (lambda name=name: order.append(name)) for name in 'abc'}

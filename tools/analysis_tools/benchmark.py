@@ -37,6 +37,15 @@ mmcv/mmdet are absent:
       python tools/analysis_tools/benchmark.py --peers --device cpu --sizes 800x1333 --modes infer
       python tools/analysis_tools/benchmark.py --peers --device cpu --sizes 512 --modes train
 
+* ``--profile``: where the step of each of ``--models`` spends its time, by component
+  (attention op, attention projections, offsets and sampling, neighborhood tiles, MLP, norms,
+  layout copies, stem and downsampling, ...; :mod:`mmdat.utils.step_profile`), one step of each
+  model profiled per round, in turns, medians; each DAT model also as the difference from its
+  Swin peer (needs mmdet for the Swin models)::
+
+      python tools/analysis_tools/benchmark.py --profile --device cpu --sizes 800x1333 --modes train \
+          --models Swin-T Swin-S DAT-T DAT-T++ DAT-S --warmup 1 --repeats 1
+
 Timing: ``--warmup`` untimed steps, then ``--repeats`` timed steps, each between device
 synchronisations; the median is reported. Every cell runs in a fresh Python process so that
 peak memory is per cell and an out-of-memory cell does not disturb the next; ``--no-isolate``
@@ -61,7 +70,9 @@ from mmdat.models.backbones.dat import BLOCK_TYPES
 from mmdat.models.layers import IMPLEMENTATIONS, attn_impls, triton_deformable
 from mmdat.models.layers.policy import runs_on
 from mmdat.utils import benchmark as lib
-from mmdat.utils.benchmark import AMP_DTYPES, OP_PATHS, PEER_MODELS, markdown_table, run_cell
+from mmdat.utils.benchmark import (AMP_DTYPES, OP_PATHS, PEER_MODELS, PEER_OF, markdown_table,
+                                   run_cell)
+from mmdat.utils.step_profile import COMPONENTS
 
 #: Every attn_impl of the model (the attention policy's table). 'auto' (the default of DAT) is
 #: accepted but not run by default.
@@ -121,13 +132,16 @@ def header(args: argparse.Namespace) -> str:
         versions += f', triton {triton_deformable.triton.__version__}'
     memory = ('not measured (--interleave)' if args.interleave else
               'not measured (--blocks)' if args.blocks else
+              'not measured (--profile)' if args.profile else
               'peak allocated (torch.cuda.max_memory_allocated)' if args.device == 'cuda' else
               'peak RSS growth of the process' if args.isolated else 'not measured (--no-isolate)')
-    timing = 'paths in turns, ' if args.interleave else 'models in turns, ' if args.peers else ''
+    checkpointing = 'with_cp=True; ' if args.with_cp else ''
+    timing = ('paths in turns, ' if args.interleave else 'models in turns, ' if args.peers else
+              'models in turns, one profiled step each per round, ' if args.profile else '')
     load = lib.load_average()
     load = f'; load average at the start {load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f}' if load else ''
     return (f'Device: {lib.device_name(args.device, args.threads)} ({args.device}){load}; {versions}; '
-            f'amp: {args.amp}; batch {args.batch}; {timing}warm-up {args.warmup}, median of {args.repeats}; '
+            f'amp: {args.amp}; batch {args.batch}; {checkpointing}{timing}warm-up {args.warmup}, median of {args.repeats}; '
             f'memory: {memory}.')
 
 
@@ -265,15 +279,57 @@ def benchmark_peers(args: argparse.Namespace) -> Tuple[List[dict], List[str]]:
                      and (r['size'], r['mode']) == (row['size'], row['mode'])), None)
         cells = [row['model'], _format_size(row['size']), 'inference' if row['mode'] == 'infer' else 'training step']
         if 'error' in row:
-            table.append(cells + [row['error'], '', '', ''])
+            table.append(cells + [row['error'], '', '', '', '', '', ''])
             continue
         peak = row.get('peak_bytes')
-        speed = f"{row['seconds'] / base['seconds']:.2f}x" if base else ''
-        memory = (f"{peak / base['peak_bytes']:.2f}x" if base and peak is not None and base.get('peak_bytes')
-                  else '')
-        table.append(cells + [f"{row['seconds']:.3f}", speed, row.get('memory_error') or _mib(peak), memory])
+        peer = next((r for r in rows if r['model'] == PEER_OF[row['model']] and 'seconds' in r
+                     and (r['size'], r['mode']) == (row['size'], row['mode'])), None)
+        ratios = []
+        for ref in (base, peer):
+            speed = f"{row['seconds'] / ref['seconds']:.2f}x" if ref else ''
+            memory = (f"{peak / ref['peak_bytes']:.2f}x" if ref and peak is not None and ref.get('peak_bytes')
+                      else '')
+            ratios.append((speed, memory))
+        table.append(cells + [f"{row['seconds']:.3f}", ratios[0][0], row.get('memory_error') or _mib(peak),
+                              ratios[0][1], PEER_OF[row['model']], *ratios[1]])
     lines = markdown_table(['model', 'input', 'mode', 's/iter', f'time / {PEER_BASE}', 'peak MiB',
-                            f'memory / {PEER_BASE}'], table, right=(3, 4, 5, 6))
+                            f'memory / {PEER_BASE}', 'peer', 'time / peer', 'memory / peer'], table,
+                           right=(3, 4, 5, 6, 8, 9))
+    return rows, lines
+
+
+def benchmark_profile(args: argparse.Namespace) -> Tuple[List[dict], List[str]]:
+    """Per size and mode, one table: the seconds of each component per model (and its share of
+    the model's step); for a model whose Swin peer ran too, the difference from the peer."""
+    rows, lines = [], []
+    models = {name: PEER_MODELS[name] for name in args.models}
+    for size in args.sizes:
+        for mode in args.modes:
+            result = run_cell(dict(kind='profile', size=size, mode=mode, models=models, **_common(args)))
+            print(f"  {_format_size(size)} {mode}: {result.get('error', 'done')}", flush=True)
+            rows.append(dict(size=size, mode=mode, **result))
+            title = f"{_format_size(size)}, {'inference' if mode == 'infer' else 'training step'}"
+            if 'error' in result:
+                lines += ['', f"{title}: {result['error']}"]
+                continue
+            table = []
+            for component in COMPONENTS + ('sum', 'profiled step'):
+                cells = [component]
+                for name in models:
+                    times = result[name]
+                    total = sum(times.get(c, 0.0) for c in COMPONENTS)
+                    value = total if component == 'sum' else times.get(component, 0.0)
+                    text = f'{value:.2f} s' if component == 'profiled step' else f'{value:.2f} s ({value / total:.0%})'
+                    peer = PEER_OF[name]
+                    if peer != name and peer in result and component in COMPONENTS + ('sum', ):
+                        peer_times = result[peer]
+                        peer_value = (sum(peer_times.get(c, 0.0) for c in COMPONENTS) if component == 'sum'
+                                      else peer_times.get(component, 0.0))
+                        text += f', {value - peer_value:+.2f} s'
+                    cells.append(text)
+                table.append(cells)
+            lines += ['', f'{title}; seconds (share of the step{", difference from its Swin peer" if any(PEER_OF[n] != n and PEER_OF[n] in models for n in models) else ""}):', '']
+            lines += markdown_table(['component'] + list(models), table, right=tuple(range(1, len(models) + 1)))
     return rows, lines
 
 
@@ -349,7 +405,7 @@ def benchmark_max_size(args: argparse.Namespace) -> Tuple[List[dict], List[str]]
 def _common(args: argparse.Namespace) -> dict:
     return dict(device=args.device, amp=args.amp, batch=args.batch, warmup=args.warmup,
                 repeats=args.repeats, isolated=args.isolated, threads=args.threads,
-                memory_limit_gib=args.memory_limit)
+                memory_limit_gib=args.memory_limit, with_cp=args.with_cp)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -361,10 +417,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     task.add_argument('--max-size', action='store_true',
                       help='search the largest input whose training step fits (CUDA only)')
     task.add_argument('--peers', action='store_true',
-                      help=f'DAT against mmdet\'s Swin Transformer, ratios to {PEER_BASE} (needs mmdet)')
+                      help=f'DAT against mmdet\'s Swin Transformer, ratios to {PEER_BASE} and to each '
+                           'model\'s Swin peer (needs mmdet)')
+    task.add_argument('--profile', action='store_true',
+                      help='the step of each of --models profiled by component (needs mmdet for Swin)')
     parser.add_argument('--archs', nargs='+', default=['tiny', 'small', 'base'], choices=sorted(DAT.arch_zoo))
     parser.add_argument('--models', nargs='+', default=list(PEER_MODELS), choices=list(PEER_MODELS),
-                        help=f'--peers: the models (default: all; {PEER_BASE} is the base of the ratios)')
+                        help=f'--peers, --profile: the models (default: all; {PEER_BASE} is the base of the '
+                             'ratios)')
     parser.add_argument('--sizes', nargs='+', type=parse_size, default=None,
                         help='input sizes, H or HxW (default: 224 512 800x1333)')
     parser.add_argument('--paths', nargs='+', default=None,
@@ -389,6 +449,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help='CPU: let every cell\'s process grow its address space (RLIMIT_AS; more '
                              'than its resident memory) by at most this many GiB, so that a cell that '
                              'needs more is reported as out of memory')
+    parser.add_argument('--with-cp', action='store_true',
+                        help='gradient checkpointing of every block (with_cp=True) in the backbones built '
+                             '(default mode, --peers, --profile)')
     parser.add_argument('--no-isolate', dest='isolated', action='store_false',
                         help='run every cell in this process (no per-cell CPU memory)')
     parser.add_argument('--min-height', type=int, default=224, help='--max-size: smallest height tried')
@@ -405,12 +468,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error('--device cuda: CUDA is not available')
     if args.max_size and args.device != 'cuda':
         parser.error('--max-size searches GPU memory; it needs --device cuda')
-    if args.interleave and (args.op or args.blocks or args.max_size or args.peers):
+    if args.interleave and (args.op or args.blocks or args.max_size or args.peers or args.profile):
         parser.error('--interleave applies to the backbone table only (--peers always times in turns)')
     if args.memory_limit is not None and (args.device != 'cpu' or not args.isolated
                                           or args.memory_limit <= 0):
         parser.error('--memory-limit is a positive number of GiB, for CPU cells in their own '
                      'processes (not with --device cuda or --no-isolate)')
+    if args.with_cp and (args.op or args.blocks):
+        parser.error('--with-cp applies to whole backbones (not --op or --blocks)')
     if args.threads is not None and args.threads < 1:
         parser.error('--threads must be >= 1')
     if args.batch < 1 or args.repeats < 1 or args.warmup < 0:
@@ -441,6 +506,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Tuple[List[dict], str]:
         rows, lines = benchmark_max_size(args)
     elif args.peers:
         rows, lines = benchmark_peers(args)
+    elif args.profile:
+        rows, lines = benchmark_profile(args)
     else:
         rows, lines = benchmark_backbone(args)
     table = '\n'.join([title, ''] + lines)

@@ -147,6 +147,58 @@ def test_gradcheck():
                                     leaves, eps=1e-6, atol=1e-7)
 
 
+@pytest.fixture
+def threads():
+    """Sets torch's CPU threads for one test (the kernel's backward splits its rows by them)."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+# (shape, threads): backward cuts batch x heads x rows query rows into one run per thread, and
+# the cases put the cuts inside a (batch, head) (3 heads x 5 rows on 2 threads: a cut in head 1),
+# several runs through one (batch, head) and a run through two (4 threads on 15 rows: runs of
+# 3-4 rows), all runs inside one (batch, head) (9 rows, 4 threads) and more threads than rows.
+SPLIT_CASES = [((1, 3, 3, 5, 7, 29, 8, (5, 7)), 2), ((1, 3, 3, 5, 7, 29, 8, (5, 7)), 4),
+               ((1, 1, 1, 9, 4, 13, 16, (9, 5)), 4), ((2, 1, 1, 1, 6, 40, 8, (5, 7)), 3)]
+
+
+@needs_kernel
+@pytest.mark.parametrize('shape,count', SPLIT_CASES)
+def test_backward_split_over_rows_matches_reference(threads, shape, count):
+    inputs = make_inputs(*shape)
+    grad_out = torch.randn(shape[0], shape[1], shape[3] * shape[4], shape[6], dtype=torch.float64)
+    threads(count)
+    assert_float64_matches_reference(inputs, grad_out)
+
+
+@needs_kernel
+@pytest.mark.parametrize('shape,count', SPLIT_CASES)
+def test_result_does_not_depend_on_the_thread_count(threads, shape, count):
+    """float32: with another thread count only the order of the sums over cut (batch, head)
+    changes, so the gradients agree to rounding."""
+    inputs = make_inputs(*shape)
+    grad_out = torch.randn(shape[0], shape[1], shape[3] * shape[4], shape[6], dtype=torch.float64)
+    threads(1)
+    out_one, grads_one = run(kernel, inputs, torch.float32, grad_out)
+    threads(count)
+    out, grads = run(kernel, inputs, torch.float32, grad_out)
+    assert torch.equal(out, out_one)  # forward: one task per query row, nothing summed across
+    assert torch.equal(grads[0], grads_one[0])  # the query gradient: one task per row too
+    for name, grad, grad_one in zip(GRAD_NAMES[1:], grads[1:], grads_one[1:]):
+        assert relative_error(grad, grad_one) < 1e-6, name
+
+
+@needs_kernel
+def test_gradcheck_with_rows_split_across_threads(threads):
+    q, k, v, queries, positions, table = make_inputs(1, 2, 1, 3, 4, 5, 4, (5, 5), spread=0.9)
+    leaves = [t.requires_grad_(True) for t in (q, k, v, positions, table)]
+    ys, xs = queries[:, 0, 0], queries[0, :, 1]
+    threads(4)  # 6 rows in runs of 1, 2, 1, 2 rows: both heads cut
+    assert torch.autograd.gradcheck(lambda q, k, v, p, t: cpu_deformable_attention(q, k, v, ys, xs, p, t),
+                                    leaves, eps=1e-6, atol=1e-7)
+
+
 @needs_kernel
 def test_bilinear_corner_cases_match_grid_sample():
     """Keys exactly on query points: displacements on table nodes and on the table's edges, where

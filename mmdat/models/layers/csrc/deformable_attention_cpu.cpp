@@ -19,9 +19,9 @@
 // (KB x W, small enough for L1), the bias added in place, an online softmax down the columns
 // (running max and sum per query, rescaling the accumulated output), and out^T += V_blk^T P^T.
 // It also returns the log-sum-exp per query, so backward recomputes each block's probabilities
-// with one exp and no second pass. Backward runs one task per (batch, head), over all its rows,
-// so the key, value, position and table gradients of a task are its own: no atomics, and the
-// result does not depend on the number of threads.
+// with one exp and no second pass. Forward runs one task per query row of a (batch, head);
+// backward cuts the rows of all (batch, head) into one run per thread and adds up the key-side
+// gradients of the (batch, head) that a cut splits (see backward).
 //
 // The block products are one register-tiled micro-kernel (`tile`). With AVX-512 (float) it is
 // written with intrinsics, as are the bias lerp, the exp and the x-lerp gradient (prefix sums
@@ -653,8 +653,26 @@ std::vector<at::Tensor> forward(const at::Tensor& query, const at::Tensor& key, 
   return {out, lse};
 }
 
+// Gradient sums of the keys of one (batch, head) over some of its query rows: dK / scale and dV
+// (keys x dp), the positions' (keys x 2, before the factor (size - 1) / 4) and the table's.
+template <typename T>
+struct KeySums {
+  T *dk, *dv, *dpos, *dtab;
+  static int64_t size(const Shapes& s, int64_t dp) { return 2 * s.keys * dp + 2 * s.keys + s.th * s.tw; }
+  KeySums(const Shapes& s, int64_t dp, T* data)
+      : dk(data), dv(data + s.keys * dp), dpos(data + 2 * s.keys * dp), dtab(data + 2 * s.keys * dp + 2 * s.keys) {}
+};
+
 // Returns (grad_query, grad_key, grad_value, grad_positions per (b, head): (B, heads, Nk, 2),
 // grad_table per (b, head): (B, heads, Th, Tw)).
+//
+// Work split: the B x heads x rows query rows, in (b, h, row) order, are cut into as many runs
+// of equal length (to one row) as torch has threads, one task each, so every thread has work
+// whatever B x heads is. A task owns the query gradient of its rows; the key-side sums (dK, dV,
+// positions, table) of a (b, h) whose rows all lie in the task are written out directly, and
+// those of a (b, h) cut by a run boundary are kept (at most two per task: its first and last
+// (b, h)) and added up afterwards in task order. No atomics; the same result on every run with
+// the same thread count, and with another thread count the same up to the order of those sums.
 std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& query,
                                  const at::Tensor& key, const at::Tensor& value,
                                  const at::Tensor& out, const at::Tensor& lse, const at::Tensor& ys,
@@ -664,9 +682,12 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
   at::Tensor grad_query = at::empty_like(query);
   at::Tensor grad_key = at::empty_like(key);
   at::Tensor grad_value = at::empty_like(value);
-  at::Tensor grad_positions = at::zeros({s.batch, s.heads, s.keys, 2}, query.options());
-  at::Tensor grad_table = at::zeros({s.batch, s.heads, s.th, s.tw}, query.options());
+  at::Tensor grad_positions = at::empty({s.batch, s.heads, s.keys, 2}, query.options());
+  at::Tensor grad_table = at::empty({s.batch, s.heads, s.th, s.tw}, query.options());
   const at::Tensor delta = (grad_out * out).sum(-1).contiguous();  // rowsum(dO * O): (B, heads, Nq)
+  const int64_t total_rows = s.batch * s.heads * s.rows;
+  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), total_rows));
+  auto first_row = [&](int64_t task) { return task * total_rows / tasks; };
   AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "deformable_attention_cpu_backward", [&] {
     using T = scalar_t;
     const Coords<T> co = coords_of<T>(s, ys, xs, positions);
@@ -681,7 +702,31 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
     const T* delta_all = delta.data_ptr<T>();
     const T* tab_all = table.data_ptr<T>();
     const bool sorted = std::is_sorted(co.qx.begin(), co.qx.end());
-    at::parallel_for(0, s.batch * s.heads, 1, [&](int64_t begin, int64_t end) {
+    // Per task two sets of key-side sums: [0] its first (b, h) when a boundary cuts it and the
+    // task goes on to another (b, h); [1] the one in progress, which ends as its last (b, h).
+    const int64_t sums_size = KeySums<T>::size(s, dp);
+    at::Tensor sums = at::empty({tasks, 2, sums_size}, query.options());
+    auto sums_of = [&](int64_t task, int64_t which) {
+      return KeySums<T>(s, dp, sums.data_ptr<T>() + (task * 2 + which) * sums_size);
+    };
+    // The gradients of (b, h) = bh from its key-side sums.
+    auto write_key_gradients = [&](int64_t bh, const KeySums<T>& g) {
+      T* gk = grad_key.data_ptr<T>() + bh * s.keys * d;
+      T* gv = grad_value.data_ptr<T>() + bh * s.keys * d;
+      for (int64_t n = 0; n < s.keys; ++n)
+        for (int64_t c = 0; c < d; ++c) {
+          gk[n * d + c] = g.dk[n * dp + c] * scale;
+          gv[n * d + c] = g.dv[n * dp + c];
+        }
+      // d(coordinate)/d(position) = -(size - 1) / 4; the sign is already in dpos
+      T* dpos = grad_positions.data_ptr<T>() + bh * s.keys * 2;
+      for (int64_t n = 0; n < s.keys; ++n) {
+        dpos[2 * n] = g.dpos[2 * n] * (T(s.th - 1) / 4);
+        dpos[2 * n + 1] = g.dpos[2 * n + 1] * (T(s.tw - 1) / 4);
+      }
+      std::copy(g.dtab, g.dtab + s.th * s.tw, grad_table.data_ptr<T>() + bh * s.th * s.tw);
+    };
+    at::parallel_for(0, tasks, 1, [&](int64_t task_begin, int64_t task_end) {
       const c10::InferenceMode guard;
       std::vector<at::Tensor> keep;
       T* qt = scratch<T>(keep, d * wp);       // Q^T * scale
@@ -696,66 +741,80 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
       T* wy = scratch<T>(keep, KB);
       T* lse_row = scratch<T>(keep, wp);
       T* delta_row = scratch<T>(keep, wp);
-      T* dk = scratch<T>(keep, s.keys * dp);  // dK / scale
-      T* dv = scratch<T>(keep, s.keys * dp);
       std::vector<int64_t> y0(KB);
-      for (int64_t bh = begin; bh < end; ++bh) {
-        const int64_t b = bh / s.heads, h = bh % s.heads;
-        const int64_t group = b * s.groups + h / heads_per_group;
-        const T* tab = tab_all + h * s.th * s.tw;
-        const T* kx = co.kx.data() + group * s.keys;
-        const T* k = k_all + bh * s.keys * d;
-        const T* v = v_all + bh * s.keys * d;
-        T* dpos = grad_positions[b][h].data_ptr<T>();
-        T* dtab = grad_table[b][h].data_ptr<T>();
-        std::fill(dk, dk + s.keys * dp, T(0));
-        std::fill(dv, dv + s.keys * dp, T(0));
-        // padded queries: probability exp(-max) = 0, so they add nothing anywhere
-        std::fill(lse_row, lse_row + wp, std::numeric_limits<T>::max());
-        for (int64_t row = 0; row < s.rows; ++row) {
-          const int64_t first = bh * s.queries() + row * W;
-          transpose_row<T>(s, q_all + first * d, scale, qt);
-          transpose_row<T>(s, do_all + first * d, T(1), dot);
-          for (int64_t j = 0; j < W; ++j) {
-            std::copy(q_all + (first + j) * d, q_all + (first + j + 1) * d, qpad + j * dp);
-            std::copy(do_all + (first + j) * d, do_all + (first + j + 1) * d, dopad + j * dp);
-          }
-          std::copy(lse_all + first, lse_all + first + W, lse_row);
-          std::copy(delta_all + first, delta_all + first + W, delta_row);
-          std::fill(dqt, dqt + d * wp, T(0));
-          for (int64_t n0 = 0; n0 < s.keys; n0 += KB) {
-            const int64_t count = std::min(KB, s.keys - n0);
-            block_scores<T>(s, co, tab, row, group, k, qt, n0, count, ty, y0.data(), wy, probs);
-            probabilities<T>(s, count, lse_row, probs);
-            gemm<T>(count, d, wp / L, v + n0 * d, d, 1, dot, wp, dscores, wp, false);  // dP^T = V dO^T
-            for (int64_t n = 0; n < count; ++n)
-              for (int64_t x = 0; x < wp; ++x) {
-                T& g = dscores[n * wp + x];
-                g = probs[n * wp + x] * (g - delta_row[x]);
-              }
-            gemm<T>(count, W, dp / L, probs, wp, 1, dopad, dp, dv + n0 * dp, dp, true);    // dV += P dO
-            gemm<T>(count, W, dp / L, dscores, wp, 1, qpad, dp, dk + n0 * dp, dp, true);   // dK += dS Q
-            gemm<T>(d, count, wp / L, k + n0 * d, 1, d, dscores, wp, dqt, wp, true);       // dQ^T += K^T dS^T
+      // padded queries: probability exp(-max) = 0, so they add nothing anywhere
+      std::fill(lse_row, lse_row + wp, std::numeric_limits<T>::max());
+      for (int64_t task = task_begin; task < task_end; ++task) {
+        const int64_t begin = first_row(task), end = first_row(task + 1);
+        for (int64_t run = begin; run < end;) {
+          const int64_t bh = run / s.rows;
+          const int64_t run_end = std::min(end, (bh + 1) * s.rows);
+          const int64_t b = bh / s.heads, h = bh % s.heads;
+          const int64_t group = b * s.groups + h / heads_per_group;
+          const T* tab = tab_all + h * s.th * s.tw;
+          const T* kx = co.kx.data() + group * s.keys;
+          const T* k = k_all + bh * s.keys * d;
+          const T* v = v_all + bh * s.keys * d;
+          const KeySums<T> g = sums_of(task, 1);
+          std::fill(g.dk, g.dk + sums_size, T(0));
+          for (int64_t row = run - bh * s.rows; row < run_end - bh * s.rows; ++row) {
+            const int64_t first = bh * s.queries() + row * W;
+            transpose_row<T>(s, q_all + first * d, scale, qt);
+            transpose_row<T>(s, do_all + first * d, T(1), dot);
+            for (int64_t j = 0; j < W; ++j) {
+              std::copy(q_all + (first + j) * d, q_all + (first + j + 1) * d, qpad + j * dp);
+              std::copy(do_all + (first + j) * d, do_all + (first + j + 1) * d, dopad + j * dp);
+            }
+            std::copy(lse_all + first, lse_all + first + W, lse_row);
+            std::copy(delta_all + first, delta_all + first + W, delta_row);
+            std::fill(dqt, dqt + d * wp, T(0));
+            for (int64_t n0 = 0; n0 < s.keys; n0 += KB) {
+              const int64_t count = std::min(KB, s.keys - n0);
+              block_scores<T>(s, co, tab, row, group, k, qt, n0, count, ty, y0.data(), wy, probs);
+              probabilities<T>(s, count, lse_row, probs);
+              gemm<T>(count, d, wp / L, v + n0 * d, d, 1, dot, wp, dscores, wp, false);  // dP^T = V dO^T
+              for (int64_t n = 0; n < count; ++n)
+                for (int64_t x = 0; x < wp; ++x) {
+                  T& gs = dscores[n * wp + x];
+                  gs = probs[n * wp + x] * (gs - delta_row[x]);
+                }
+              gemm<T>(count, W, dp / L, probs, wp, 1, dopad, dp, g.dv + n0 * dp, dp, true);    // dV += P dO
+              gemm<T>(count, W, dp / L, dscores, wp, 1, qpad, dp, g.dk + n0 * dp, dp, true);   // dK += dS Q
+              gemm<T>(d, count, wp / L, k + n0 * d, 1, d, dscores, wp, dqt, wp, true);         // dQ^T += K^T dS^T
 
-            bias_backward_x<T>(s, co.qx.data(), kx + n0, ty, dscores, count, sorted, dty, dpos + 2 * n0);
-            bias_backward_y<T>(s, tab, y0.data(), wy, count, dty, dtab, dpos + 2 * n0);
+              bias_backward_x<T>(s, co.qx.data(), kx + n0, ty, dscores, count, sorted, dty, g.dpos + 2 * n0);
+              bias_backward_y<T>(s, tab, y0.data(), wy, count, dty, g.dtab, g.dpos + 2 * n0);
+            }
+            T* dq = grad_query.data_ptr<T>() + first * d;
+            for (int64_t j = 0; j < W; ++j)
+              for (int64_t c = 0; c < d; ++c) dq[j * d + c] = dqt[c * wp + j] * scale;
           }
-          T* dq = grad_query.data_ptr<T>() + first * d;
-          for (int64_t j = 0; j < W; ++j)
-            for (int64_t c = 0; c < d; ++c) dq[j * d + c] = dqt[c * wp + j] * scale;
+          if (run == bh * s.rows && run_end == (bh + 1) * s.rows) {
+            write_key_gradients(bh, g);  // all its rows are here
+          } else if (run == begin && run_end < end) {
+            std::copy(g.dk, g.dk + sums_size, sums_of(task, 0).dk);  // the first, cut; more follow
+          }  // else the last, cut: stays in set [1]
+          run = run_end;
         }
-        T* gk = grad_key.data_ptr<T>() + bh * s.keys * d;
-        T* gv = grad_value.data_ptr<T>() + bh * s.keys * d;
-        for (int64_t n = 0; n < s.keys; ++n)
-          for (int64_t c = 0; c < d; ++c) {
-            gk[n * d + c] = dk[n * dp + c] * scale;
-            gv[n * d + c] = dv[n * dp + c];
-          }
-        // d(coordinate)/d(position) = -(size - 1) / 4; the sign is already in dpos
-        for (int64_t n = 0; n < s.keys; ++n) {
-          dpos[2 * n] *= T(s.th - 1) / 4;
-          dpos[2 * n + 1] *= T(s.tw - 1) / 4;
+      }
+    });
+    // The (b, h) cut by run boundaries: add up their sums in task order.
+    std::vector<int64_t> cut;
+    for (int64_t task = 1; task < tasks; ++task) {
+      const int64_t row = first_row(task);
+      if (row % s.rows && (cut.empty() || cut.back() != row / s.rows)) cut.push_back(row / s.rows);
+    }
+    at::parallel_for(0, static_cast<int64_t>(cut.size()), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t bh = cut[i];
+        std::vector<T> total(sums_size, T(0));
+        for (int64_t task = 0; task < tasks; ++task) {
+          const int64_t first = first_row(task), last = first_row(task + 1) - 1;
+          if (first > last || first / s.rows > bh || last / s.rows < bh) continue;
+          const T* part = sums_of(task, last / s.rows == bh ? 1 : 0).dk;
+          for (int64_t j = 0; j < sums_size; ++j) total[j] += part[j];
         }
+        write_key_gradients(bh, KeySums<T>(s, dp, total.data()));
       }
     });
   });
