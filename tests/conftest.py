@@ -1,8 +1,118 @@
-"""Test-session setup that must happen before mmdat is imported, and shared fixtures."""
+"""Test-session setup that must happen before mmdat is imported, and the suite's shared helpers.
+
+Test modules import the helpers by name (``from tests.conftest import REPO_ROOT, load_tool``):
+``tests`` is a package, so pytest imports this file as ``tests.conftest`` and every test module
+gets this one copy.
+"""
+import importlib.util
+import json
 import os
+from pathlib import Path
+from types import ModuleType
+from typing import Dict, Optional
 
 import pytest
 import torch
+
+
+#: The checkout's root folder (configs/, tools/, tests/data/ ...).
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TEST_CONFIGS = REPO_ROOT / 'tests' / 'data' / 'configs'
+
+#: Small DAT archs per version, 2 blocks in every stage. Version 1: window attention, then
+#: shifted windows (stages 0-1) or deformable attention (2-3); version 2: neighborhood and DAT++
+#: deformable blocks in every stage but the last (two deformable blocks).
+SMALL_ARCHS = {
+    1: dict(embed_dims=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), offset_groups=(0, 0, 2, 2)),
+    2: dict(version=2, embed_dims=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4),
+            offset_groups=(1, 1, 2, 2), block_types=('ND', 'ND', 'ND', 'DD')),
+}
+#: Every attention of each version in as few blocks as the arch allows (for slow paths: compiling,
+#: exporting): shifted windows in stage 0 and deformable attention in stage 2 (version 1);
+#: neighborhood and DAT++ deformable attention (version 2).
+MINIMAL_ARCHS = {
+    1: dict(embed_dims=16, depths=(2, 1, 2, 1), num_heads=(1, 2, 2, 4), offset_groups=(0, 0, 1, 2)),
+    2: dict(version=2, embed_dims=16, depths=(2, 1, 1, 1), num_heads=(1, 2, 2, 4),
+            offset_groups=(1, 1, 1, 2), block_types=('ND', 'N', 'D', 'D')),
+}
+
+
+def load_module(path, name: Optional[str] = None) -> ModuleType:
+    """The Python file ``path`` run as a module named ``name`` (default: its stem), not put in
+    ``sys.modules``: for scripts that are not in a package (tools, test data recipes)."""
+    path = Path(path)
+    spec = importlib.util.spec_from_file_location(name or path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_tool(relative_path: str) -> ModuleType:
+    """A tool of ``tools/`` by its path there, e.g. ``load_tool('analysis_tools/get_flops.py')``,
+    as a module whose functions the tests call in-process."""
+    return load_module(REPO_ROOT / 'tools' / relative_path)
+
+
+def small_backbone(version: int = 1, arch: Optional[dict] = None, **kwargs):
+    """An initialised DAT of :data:`SMALL_ARCHS` (or ``arch``), the same weights for the same
+    arguments, stochastic depth off unless ``drop_path_rate`` is given; in training mode."""
+    from mmdat.models import DAT  # after the environment above is set
+    torch.manual_seed(0)
+    kwargs.setdefault('drop_path_rate', 0.0)
+    model = DAT(arch=SMALL_ARCHS[version] if arch is None else arch, **kwargs)
+    model.init_weights()
+    return model
+
+
+# The official models' parity data (tests/data/official_dat*/README.md): per version, the folder,
+# the file prefix of its layouts and pinned features.
+_OFFICIAL = {1: ('official_dat', 'dat'), 2: ('official_datpp', 'datpp')}
+
+
+def official_data(version: int) -> Path:
+    return REPO_ROOT / 'tests' / 'data' / _OFFICIAL[version][0]
+
+
+def official_layout(version: int, size: str) -> dict:
+    """``{'parameters': [[key, shape], ...], 'buffers': [...]}`` of an official classification
+    model (``size``: 'tiny', 'small' or 'base'), in its state-dict order."""
+    return json.loads((official_data(version) / f'{_OFFICIAL[version][1]}_{size}_layout.json').read_text())
+
+
+def _seeded(version: int) -> ModuleType:
+    return load_module(official_data(version) / 'seeded.py', f'official_{version}_seeded')
+
+
+def official_state_dict(version: int, size: str) -> Dict[str, torch.Tensor]:
+    """An official classification checkpoint's state dict with the seeded weights the pinned
+    features were computed with, and a zero ``cls_head`` (it comes last: the seeded draws of the
+    other keys do not depend on it)."""
+    weights = _seeded(version).seeded_official_weights(
+        [(k, s) for k, s in official_layout(version, size)['parameters'] if not k.startswith('cls_head.')])
+    weights['cls_head.weight'] = torch.zeros(1000, weights['cls_norm.norm.weight'].shape[0])
+    weights['cls_head.bias'] = torch.zeros(1000)
+    return weights
+
+
+def official_input(version: int) -> torch.Tensor:
+    """The seeded 224x224 image the pinned features were computed from."""
+    return _seeded(version).seeded_input()
+
+
+def official_features(version: int, size: str) -> torch.Tensor:
+    """The official model's ``cls_norm`` features for :func:`official_input` and the weights of
+    :func:`official_state_dict`."""
+    return torch.load(official_data(version) / f'{_OFFICIAL[version][1]}_{size}_cls_norm.pth')
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` are skipped where no CUDA device is visible."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason='needs a CUDA GPU')
+    for item in items:
+        if item.get_closest_marker('gpu'):
+            item.add_marker(skip)
 
 
 def _write_hostile_checkpoints(folder):

@@ -1,11 +1,11 @@
 import subprocess
 import sys
-from pathlib import Path
+
+import pytest
 
 import mmdat
 from mmdat.models import DAT
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO_ROOT
 
 
 def test_dat_is_registered_in_mmdet_and_mmseg():
@@ -24,6 +24,7 @@ def run_python(code: str) -> subprocess.CompletedProcess:
                           env={'PYTHONPATH': str(REPO_ROOT), 'PATH': '/usr/bin:/bin'})
 
 
+@pytest.mark.slow
 def test_import_without_mmdet_and_mmseg():
     """mmdat's model code needs only torch and mmengine (e.g. on a GPU box without mmcv)."""
     result = run_python(
@@ -40,6 +41,7 @@ def test_import_without_mmdet_and_mmseg():
     assert result.stdout.split() == ['4', 'False']
 
 
+@pytest.mark.slow
 def test_a_broken_install_is_not_hidden():
     result = run_python('import sys\nsys.modules["mmdet.registry"] = None\nimport mmdat\n')
     assert result.returncode != 0

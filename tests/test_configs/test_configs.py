@@ -23,8 +23,8 @@ import mmdat
 from mmdat.datasets import CLASSES, make_synthetic_dataset
 from mmdat.models.utils import resolve_pretrained
 from mmdat.utils import load_tool_config
+from tests.conftest import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO_ROOT / 'configs'
 CONFIGS = sorted(p.name for p in CONFIG_DIR.glob('*.py'))
 DEMO_CONFIGS = sorted(p.name for p in (CONFIG_DIR / 'demo').glob('*.py'))
@@ -60,7 +60,10 @@ def test_all_configs_are_found():
     assert DEMO_CONFIGS == ['fpn_dat_demo_shapes.py', 'retinanet_dat_demo_shapes.py']
 
 
-@pytest.mark.parametrize('name', CONFIGS)
+# Building a full-size model takes seconds: the fast tier builds each tiny model once (the 3x
+# schedules build the same models), the slow tier every config.
+@pytest.mark.parametrize('name', [name if '_t_' in name and '_3x_' not in name else
+                                  pytest.param(name, marks=pytest.mark.slow) for name in CONFIGS])
 def test_config_builds_its_model(name):
     cfg = load(CONFIG_DIR / name)
     model = build_model(cfg)
@@ -146,6 +149,7 @@ def seg_batch():
     return dict(inputs=inputs, data_samples=samples)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name, expected_losses', [
     ('retinanet_dat_t_3x_coco.py', {'loss_cls', 'loss_bbox'}),
     ('mask_rcnn_dat_t_coco.py', {'loss_rpn_cls', 'loss_cls', 'loss_bbox', 'loss_mask'}),
@@ -282,6 +286,7 @@ def test_weights_reach_the_backbone_each_documented_way(name, config_copy, tmp_p
     assert resolved_backbone_init_cfg(cfg, dict(pretrained=None)) is None
 
 
+@pytest.mark.slow
 def test_train_stops_at_once_without_backbone_weights(tmp_path):
     """An ADE20K config whose weights file is missing does not train from random weights:
     tools/train.py stops with one line that names the file and how to set it."""
@@ -300,6 +305,7 @@ def test_train_stops_at_once_without_backbone_weights(tmp_path):
     assert not (tmp_path / 'work_dirs').exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('library, name, length', [
     ('mmdet', 'retinanet_dat_demo_shapes.py', 'train_cfg.max_epochs=1'),
     ('mmseg', 'fpn_dat_demo_shapes.py', 'train_cfg.max_iters=2'),

@@ -21,12 +21,12 @@ from mmdat.engine import (AtomicCheckpointHook, AtomicLocalBackend, WorkDirInUse
 from mmdat.engine import work_dir as work_dir_module
 from mmdat.engine.hooks import atomic_checkpoint_hook
 from mmdat.utils import error_line, use_atomic_checkpoints
+from tests.conftest import REPO_ROOT, TEST_CONFIGS
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_resume import make_runner  # noqa: E402  (the tiny mmengine runner of those tests)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-CONFIG = REPO_ROOT / 'tests' / 'data' / 'configs' / 'retinanet_dat_shapes_tiny.py'
+CONFIG = TEST_CONFIGS / 'retinanet_dat_shapes_tiny.py'
 
 
 def atomic_runner(work_dir, max_epochs, custom_hooks=(), load_from=None, **hook):
@@ -180,6 +180,7 @@ def test_no_checkpoint_has_its_final_name_while_it_is_written(tmp_path, monkeypa
     assert sorted(p.name for p in tmp_path.glob('*.pth')) == ['epoch_1.pth', 'epoch_2.pth']
 
 
+@pytest.mark.slow
 def test_training_killed_during_a_save_resumes(tmp_path):
     """kill -9 in the middle of writing epoch_2.pth (the last epoch), with max_keep_ckpts=1 as in
     the demo configs: epoch_1.pth survives, and --resume (here without last_checkpoint) trains

@@ -9,13 +9,13 @@ import pytest
 import torch
 import torch.nn as nn
 
-from mmdat.models import DAT
 from mmdat.models.backbones.dat import ConvDownsample
 from mmdat.models.layers import WindowAttention
+from tests.conftest import MINIMAL_ARCHS, small_backbone
 
-V1_ARCH = dict(embed_dims=16, depths=(2, 1, 2, 1), num_heads=(1, 2, 2, 4), offset_groups=(0, 0, 1, 2))
-V2_ARCH = dict(version=2, embed_dims=16, depths=(2, 1, 1, 1), num_heads=(1, 2, 2, 4),
-               offset_groups=(1, 1, 1, 2), block_types=('ND', 'N', 'D', 'D'))
+# Compiling takes minutes on a small CPU, and inductor starts compiler processes.
+pytestmark = pytest.mark.slow
+
 # whole windows at 64x96; padding and a 2x4 last stage at 100x84; 2x7 last stage at 36x200
 SIZES = [(64, 96), (100, 84), (36, 200)]
 
@@ -29,12 +29,10 @@ def loss_and_grads(model, x):
     return outputs, grads
 
 
-@pytest.mark.parametrize('arch', [V1_ARCH, V2_ARCH], ids=['v1', 'v2'])
-def test_compiled_backbone_at_three_sizes(arch):
+@pytest.mark.parametrize('version', [1, 2], ids=['v1', 'v2'])
+def test_compiled_backbone_at_three_sizes(version):
     torch._dynamo.reset()
-    torch.manual_seed(0)
-    model = DAT(arch, drop_path_rate=0.0)
-    model.init_weights()
+    model = small_backbone(arch=MINIMAL_ARCHS[version])
     compiled = torch.compile(model, backend='aot_eager', dynamic=False, fullgraph=True)
     for size in SIZES:
         x = torch.randn(1, 3, *size)

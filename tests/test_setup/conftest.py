@@ -3,11 +3,11 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import REPO_ROOT
+
 # What a checkout holds besides the project's files (environments, build and run outputs).
 NOT_SOURCE = ('.git', '.venv', 'build', 'dist', 'work_dirs', 'data', '*.egg-info', '.mim', '__pycache__',
               '.pytest_cache')

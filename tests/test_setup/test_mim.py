@@ -7,14 +7,16 @@ Needs openmim, which is not in the requirement files: its dependency openxlab pi
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.conftest import REPO_ROOT
+
 pytest.importorskip('mim', reason='openmim is not installed (docs/install.md: "OpenMMLab tools: mim")')
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow  # every test here starts other processes
+
 MIM = [sys.executable, '-c', 'import sys; from mim.cli import cli; sys.argv[0] = "mim"; cli()']
 
 

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import REPO_ROOT
 
 
+@pytest.mark.slow
 def test_wheel_carries_configs_tools_and_model_index(built):
     _, wheel = built
     names = set(zipfile.ZipFile(wheel).namelist())
@@ -30,6 +31,7 @@ def test_wheel_carries_configs_tools_and_model_index(built):
     assert 'Requires-Python: >=3.8' in metadata
 
 
+@pytest.mark.slow
 def test_sdist_has_the_sources_of_mim_but_no_copies(built):
     sdist, _ = built
     names = {n.split('/', 1)[1] for n in tarfile.open(sdist).getnames() if '/' in n}
@@ -38,6 +40,7 @@ def test_sdist_has_the_sources_of_mim_but_no_copies(built):
     assert not [n for n in names if '.mim' in n]
 
 
+@pytest.mark.slow
 def test_editable_install_links_mim_into_the_source_tree(checkout_copy, tmp_path):
     """An editable install (``pip install -e .``, as tools/setup_env.sh runs it) makes relative
     symlinks, so edits to configs show at once. Runs the PEP 660 hook pip calls, without

@@ -6,7 +6,8 @@ against stub wheels that carry only metadata: a "torch 2.13.0" that requires wha
 ``setuptools>=77.0.3``), an older torch 1.13.1 without Triton (what pip fell back to when
 ``tests.txt`` pinned triton 3.9.0), both Tritons, and one stub for every other requirement. The
 other stubs have no dependencies: the real mmcv, mmengine, mmdet, mmseg, numpy, matplotlib,
-ftfy, regex, pytest, onnx, onnxruntime and onnxscript do not depend on torch or Triton.
+ftfy, regex, pytest, pytest-timeout, onnx, onnxruntime and onnxscript do not depend on torch
+or Triton.
 """
 import base64
 import hashlib
@@ -15,11 +16,11 @@ import re
 import subprocess
 import sys
 import zipfile
-from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import REPO_ROOT
+
 REQUIREMENT_FILES = ('requirements/mminstall.txt', 'requirements/runtime.txt', 'requirements/tests.txt')
 STANDARD_TORCH = '2.13.0'
 # Requires-Dist of PyPI's torch 2.13.0 (manylinux x86_64 wheel) that touch these files' packages.
@@ -39,6 +40,7 @@ STUBS = {
     'ftfy': {'6.3.1': ()},
     'regex': {'2024.11.6': ()},
     'pytest': {'8.3.4': ()},
+    'pytest-timeout': {'2.4.0': ()},
     'onnx': {'1.23.2': ()},
     'onnxruntime': {'1.32.0': ()},
     'onnxscript': {'0.7.2': ()},
@@ -63,7 +65,8 @@ def requirement_names(path):
 
 def write_stub_wheel(folder, name, version, requires):
     """A wheel holding only ``.dist-info`` metadata."""
-    dist_info = f'{name}-{version}.dist-info'
+    file_name = name.replace('-', '_')  # wheel and .dist-info names have no '-' in the project name
+    dist_info = f'{file_name}-{version}.dist-info'
     files = {
         f'{dist_info}/METADATA': ''.join([f'Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n']
                                          + [f'Requires-Dist: {req}\n' for req in requires]),
@@ -75,7 +78,7 @@ def write_stub_wheel(folder, name, version, requires):
         digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b'=').decode()
         record.append(f'{path},sha256={digest},{len(text.encode())}')
     files[f'{dist_info}/RECORD'] = '\n'.join(record + [f'{dist_info}/RECORD,,']) + '\n'
-    with zipfile.ZipFile(folder / f'{name}-{version}-py3-none-any.whl', 'w') as wheel:
+    with zipfile.ZipFile(folder / f'{file_name}-{version}-py3-none-any.whl', 'w') as wheel:
         for path, text in files.items():
             wheel.writestr(path, text)
 
@@ -124,6 +127,7 @@ def test_every_requirement_has_a_stub():
     assert names <= set(STUBS), f'add stub wheels for {sorted(names - set(STUBS))}'
 
 
+@pytest.mark.slow
 def test_standard_torch_is_kept(pip_env, stub_index, tmp_path):
     """What tools/setup_env.sh does: the installed torch pinned as a constraint."""
     installed = resolve(pip_env, stub_index, tmp_path, REPO_ROOT, constraints=[f'torch=={STANDARD_TORCH}'])
@@ -131,6 +135,7 @@ def test_standard_torch_is_kept(pip_env, stub_index, tmp_path):
     assert installed['triton'] == '3.7.1'  # the one torch pins, not a newer one
 
 
+@pytest.mark.slow
 def test_newest_torch_is_chosen_without_constraints(pip_env, stub_index, tmp_path):
     """Without the pin, pip must still be able to take the standard torch (no downgrade)."""
     installed = resolve(pip_env, stub_index, tmp_path, REPO_ROOT)
@@ -138,6 +143,7 @@ def test_newest_torch_is_chosen_without_constraints(pip_env, stub_index, tmp_pat
     assert installed['triton'] == '3.7.1'
 
 
+@pytest.mark.slow
 def test_old_torch_is_refused(pip_env, stub_index, tmp_path):
     """runtime.txt's torch floor keeps a torch without SDPA out, so the check above is not
     passing only because 2.13.0 is the newest stub."""
@@ -145,6 +151,7 @@ def test_old_torch_is_refused(pip_env, stub_index, tmp_path):
         resolve(pip_env, stub_index, tmp_path, REPO_ROOT, constraints=['torch==1.13.1'])
 
 
+@pytest.mark.slow
 def test_a_conflicting_triton_pin_is_caught(pip_env, stub_index, tmp_path):
     """The check fails for requirement files that pin a Triton other than torch's (as
     requirements/tests.txt did with triton==3.9.0)."""

@@ -1,6 +1,4 @@
 """tools/analysis_tools: get_flops.py and benchmark.py at tiny sizes on CPU."""
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,19 +8,11 @@ from mmengine.analysis import FlopAnalyzer
 
 from mmdat.models.layers import cpu_kernel_available
 from mmdat.utils import benchmark as lib
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / 'tools' / 'analysis_tools' / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.conftest import TEST_CONFIGS, load_tool
 
 
-get_flops = load_tool('get_flops')
-benchmark = load_tool('benchmark')
+get_flops = load_tool('analysis_tools/get_flops.py')
+benchmark = load_tool('analysis_tools/benchmark.py')
 
 
 def test_sdpa_flop_handle_counts_both_matmuls():
@@ -46,7 +36,7 @@ def test_dat_tiny_flops_match_the_paper(capsys):
 
 
 def test_flops_of_a_whole_config():
-    config = str(REPO_ROOT / 'tests' / 'data' / 'configs' / 'retinanet_dat_shapes_tiny.py')
+    config = str(TEST_CONFIGS / 'retinanet_dat_shapes_tiny.py')
     whole = get_flops.main([config, '--shape', '64', '96'])
     assert whole['flops'] > 0 and whole['by_op']['conv'] > 0 and whole['params'] > 0
     with pytest.raises(SystemExit, match='target must be one of'):
@@ -170,6 +160,7 @@ def test_max_size_search():
     assert benchmark._aspect_size(800) == (800, 1344)
 
 
+@pytest.mark.slow
 def test_peer_table_gives_ratios_to_swin_t(tmp_path):
     """Timing in turns in one process, memory per model in processes of their own."""
     pytest.importorskip('mmdet')

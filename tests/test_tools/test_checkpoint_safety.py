@@ -1,6 +1,5 @@
 """Every tool that reads a checkpoint: hostile files run no code, broken files and weights that do
 not fit stop the tool with one line naming the file."""
-import importlib.util
 import os
 import subprocess
 import sys
@@ -11,20 +10,12 @@ import torch
 
 from mmdat.datasets import make_synthetic_dataset
 from mmdat.models import DAT
+from tests.conftest import REPO_ROOT, TEST_CONFIGS, load_module, load_tool
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = REPO_ROOT / 'tests' / 'data' / 'configs'
-DETECTOR = str(CONFIGS / 'retinanet_dat_shapes_tiny.py')
+DETECTOR = str(TEST_CONFIGS / 'retinanet_dat_shapes_tiny.py')
 BACKBONE_ARCH = dict(embed_dims=8, depths=(1, 1, 2, 1), num_heads=(1, 2, 2, 4), offset_groups=(0, 0, 1, 2))
 HOSTILE = ['raw_pickle', 'legacy', 'zip']
 BROKEN = ['empty', 'text', 'truncated_zip', 'truncated_legacy']
-
-
-def load_tool(path):
-    spec = importlib.util.spec_from_file_location(Path(path).stem, REPO_ROOT / 'tools' / path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 TOOLS = {name: load_tool(path) for name, path in [
@@ -32,19 +23,11 @@ TOOLS = {name: load_tool(path) for name, path in [
     ('visualize', 'visualize_deformable.py'), ('dat2mmdat', 'model_converters/dat2mmdat.py'),
     ('dat_det_seg2mmdat', 'model_converters/dat_det_seg2mmdat.py'),
     ('pytorch2onnx', 'deployment/pytorch2onnx.py')]}
-SEGMENTER = str(CONFIGS / 'upernet_dat_shapes_tiny.py')
+SEGMENTER = str(TEST_CONFIGS / 'upernet_dat_shapes_tiny.py')
 
 
-def _load_hostile_files():
-    """The hostile-file writers of the checkpoint reader's tests (tests/test_models/test_utils)."""
-    path = REPO_ROOT / 'tests' / 'test_models' / 'test_utils' / 'hostile_files.py'
-    spec = importlib.util.spec_from_file_location('hostile_files', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-hf = _load_hostile_files()
+# the hostile-file writers of the checkpoint reader's tests
+hf = load_module(REPO_ROOT / 'tests' / 'test_models' / 'test_utils' / 'hostile_files.py')
 
 
 @pytest.fixture(scope='module')
@@ -114,6 +97,7 @@ def test_hostile_checkpoints_run_no_code_in_any_tool(kind, hostile_checkpoints, 
 LIGHT_TOOLS = ('dat2mmdat', 'dat_det_seg2mmdat', 'visualize')
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('kind', BROKEN)
 def test_broken_checkpoints_give_one_line_in_every_tool(kind, hostile_checkpoints, image,
                                                        backbone_config, shapes_env, tmp_path):
@@ -131,6 +115,7 @@ def cli(*args):
                           text=True, env={**os.environ, 'PYTHONPATH': str(REPO_ROOT)})
 
 
+@pytest.mark.slow
 def test_command_lines_print_one_line_and_fail(hostile_checkpoints, tmp_path):
     """The tools stop with ``SystemExit(message)`` (tested above in-process): as commands, that
     is the message alone on stderr and exit code 1."""

@@ -1,11 +1,8 @@
 """Official DAT++ detection/segmentation checkpoints (mmdet 2 / mmseg 0) -> mmdet 3 / mmseg 1."""
 import functools
-import importlib.util
-import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,12 +11,8 @@ from mmengine.registry import init_default_scope
 
 from mmdat.models import DAT
 from mmdat.models.utils import dat_det_seg_converter, is_official_dat_det_seg
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DATA = REPO_ROOT / 'tests' / 'data' / 'official_datpp'
-_spec = importlib.util.spec_from_file_location('official_datpp_seeded', DATA / 'seeded.py')
-seeded = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(seeded)
+from tests.conftest import (REPO_ROOT, TEST_CONFIGS, load_tool, official_features, official_input,
+                            official_state_dict)
 
 
 def build_model(config):
@@ -50,8 +43,7 @@ def official_checkpoint(config, out_indices):
     ``cls_norm``); the neck and heads are the config's own keys (unchanged from mmdet 2 /
     mmseg 0), with random values.
     """
-    layout = json.loads((DATA / 'datpp_tiny_layout.json').read_text())['parameters']
-    weights = seeded.seeded_official_weights([(k, s) for k, s in layout if not k.startswith('cls_head.')])
+    weights = {k: v for k, v in official_state_dict(2, 'tiny').items() if not k.startswith('cls_head.')}
     state_dict = {f'backbone.{k}': v for k, v in weights.items() if not k.startswith('cls_norm.')}
     for i in out_indices:
         for name in ('weight', 'bias'):
@@ -65,6 +57,7 @@ def official_checkpoint(config, out_indices):
             'optimizer': {'state': {}}}
 
 
+@pytest.mark.slow
 def test_mask_rcnn_checkpoint_converts_and_reproduces_the_official_backbone():
     checkpoint = official_checkpoint('mask_rcnn_datpp_t_3x_coco.py', out_indices=(0, 1, 2, 3))
     assert is_official_dat_det_seg(checkpoint['state_dict'])
@@ -78,8 +71,8 @@ def test_mask_rcnn_checkpoint_converts_and_reproduces_the_official_backbone():
     backbone.load_state_dict({k[len('backbone.'):]: v for k, v in converted.items() if k.startswith('backbone.')},
                              strict=True)
     with torch.no_grad():
-        features = backbone(seeded.seeded_input())[3]
-    expected = torch.load(DATA / 'datpp_tiny_cls_norm.pth')
+        features = backbone(official_input(2))[3]
+    expected = official_features(2, 'tiny')
     assert ((features - expected).norm() / expected.norm()).item() <= 1e-4
 
 
@@ -89,6 +82,7 @@ def run_converter(*args):
                           env={**os.environ, 'PYTHONPATH': str(REPO_ROOT)})
 
 
+@pytest.mark.slow
 def test_cli_checks_the_result_against_the_config(tmp_path):
     """UperNet (mmseg): converted and checked; a checkpoint missing a head weight is refused."""
     checkpoint = official_checkpoint('upernet_datpp_t_ade20k.py', out_indices=(0, 1, 2, 3))
@@ -100,10 +94,7 @@ def test_cli_checks_the_result_against_the_config(tmp_path):
     assert set(converted) == {'state_dict'}  # meta and optimizer dropped
     assert_fits(converted['state_dict'], 'upernet_datpp_t_ade20k.py')
 
-    spec = importlib.util.spec_from_file_location(
-        'dat_det_seg2mmdat', REPO_ROOT / 'tools' / 'model_converters' / 'dat_det_seg2mmdat.py')
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool('model_converters/dat_det_seg2mmdat.py')
     del converted['state_dict']['decode_head.conv_seg.weight']
     converted['state_dict']['decode_head.conv_seg.bias'] = torch.zeros(3)
     with pytest.raises(SystemExit, match=r'missing from the checkpoint: decode_head.conv_seg.weight\n'
@@ -111,6 +102,7 @@ def test_cli_checks_the_result_against_the_config(tmp_path):
         tool.check_against_config(converted['state_dict'], str(REPO_ROOT / 'configs/upernet_datpp_t_ade20k.py'))
 
 
+@pytest.mark.slow
 def test_cli_refuses_other_checkpoints(tmp_path):
     torch.save({'state_dict': {'backbone.conv1.weight': torch.zeros(1)}}, tmp_path / 'resnet.pth')
     result = run_converter(tmp_path / 'resnet.pth', tmp_path / 'out.pth')
@@ -118,6 +110,7 @@ def test_cli_refuses_other_checkpoints(tmp_path):
     assert 'does not look like an official DAT detection or segmentation checkpoint' in result.stderr
 
 
+@pytest.mark.slow
 def test_backbone_converter_points_whole_models_to_this_tool(tmp_path):
     torch.save({'state_dict': {'backbone.patch_proj.0.weight': torch.zeros(1)}}, tmp_path / 'det.pth')
     result = subprocess.run([sys.executable, 'tools/model_converters/dat2mmdat.py', tmp_path / 'det.pth',
@@ -160,18 +153,18 @@ def test_mmdet2_and_mmseg0_head_names_are_unchanged(config, keys):
     assert [k for k in keys if k not in model_state(config)] == []
 
 
+@pytest.mark.slow
 def test_tools_test_evaluates_a_converted_checkpoint(tmp_path):
     """An official-layout DAT-T++ RetinaNet, converted, evaluated by tools/test.py end to end."""
     from mmdat.datasets import make_synthetic_dataset
     make_synthetic_dataset(str(tmp_path / 'shapes'), {'val': 2}, seed=0)
-    config = REPO_ROOT / 'tests' / 'data' / 'configs' / 'retinanet_datpp_shapes.py'
+    config = TEST_CONFIGS / 'retinanet_datpp_shapes.py'
     cfg = Config.fromfile(config)
     init_default_scope('mmdet')
     from mmdet.registry import MODELS
     heads = {k: torch.randn(v.shape) if v.is_floating_point() else v
              for k, v in MODELS.build(cfg.model).state_dict().items() if not k.startswith('backbone.')}
-    layout = json.loads((DATA / 'datpp_tiny_layout.json').read_text())['parameters']
-    weights = seeded.seeded_official_weights([(k, s) for k, s in layout if not k.startswith('cls_')])
+    weights = {k: v for k, v in official_state_dict(2, 'tiny').items() if not k.startswith('cls_')}
     official = {f'backbone.{k}': v for k, v in weights.items()}
     official.update({f'backbone.norms.{i}.norm.{p}': torch.ones(64 << i) for i in (1, 2, 3) for p in ('weight', 'bias')})
     official.update(heads)

@@ -3,16 +3,17 @@ import os
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import mmdat  # noqa: F401  (weights_only allow-list for mmengine checkpoints)
 from mmdat.datasets import make_synthetic_dataset
+from tests.conftest import REPO_ROOT, TEST_CONFIGS
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-CONFIG = REPO_ROOT / 'tests' / 'data' / 'configs' / 'retinanet_dat_shapes_tiny.py'
+pytestmark = pytest.mark.slow  # every test here starts other processes
+
+CONFIG = TEST_CONFIGS / 'retinanet_dat_shapes_tiny.py'
 
 
 @pytest.fixture(scope='module')

@@ -1,23 +1,15 @@
 """tools/analysis_tools/get_flops.py on two-stage detectors (Mask R-CNN, Cascade Mask R-CNN)."""
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import REPO_ROOT, load_tool
+
 SHAPE = (64, 96)
 TINY_ARCH = 'dict(embed_dims=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), offset_groups=(0, 0, 2, 4))'
 
 
-def load_get_flops():
-    spec = importlib.util.spec_from_file_location('get_flops', REPO_ROOT / 'tools/analysis_tools/get_flops.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-get_flops = load_get_flops()
+get_flops = load_tool('analysis_tools/get_flops.py')
 
 
 def tiny_config(tmp_path, base):
@@ -42,6 +34,7 @@ def mask_rcnn_counts(tmp_path_factory):
     return {n: count(model, n) for n in (4, 8, 16)}
 
 
+@pytest.mark.slow
 def test_mask_rcnn_roi_heads_are_counted_per_proposal(mask_rcnn_counts):
     for n, result in mask_rcnn_counts.items():
         assert result['proposals'] == n  # an untrained RPN keeps as many as allowed
@@ -52,6 +45,7 @@ def test_mask_rcnn_roi_heads_are_counted_per_proposal(mask_rcnn_counts):
     assert mask_rcnn_counts[16]['flops'] - mask_rcnn_counts[8]['flops'] == 2 * step
 
 
+@pytest.mark.slow
 def test_cascade_mask_rcnn(tmp_path, mask_rcnn_counts, capsys):
     cascade = get_flops.main([tiny_config(tmp_path, 'cascade_mask_rcnn_dat_t_3x_coco.py'), '--shape',
                               *map(str, SHAPE), '--cfg-options', 'model.test_cfg.rpn.max_per_img=8'])

@@ -2,11 +2,14 @@
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / 'tools' / 'analysis_tools' / 'gpu_check.sh'
+from tests.conftest import REPO_ROOT
+
+pytestmark = pytest.mark.slow  # every test here starts other processes
+
+SCRIPT = REPO_ROOT / 'tools' / 'analysis_tools' / 'gpu_check.sh'
 
 
 def run(*args, cwd=None):

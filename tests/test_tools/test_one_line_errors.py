@@ -3,7 +3,6 @@
 The shared mechanism (mmdat.utils.one_line_errors) is tested in tests/test_utils; here each tool's
 ``main`` runs in this process, and once as a command (slow: one process per tool).
 """
-import importlib.util
 import os
 import re
 import subprocess
@@ -15,15 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-TINY_DETECTOR = REPO_ROOT / 'tests' / 'data' / 'configs' / 'retinanet_dat_shapes_tiny.py'
+from tests.conftest import REPO_ROOT, TEST_CONFIGS, load_tool
 
-
-def load_tool(path):
-    spec = importlib.util.spec_from_file_location(Path(path).stem, REPO_ROOT / 'tools' / path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+TINY_DETECTOR = TEST_CONFIGS / 'retinanet_dat_shapes_tiny.py'
 
 
 @pytest.fixture(scope='module')

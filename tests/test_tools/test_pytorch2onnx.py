@@ -1,44 +1,25 @@
 """tools/deployment/pytorch2onnx.py: dynamic-size ONNX exports checked by onnxruntime."""
-import importlib.util
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 
-from mmdat.models import DAT
 from mmdat.models.layers import DeformableAttention
+from tests.conftest import MINIMAL_ARCHS, REPO_ROOT, TEST_CONFIGS, load_tool, small_backbone
 
 pytest.importorskip('onnxruntime')
 pytest.importorskip('onnx')
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 TOOL = REPO_ROOT / 'tools' / 'deployment' / 'pytorch2onnx.py'
-# every attention of each version, in as few blocks as the arch allows: shifted windows in
-# stage 0, deformable attention in stage 2 (v1); neighborhood and DAT++ deformable (v2)
-V1_ARCH = dict(embed_dims=16, depths=(2, 1, 2, 1), num_heads=(1, 2, 2, 4), offset_groups=(0, 0, 1, 2))
-V2_ARCH = dict(version=2, embed_dims=16, depths=(2, 1, 1, 1), num_heads=(1, 2, 2, 4),
-               offset_groups=(1, 1, 1, 2), block_types=('ND', 'N', 'D', 'D'))
-
-
-def load_tool():
-    spec = importlib.util.spec_from_file_location('pytorch2onnx', TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-pytorch2onnx = load_tool()
+V1_ARCH, V2_ARCH = MINIMAL_ARCHS[1], MINIMAL_ARCHS[2]
+pytorch2onnx = load_tool('deployment/pytorch2onnx.py')
 
 
 def small_dat(arch, **kwargs):
-    torch.manual_seed(0)
-    model = DAT(arch, drop_path_rate=0.0, **kwargs)
-    model.init_weights()
-    return model.eval()
+    return small_backbone(arch=arch, **kwargs).eval()
 
 
 class BakesTheWidth(nn.Module):
@@ -69,6 +50,7 @@ class LargeDeformableAttention(nn.Module):
         return self.attn(self.embed(x).permute(0, 2, 3, 1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('arch', [V1_ARCH, V2_ARCH], ids=['v1', 'v2'])
 def test_torchscript_export_agrees_at_another_size(arch, tmp_path):
     output = tmp_path / 'model.onnx'
@@ -81,6 +63,7 @@ def test_torchscript_export_agrees_at_another_size(arch, tmp_path):
     assert all(len(errors) == 4 and max(errors) < 1e-4 for errors in report.values())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('arch', [V1_ARCH, V2_ARCH], ids=['v1', 'v2'])
 def test_dynamo_export_agrees_at_another_size(arch, tmp_path):
     pytest.importorskip('onnxscript')
@@ -105,6 +88,7 @@ def test_refuses_a_model_that_bakes_the_batch(tmp_path):
         pytorch2onnx.export_checked(BakesTheBatch(), str(tmp_path / 'model.onnx'), (8, 8), (8, 12))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('dynamo', [False, True], ids=['torchscript', 'dynamo'])
 def test_exports_where_eager_mode_runs_the_kernel(dynamo, tmp_path):
     """Exports take SDPA where 'auto' would run a kernel (and 'fused' too): same results."""
@@ -155,10 +139,11 @@ def test_dynamo_export_below_the_minimum_size_is_refused(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_cli_exports_a_whole_detector(tmp_path):
     """A RetinaNet config (small DAT, FPN, head): the raw head outputs, checked at two sizes."""
     output = tmp_path / 'retinanet.onnx'
-    config = REPO_ROOT / 'tests' / 'data' / 'configs' / 'retinanet_dat_shapes_tiny.py'
+    config = TEST_CONFIGS / 'retinanet_dat_shapes_tiny.py'
     result = subprocess.run([sys.executable, str(TOOL), str(config), str(output), '--part', 'tensor',
                              '--shape', '64', '--check-shape', '96', '136', '--torchscript'], capture_output=True,
                             text=True, cwd=REPO_ROOT)

@@ -7,10 +7,12 @@ import sys
 from pathlib import Path
 
 import cv2
+import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import REPO_ROOT
 
 
+@pytest.mark.slow
 def test_run_demo_short(tmp_path):
     data_root, work_dir = tmp_path / 'shapes', tmp_path / 'work'
     env = {**os.environ, 'PYTHONPATH': str(REPO_ROOT), 'OMP_NUM_THREADS': '1'}

@@ -1,13 +1,11 @@
 """tools/train.py and tools/test.py stop early, with a clear message, when inputs are missing."""
-import importlib.util
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import REPO_ROOT, load_tool
 
 
 def run_tool(*args, cwd):
@@ -16,6 +14,7 @@ def run_tool(*args, cwd):
                           env={**os.environ, 'PYTHONPATH': str(REPO_ROOT)})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('config,expected', [
     ('retinanet_dat_t_coco.py', ['data/coco/annotations/instances_train2017.json', 'Download COCO 2017',
                                  '--cfg-options train_dataloader.dataset.data_root=DIR/']),
@@ -34,6 +33,7 @@ def test_train_without_dataset(tmp_path, config, expected, monkeypatch):
     assert not (tmp_path / 'work_dirs').exists()
 
 
+@pytest.mark.slow
 def test_train_data_root_option_is_checked(tmp_path):
     (tmp_path / 'coco' / 'annotations').mkdir(parents=True)
     result = run_tool('train.py', REPO_ROOT / 'configs' / 'mask_rcnn_dat_t_coco.py', '--cfg-options',
@@ -42,6 +42,7 @@ def test_train_data_root_option_is_checked(tmp_path):
     assert f'{tmp_path}/coco/annotations/instances_train2017.json' in result.stderr
 
 
+@pytest.mark.slow
 def test_test_without_checkpoint(tmp_path):
     result = run_tool('test.py', REPO_ROOT / 'configs' / 'retinanet_dat_t_coco.py', 'missing.pth',
                       cwd=tmp_path)
@@ -49,6 +50,7 @@ def test_test_without_checkpoint(tmp_path):
     assert 'Checkpoint file not found: missing.pth' in result.stderr
 
 
+@pytest.mark.slow
 def test_config_of_another_library(tmp_path):
     config = tmp_path / 'plain.py'
     config.write_text("default_scope = 'mmpretrain'\n")
@@ -59,9 +61,7 @@ def test_config_of_another_library(tmp_path):
 
 def test_train_resume_from_a_missing_file(tmp_path, monkeypatch):
     """Stops before the dataset is checked or the model built."""
-    spec = importlib.util.spec_from_file_location('train_tool', REPO_ROOT / 'tools' / 'train.py')
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
+    train = load_tool('train.py')
     monkeypatch.setattr(train, 'Runner', None)  # building anything would fail
     monkeypatch.setattr(train, 'check_dataset_files', None)
     with pytest.raises(SystemExit, match='^--resume: Checkpoint file not found: missing.pth$'):
@@ -69,6 +69,7 @@ def test_train_resume_from_a_missing_file(tmp_path, monkeypatch):
                     '--work-dir', str(tmp_path)])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('script, usage', [
     ('dist_train.sh', 'CONFIG GPUS'), ('dist_test.sh', 'CONFIG CHECKPOINT GPUS'),
     ('slurm_train.sh', 'PARTITION JOB_NAME CONFIG'), ('slurm_test.sh', 'PARTITION JOB_NAME CONFIG CHECKPOINT'),

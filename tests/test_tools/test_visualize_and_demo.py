@@ -1,6 +1,5 @@
 """tools/visualize_deformable.py and tools/demo.py end to end on a CPU, with tiny random models."""
 import functools
-import importlib.util
 import re
 import sys
 from pathlib import Path
@@ -11,27 +10,18 @@ import pytest
 import torch
 
 from mmdat.datasets import make_synthetic_dataset
-from mmdat.models import DAT
 from mmdat.utils import read_image
+from tests.conftest import TEST_CONFIGS, load_tool, small_backbone
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'test_utils'))  # png_header_only
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = REPO_ROOT / 'tests' / 'data' / 'configs'
-DETECTOR = str(CONFIGS / 'retinanet_dat_shapes_tiny.py')
-SEGMENTER = str(CONFIGS / 'upernet_dat_shapes_tiny.py')
+DETECTOR = str(TEST_CONFIGS / 'retinanet_dat_shapes_tiny.py')
+SEGMENTER = str(TEST_CONFIGS / 'upernet_dat_shapes_tiny.py')
 BACKBONE_ARCH = dict(embed_dims=16, depths=(1, 1, 4, 2), num_heads=(1, 2, 4, 4), offset_groups=(0, 0, 2, 4))
 
 
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / 'tools' / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-visualize = load_tool('visualize_deformable')
-demo = load_tool('demo')
+visualize = load_tool('visualize_deformable.py')
+demo = load_tool('demo.py')
 
 
 @pytest.fixture(scope='module')
@@ -48,9 +38,7 @@ def backbone_config(tmp_path_factory):
     root = tmp_path_factory.mktemp('backbone')
     config = root / 'dat_backbone.py'
     config.write_text(f'model = dict(type="DAT", arch={BACKBONE_ARCH!r}, drop_path_rate=0.0)\n')
-    torch.manual_seed(0)
-    model = DAT(arch=BACKBONE_ARCH, drop_path_rate=0.0)
-    model.init_weights()
+    model = small_backbone(arch=BACKBONE_ARCH)
     for name, param in model.named_parameters():
         if name.endswith('offset_net.proj.weight'):
             param.data.normal_(0, 1.0)

@@ -1,22 +1,11 @@
-"""DAT++ archs of the DAT backbone (parity with the official models: test_ckpt_convert_datpp.py)."""
+"""DAT++ archs of the DAT backbone (what both versions share: test_dat.py; parity with the
+official models: test_ckpt_convert_datpp.py)."""
 import pytest
 import torch
 
 from mmdat.models import DAT
 from mmdat.models.layers import DeformableAttentionPP, NeighborhoodAttention, natten_available
-
-# A small DAT++: neighborhood and deformable blocks in every stage but the last.
-SMALL_ARCH_PP = dict(version=2, embed_dims=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4),
-                     offset_groups=(1, 1, 2, 2), block_types=('ND', 'ND', 'ND', 'DD'))
-
-
-def small_datpp(**kwargs):
-    torch.manual_seed(0)
-    kwargs.setdefault('arch', SMALL_ARCH_PP)
-    kwargs.setdefault('drop_path_rate', 0.0)
-    model = DAT(**kwargs)
-    model.init_weights()
-    return model
+from tests.conftest import small_backbone
 
 
 @pytest.mark.parametrize('arch,dims,heads,groups', [
@@ -49,17 +38,7 @@ def test_datpp_structure_follows_the_official_configs(arch, dims, heads, groups)
     assert model.patch_embed.conv1.stride == (2, 2) and model.patch_embed.conv2.stride == (2, 2)
 
 
-@pytest.mark.parametrize('size', [(61, 45), (33, 100), (4, 4), (17, 9)])
-def test_any_input_size(size):
-    model = small_datpp().eval()
-    with torch.no_grad():
-        outs = model(torch.randn(1, 3, *size))
-    for i, out in enumerate(outs):
-        stride = 4 * 2**i
-        assert out.shape == (1, 16 * 2**i, -(-size[0] // stride), -(-size[1] // stride))
-        assert torch.isfinite(out).all()
-
-
+@pytest.mark.slow
 def test_tiny_pp_at_a_size_where_stage_4_is_smaller_than_the_kernel():
     model = DAT('tiny++').eval()
     with torch.no_grad():
@@ -69,40 +48,9 @@ def test_tiny_pp_at_a_size_where_stage_4_is_smaller_than_the_kernel():
     assert all(torch.isfinite(o).all() for o in outs)
 
 
-def test_attention_paths_agree_forward_and_backward():
-    x = torch.randn(2, 3, 45, 61)
-    results = []
-    for impl in ('sdpa', 'reference'):
-        model = small_datpp(attn_impl=impl)
-        outs = model(x)
-        sum(o.square().mean() for o in outs).backward()
-        results.append((outs, model.stages[1].blocks[1].attn.offset_net.proj.weight.grad))
-    for a, b in zip(results[0][0], results[1][0]):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-3, atol=1e-6)
-
-
-def test_with_cp_gives_the_same_results_and_gradients():
-    x = torch.randn(1, 3, 24, 32)
-    grads = []
-    for with_cp in (False, True):
-        model = small_datpp(with_cp=with_cp).train()
-        sum(o.sum() for o in model(x)).backward()
-        grads.append([p.grad for p in model.parameters()])
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b)
-
-
-def test_frozen_stages():
-    model = small_datpp(frozen_stages=2).train()
-    frozen = [model.patch_embed, model.stages[0], model.stages[1], model.norm0, model.norm1]
-    assert all(not p.requires_grad for m in frozen for p in m.parameters())
-    assert all(p.requires_grad for p in model.stages[2].parameters())
-
-
 def test_every_block_has_a_local_perception_unit():
     """Zeroing the LPUs changes the output: they are applied, as residual depthwise convs."""
-    model = small_datpp().eval()
+    model = small_backbone(2).eval()
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         before = model(x)[-1]
@@ -117,41 +65,17 @@ def test_every_block_has_a_local_perception_unit():
 @pytest.mark.skipif(not natten_available(), reason='natten is not installed')
 def test_auto_uses_natten_when_available():
     # natten is picked per call under 'auto', except in checkpointed blocks
-    assert small_datpp().stages[0].blocks[0].attn.attn_impl == 'auto'
-    assert small_datpp(attn_impl='sdpa').stages[0].blocks[0].attn.attn_impl == 'sdpa'
-    assert small_datpp(with_cp=True).stages[0].blocks[0].attn.with_cp
+    assert small_backbone(2).stages[0].blocks[0].attn.attn_impl == 'auto'
+    assert small_backbone(2, attn_impl='sdpa').stages[0].blocks[0].attn.attn_impl == 'sdpa'
+    assert small_backbone(2, with_cp=True).stages[0].blocks[0].attn.with_cp
 
 
 @pytest.mark.skipif(natten_available(), reason='natten is installed')
 def test_auto_uses_pure_pytorch_without_natten():
     # 'auto' of biased_attention: SDPA on CUDA, the faster matmuls on CPU
-    assert small_datpp().stages[0].blocks[0].attn.attn_impl == 'auto'
+    assert small_backbone(2).stages[0].blocks[0].attn.attn_impl == 'auto'
     with pytest.raises(RuntimeError, match='needs a compatible natten'):
-        small_datpp(attn_impl='natten')
-
-
-@pytest.mark.parametrize('kwargs,error,match', [
-    (dict(arch={**SMALL_ARCH_PP, 'version': 3}), ValueError, 'version must be 1 .* or 2'),
-    (dict(arch={k: v for k, v in SMALL_ARCH_PP.items() if k != 'block_types'}), ValueError,
-     'version 2 needs exactly the keys'),
-    (dict(arch={k: v for k, v in SMALL_ARCH_PP.items() if k != 'version'}), ValueError,
-     'version 1 needs exactly the keys'),
-    (dict(arch={**SMALL_ARCH_PP, 'block_types': ('ND', 'ND', 'NDN', 'DD')}), ValueError,
-     'Stage 2: block_types must be a string of 2 letters'),
-    (dict(arch={**SMALL_ARCH_PP, 'block_types': ('ND', 'NW', 'ND', 'DD')}), ValueError,
-     'Stage 1: block_types'),
-    (dict(arch={**SMALL_ARCH_PP, 'offset_groups': (1, 0, 2, 2)}), ValueError,
-     r'Stage 1: num_heads 2 must be divisible by offset_groups 0 \(>= 1\)'),
-    (dict(arch={**SMALL_ARCH_PP, 'embed_dims': 15, 'num_heads': (1, 1, 1, 1)}), ValueError,
-     'embed_dims must be even'),
-    (dict(window_size=6), ValueError, 'must be odd and >= 3'),
-    (dict(arch='tiny', attn_impl='natten'), ValueError, 'is for neighborhood blocks, and this arch has none'),
-    (dict(attn_impl='flash'), ValueError, 'attn_impl must be one of'),
-])
-def test_bad_arguments(kwargs, error, match):
-    kwargs.setdefault('arch', SMALL_ARCH_PP)
-    with pytest.raises(error, match=match):
-        DAT(**kwargs)
+        small_backbone(2, attn_impl='natten')
 
 
 def test_v1_dict_may_name_its_version():
@@ -163,18 +87,3 @@ def test_v1_dict_may_name_its_version():
     assert a.arch['block_types'] == b.arch['block_types'] == ('WS', 'WS', 'WD', 'WD')
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(x, y), name
-
-
-@pytest.mark.parametrize('impl', ['sdpa', 'reference'])
-def test_mixed_precision(impl):
-    model = small_datpp(attn_impl=impl)
-    x = torch.randn(2, 3, 57, 71)
-    full = model(x)
-    with torch.autocast('cpu', dtype=torch.bfloat16):
-        mixed = model(x)
-    sum(o.float().square().sum() for o in mixed).backward()
-    for a, b in zip(mixed, full):
-        assert a.dtype == torch.bfloat16
-        assert ((a.float() - b).norm() / b.norm()).item() < 3e-2
-    grads = [p.grad for p in model.parameters()]
-    assert all(g is not None and torch.isfinite(g).all() for g in grads)

@@ -1,7 +1,6 @@
 """DAT inside unchanged mmdet / mmseg configs: build, loss step, predict step on CPU."""
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,17 +9,15 @@ from mmengine.registry import init_default_scope
 from mmengine.structures import InstanceData, PixelData
 
 import mmdat
+from tests.conftest import REPO_ROOT, SMALL_ARCHS, TEST_CONFIGS
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
-CONFIGS = REPO_ROOT / 'tests' / 'data' / 'configs'
 # A small DAT keeps the loss steps fast; the configs' own 'tiny' is built in the subprocess tests.
-SMALL = dict(arch=dict(embed_dims=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4),
-                       offset_groups=(0, 0, 2, 2)), drop_path_rate=0.1)
+SMALL = dict(arch=SMALL_ARCHS[1], drop_path_rate=0.1)
 SMALL_CHANNELS = [16, 32, 64, 128]
 
 
 def build(config_name, scope, **backbone):
-    cfg = Config.fromfile(CONFIGS / config_name)  # imports mmdat through custom_imports
+    cfg = Config.fromfile(TEST_CONFIGS / config_name)  # imports mmdat through custom_imports
     init_default_scope(scope)
     cfg.model.backbone.update(backbone)
     if backbone:
@@ -83,6 +80,7 @@ def loss_then_predict(model, batch):
         return model(**data, mode='predict')
 
 
+@pytest.mark.slow
 def test_retinanet_loss_and_predict():
     model = build('retinanet_dat_t_swap.py', 'mmdet', **SMALL)
     results = loss_then_predict(model, det_batch())
@@ -93,6 +91,7 @@ def test_retinanet_loss_and_predict():
         assert len(result.pred_instances.scores) == len(result.pred_instances.labels) == len(boxes)
 
 
+@pytest.mark.slow
 def test_mask_rcnn_loss_and_predict():
     from mmdet.structures.mask import BitmapMasks
     model = build('mask_rcnn_dat_t_swap.py', 'mmdet', **SMALL)
@@ -111,6 +110,7 @@ def test_mask_rcnn_loss_and_predict():
         assert len(instances.masks) == len(instances.bboxes) == len(instances.scores)
 
 
+@pytest.mark.slow
 def test_upernet_loss_and_predict():
     model = build('upernet_dat_t_swap.py', 'mmseg', **SMALL)
     results = loss_then_predict(model, seg_batch())
@@ -120,6 +120,7 @@ def test_upernet_loss_and_predict():
         assert result.seg_logits.data.shape[0] == 150
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('config,scope', [('retinanet_dat_t_swap.py', 'mmdet'),
                                           ('mask_rcnn_dat_t_swap.py', 'mmdet'),
                                           ('upernet_dat_t_swap.py', 'mmseg')])
@@ -130,7 +131,7 @@ import sys, torch
 from mmengine.config import Config
 from mmengine.registry import init_default_scope
 assert 'mmdat' not in sys.modules
-cfg = Config.fromfile({str(CONFIGS / config)!r})  # runs the config's custom_imports
+cfg = Config.fromfile({str(TEST_CONFIGS / config)!r})  # runs the config's custom_imports
 assert 'mmdat' in sys.modules
 init_default_scope({scope!r})
 from {scope}.registry import MODELS
@@ -146,6 +147,7 @@ print(type(model.backbone).__module__, sum(p.numel() for p in model.backbone.par
     assert int(outputs) == (5 if scope == 'mmdet' else 4)  # FPN levels / backbone maps
 
 
+@pytest.mark.slow
 def test_adamw_steps_lower_the_loss():
     """The whole detector learns through DAT: a few AdamW steps on one batch lower its loss."""
     torch.manual_seed(0)

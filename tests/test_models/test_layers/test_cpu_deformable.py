@@ -254,6 +254,7 @@ def test_bad_inputs():
         cpu_deformable_attention(q, k, v, ys.requires_grad_(True), xs, positions, table)
 
 
+@pytest.mark.slow
 def test_without_a_compiler_the_model_falls_back_with_one_warning(tmp_path):
     """No C++ compiler: one warning line, and 'auto' gives the reference result."""
     code = '\n'.join([

@@ -250,7 +250,7 @@ def test_natten_impl_without_natten():
         neighborhood_attention(*random_qkv(7, 7), 5, 'natten')
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a GPU')
+@pytest.mark.gpu
 def test_tiles_match_the_reference_on_gpu():
     """DAT-T++ stage 1 at 800x1333 (200 x 334, 2 heads of 32 dims), batch 2, forward and all
     gradients in float32, and the tiles' peak memory under a quarter of the gathered path's."""

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(
     not fused_module.TRITON_AVAILABLE or not (torch.cuda.is_available() or fused_module.interpreter_enabled()),
     reason='needs Triton, and a GPU or TRITON_INTERPRET=1 (test_triton_setup.py runs this file with it)')
 DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'
-cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a GPU')
+cuda_only = pytest.mark.gpu
 
 
 def make_inputs(batch, heads, groups, num_queries, num_keys, dims, table_hw, seed=0):
@@ -273,6 +273,7 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
     assert not supports(torch.device('cpu'), torch.float32)
 
 
+@pytest.mark.slow
 def test_model_imports_and_runs_without_triton():
     """Triton is optional: 'auto' runs without it, 'fused' runs the C++ kernel on CPU, and the
     Triton function says what is missing."""

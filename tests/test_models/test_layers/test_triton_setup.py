@@ -13,13 +13,17 @@ from mmdat.models.layers import triton_deformable
 pytestmark = pytest.mark.skipif(not triton_deformable.TRITON_AVAILABLE, reason='needs Triton')
 
 
+# Not slow, though it starts a process: without a GPU it is where the Triton kernels run at all, and
+# it runs the tests the marker expression of this run selects (-m "not slow": the fast ones).
 @pytest.mark.skipif(torch.cuda.is_available(), reason='with a GPU the kernel tests run on it')
-def test_kernel_tests_in_the_interpreter():
+def test_kernel_tests_in_the_interpreter(request):
     """test_triton_deformable.py with TRITON_INTERPRET=1 set from the start of its process:
     Triton picks its interpreter when it is imported."""
     assert os.environ.get('TRITON_INTERPRET') != '1'  # the rest of the suite runs without it
     tests = Path(__file__).with_name('test_triton_deformable.py')
-    result = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', str(tests)],
+    markers = request.config.getoption('markexpr')
+    result = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', str(tests),
+                             *(['-m', markers] if markers else [])],
                             env=dict(os.environ, TRITON_INTERPRET='1'), capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert ' passed' in result.stdout and ' failed' not in result.stdout
@@ -60,6 +64,7 @@ for arch, (dtype, precision) in itertools.product((80, 90), (('bf16', 'tf32'), (
 '''
 
 
+@pytest.mark.slow
 def test_kernels_compile_for_ampere_and_hopper():
     """The kernels compile to sm_80 and sm_90 machine code for every supported dtype (Triton's
     bundled ptxas, no GPU needed): the interpreter accepts some programs the compiler rejects."""

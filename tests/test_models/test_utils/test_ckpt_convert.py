@@ -1,10 +1,7 @@
-import importlib.util
-import json
 import os
 import subprocess
 import sys
 import types
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,29 +9,18 @@ import torch
 from mmdat.models import DAT
 from mmdat.models.utils import dat_converter, is_official_dat, load_checkpoint_file
 from mmdat.models.utils.checkpoint import OmittedObject
-
-REPO_ROOT = Path(__file__).resolve().parents[3]
-DATA = REPO_ROOT / 'tests' / 'data' / 'official_dat'
-_spec = importlib.util.spec_from_file_location('official_dat_seeded', DATA / 'seeded.py')
-seeded = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(seeded)
-
-
-def official_state_dict(arch):
-    layout = json.loads((DATA / f'dat_{arch}_layout.json').read_text())['parameters']
-    weights = seeded.seeded_official_weights(layout)
-    weights['cls_head.weight'] = torch.zeros(1000, weights['cls_norm.norm.weight'].shape[0])
-    weights['cls_head.bias'] = torch.zeros(1000)
-    return weights
+from tests.conftest import REPO_ROOT, official_features, official_input, official_state_dict
 
 
 def relative_error(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-@pytest.mark.parametrize('arch', ['tiny', 'small', 'base'])
+# the small and base models take seconds each: in the slow tier
+@pytest.mark.parametrize('arch', ['tiny', pytest.param('small', marks=pytest.mark.slow),
+                                  pytest.param('base', marks=pytest.mark.slow)])
 def test_converted_official_weights_match_the_official_model(arch):
-    state_dict = official_state_dict(arch)
+    state_dict = official_state_dict(1, arch)
     assert is_official_dat(state_dict)
     converted = dat_converter(state_dict)
     model = DAT(arch, drop_path_rate=0.0).eval()
@@ -42,13 +28,13 @@ def test_converted_official_weights_match_the_official_model(arch):
     assert sorted(missing) == [f'norm{i}.{p}' for i in range(3) for p in ('bias', 'weight')]
     assert unexpected == []
     with torch.no_grad():
-        features = model(seeded.seeded_input())[-1]
-    expected = torch.load(DATA / f'dat_{arch}_cls_norm.pth')
+        features = model(official_input(1))[-1]
+    expected = official_features(1, arch)
     assert relative_error(features, expected) <= 1e-4
 
 
 def test_converter_drops_the_head_and_recomputed_buffers():
-    state_dict = official_state_dict('tiny')
+    state_dict = official_state_dict(1, 'tiny')
     state_dict['stages.0.attns.1.attn_mask'] = torch.zeros(64, 49, 49)
     state_dict['stages.0.attns.0.relative_position_index'] = torch.zeros(49, 49, dtype=torch.long)
     converted = dat_converter(state_dict)
@@ -73,7 +59,7 @@ def save_official_file(path, arch='tiny'):
     saved_modules = {name: sys.modules.get(name) for name in ('yacs', 'yacs.config')}
     sys.modules.update({'yacs': yacs, 'yacs.config': yacs.config})  # pickle checks the name
     try:
-        torch.save({'model': official_state_dict(arch), 'config': CfgNode(MODEL=CfgNode(NAME='dat')),
+        torch.save({'model': official_state_dict(1, arch), 'config': CfgNode(MODEL=CfgNode(NAME='dat')),
                     'max_accuracy': 82.0, 'epoch': 299}, path)
     finally:
         for name, module in saved_modules.items():
@@ -89,7 +75,7 @@ def test_official_file_is_read_without_its_config(tmp_path):
     checkpoint = load_checkpoint_file(str(tmp_path / 'official.pth'))
     assert isinstance(checkpoint['config'], OmittedObject) and checkpoint['epoch'] == 299
     assert torch.equal(checkpoint['model']['cls_norm.norm.weight'],
-                       official_state_dict('tiny')['cls_norm.norm.weight'])
+                       official_state_dict(1, 'tiny')['cls_norm.norm.weight'])
 
 
 def test_init_cfg_loads_an_official_file_directly(tmp_path):
@@ -98,8 +84,8 @@ def test_init_cfg_loads_an_official_file_directly(tmp_path):
                 init_cfg=dict(type='Pretrained', checkpoint=str(tmp_path / 'official.pth')))
     model.init_weights()
     with torch.no_grad():
-        features = model.eval()(seeded.seeded_input())[0]
-    assert relative_error(features, torch.load(DATA / 'dat_tiny_cls_norm.pth')) <= 1e-4
+        features = model.eval()(official_input(1))[0]
+    assert relative_error(features, official_features(1, 'tiny')) <= 1e-4
 
 
 def test_missing_checkpoint_file():
@@ -120,12 +106,13 @@ def run_converter(*args):
                           env={**os.environ, 'PYTHONPATH': str(REPO_ROOT)})
 
 
+@pytest.mark.slow
 def test_converter_cli(tmp_path):
     save_official_file(tmp_path / 'official.pth')
     result = run_converter(tmp_path / 'official.pth', tmp_path / 'mmdat.pth')
     assert result.returncode == 0, result.stderr
     converted = torch.load(tmp_path / 'mmdat.pth')['state_dict']
-    assert converted.keys() == dat_converter(official_state_dict('tiny')).keys()
+    assert converted.keys() == dat_converter(official_state_dict(1, 'tiny')).keys()
 
     torch.save({'state_dict': converted}, tmp_path / 'not_official.pth')
     result = run_converter(tmp_path / 'not_official.pth', tmp_path / 'again.pth')

@@ -1,64 +1,47 @@
 """Official DAT++ checkpoints: conversion, parameter counts and parity with pinned outputs."""
-import importlib.util
-import json
 import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from mmdat.models import DAT
 from mmdat.models.utils import dat_converter, is_official_dat, is_official_datpp
-
-REPO_ROOT = Path(__file__).resolve().parents[3]
-DATA = REPO_ROOT / 'tests' / 'data' / 'official_datpp'
-_spec = importlib.util.spec_from_file_location('official_datpp_seeded', DATA / 'seeded.py')
-seeded = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(seeded)
-
-
-def official_layout(size):
-    return json.loads((DATA / f'datpp_{size}_layout.json').read_text())
-
-
-def official_state_dict(size):
-    layout = [(k, s) for k, s in official_layout(size)['parameters'] if not k.startswith('cls_head.')]
-    weights = seeded.seeded_official_weights(layout)
-    weights['cls_head.weight'] = torch.zeros(1000, weights['cls_norm.norm.weight'].shape[0])
-    weights['cls_head.bias'] = torch.zeros(1000)
-    return weights
+from tests.conftest import (REPO_ROOT, official_features, official_input, official_layout,
+                            official_state_dict)
 
 
 def relative_error(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-@pytest.mark.parametrize('size', ['tiny', 'small', 'base'])
+# the small and base models take seconds each: in the slow tier
+@pytest.mark.parametrize('size', ['tiny', pytest.param('small', marks=pytest.mark.slow),
+                                  pytest.param('base', marks=pytest.mark.slow)])
 def test_converted_official_weights_match_the_official_model(size):
     """Same parameter count as the official model, and the same cls_norm features."""
-    layout = official_layout(size)
+    layout = official_layout(2, size)
     assert layout['buffers'] == []
     official_count = sum(math.prod(shape) for key, shape in layout['parameters']
                          if not key.startswith('cls_head.'))
     model = DAT(f'{size}++', drop_path_rate=0.0, out_indices=(3, )).eval()  # norm3 is cls_norm
     assert sum(p.numel() for p in model.parameters()) == official_count
 
-    state_dict = official_state_dict(size)
+    state_dict = official_state_dict(2, size)
     assert is_official_dat(state_dict) and is_official_datpp(state_dict)
     missing, unexpected = model.load_state_dict(dat_converter(state_dict), strict=False)
     assert missing == [] and unexpected == []
     with torch.no_grad():
-        features = model(seeded.seeded_input())[0]
-    expected = torch.load(DATA / f'datpp_{size}_cls_norm.pth')
+        features = model(official_input(2))[0]
+    expected = official_features(2, size)
     assert features.shape == expected.shape
     assert relative_error(features, expected) <= 1e-4
 
 
 def test_converter_maps_every_datpp_part():
-    state_dict = official_state_dict('tiny')
+    state_dict = official_state_dict(2, 'tiny')
     converted = dat_converter(state_dict)
     assert not any(k.startswith('cls_head') for k in converted)
     assert torch.equal(converted['patch_embed.conv2.weight'], state_dict['patch_proj.3.weight'])
@@ -97,7 +80,7 @@ def test_a_checkpoint_of_something_else_is_refused(tmp_path):
 
 
 def save_official_file(path, size='tiny'):
-    torch.save({'model': official_state_dict(size), 'max_accuracy': 83.9}, path)
+    torch.save({'model': official_state_dict(2, size), 'max_accuracy': 83.9}, path)
 
 
 def test_init_cfg_loads_an_official_datpp_file(tmp_path):
@@ -105,7 +88,7 @@ def test_init_cfg_loads_an_official_datpp_file(tmp_path):
     model = DAT('tiny++', out_indices=(3, ),
                 init_cfg=dict(type='Pretrained', checkpoint=str(tmp_path / 'official.pth')))
     model.init_weights()
-    expected = dat_converter(official_state_dict('tiny'))
+    expected = dat_converter(official_state_dict(2, 'tiny'))
     loaded = model.state_dict()
     assert loaded.keys() == expected.keys()
     for key, value in expected.items():
@@ -122,6 +105,7 @@ def test_init_cfg_resizes_the_tables_for_another_pretrain_size(tmp_path):
     assert table.std() > 1  # the seeded table (std 2), resized, not the initial one (std 0.01)
 
 
+@pytest.mark.slow
 def test_converter_cli_converts_datpp(tmp_path):
     save_official_file(tmp_path / 'official.pth')
     result = subprocess.run(
@@ -140,6 +124,6 @@ def test_init_cfg_resizes_the_neighborhood_bias_for_another_kernel(tmp_path):
     model.init_weights()
     rpb = model.stages[0].blocks[0].attn.rpb
     assert rpb.shape == (2, 17, 17)
-    official = official_state_dict('tiny')['stages.0.attns.0.rpb']
+    official = official_state_dict(2, 'tiny')['stages.0.attns.0.rpb']
     expected = torch.nn.functional.interpolate(official[None], size=(17, 17), mode='bicubic')[0]
     torch.testing.assert_close(rpb.detach(), expected)

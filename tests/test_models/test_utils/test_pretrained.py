@@ -9,8 +9,9 @@ from mmengine.config import Config
 from mmdat.engine import BackboneWeightsHook
 from mmdat.models import DAT
 from mmdat.models.utils import check_pretrained_file, resolve_pretrained, resolved_init_cfg
+from tests.conftest import MINIMAL_ARCHS
 
-SMALL_ARCH = dict(embed_dims=16, depths=(1, 1, 2, 1), num_heads=(1, 2, 2, 4), offset_groups=(0, 0, 2, 2))
+SMALL_ARCH = MINIMAL_ARCHS[1]
 UNSET = dict(type='Pretrained', checkpoint=None)
 
 

@@ -5,14 +5,13 @@ import torch
 from mmdat.models import DAT
 from mmdat.models.layers import DeformableAttention
 from mmdat.models.utils import deformable_blocks, record_deformable_attention
+from tests.conftest import small_backbone
 
 ARCH = dict(embed_dims=16, depths=(1, 1, 4, 2), num_heads=(1, 2, 4, 4), offset_groups=(0, 0, 2, 4))
 
 
 def tiny_dat(attn_impl='sdpa'):
-    torch.manual_seed(0)
-    model = DAT(arch=ARCH, drop_path_rate=0.0, attn_impl=attn_impl).eval()
-    model.init_weights()
+    model = small_backbone(arch=ARCH, attn_impl=attn_impl).eval()
     # Larger offset weights than at initialisation, so that the offsets are not all tiny.
     for module in model.modules():
         if isinstance(module, DeformableAttention):
