@@ -11,7 +11,7 @@ from mmengine.config import Config
 
 from mmdat.deployment import UnsupportedModelError, build_predict_module, full_image_sizes
 from mmdat.deployment.predict import ShapeAdaptiveAvgPool, match_predictions, unmatched_detections
-from mmdat.utils.setup_cfg import register_scope
+from mmdat.utils import register_scope
 
 CONFIGS = Path(__file__).resolve().parents[1] / 'data' / 'configs'
 RETINANET = CONFIGS / 'retinanet_dat_shapes_tiny.py'

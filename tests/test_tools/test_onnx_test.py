@@ -14,7 +14,7 @@ import torch
 from mmengine.config import Config
 
 from mmdat.datasets import make_synthetic_dataset
-from mmdat.utils.setup_cfg import register_scope
+from mmdat.utils import register_scope
 
 pytest.importorskip('onnxruntime')
 pytest.importorskip('onnxscript')
