@@ -289,8 +289,9 @@ class DAT(BaseModule):
             as they are. Defaults to 224.
         window_size (int): Window side of the window blocks (v1), kernel of the neighborhood
             attention (DAT++, odd). Defaults to 7.
-        out_indices (Sequence[int]): Stages whose outputs are returned, in ``0..3``.
-            Defaults to ``(0, 1, 2, 3)``.
+        out_indices (Sequence[int]): Stages whose outputs are returned, in ``0..3``; the outputs
+            come in stage order whatever the order given (as mmdet's Swin). Defaults to
+            ``(0, 1, 2, 3)``.
         drop_path_rate (float): Stochastic depth rate, increasing linearly over the blocks from
             0 to this value. Defaults to 0.1.
         attn_impl (str): How attention is computed: one vocabulary for every block, from the
