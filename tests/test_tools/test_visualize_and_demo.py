@@ -59,6 +59,14 @@ def spy_on_drawing(monkeypatch):
     return calls
 
 
+
+def assert_bad_out_refused(main, argv, tmp_path, no_extension_message):
+    """``--out`` in a missing folder, or without an extension, stops the tool with one line."""
+    for bad_out, message in [(str(tmp_path / 'no_dir' / 'x.png'), 'folder .*no_dir does not exist'),
+                             (str(tmp_path / 'no_extension'), no_extension_message)]:
+        with pytest.raises(SystemExit, match=message):
+            main(argv + ['--out', bad_out])
+
 def test_visualize_backbone_draws_what_the_model_computed(image_file, backbone_config, tmp_path,
                                                           monkeypatch):
     config, checkpoint, model = backbone_config
@@ -136,10 +144,8 @@ def test_visualize_errors(image_file, backbone_config, tmp_path):
         with pytest.raises(SystemExit, match=message):
             visualize.main(argv + ['--out', out])
     # --out is checked before the model runs
-    for bad_out, message in [(str(tmp_path / 'no_dir' / 'x.png'), 'folder .*no_dir does not exist'),
-                             (str(tmp_path / 'name'), r'extension picks the image format; use one of .*\.png')]:
-        with pytest.raises(SystemExit, match=message):
-            visualize.main([image_file, '--config', config, '--out', bad_out])
+    assert_bad_out_refused(visualize.main, [image_file, '--config', config], tmp_path,
+                           r'extension picks the image format; use one of .*\.png')
 
 
 @pytest.mark.parametrize('config', [DETECTOR, SEGMENTER], ids=['detector', 'segmenter'])
@@ -194,10 +200,8 @@ def test_demo_errors(image_file, backbone_config, tmp_path):
     for argv, message in cases:
         with pytest.raises(SystemExit, match=message):
             demo.main(argv + ['--out', out])
-    for bad_out, message in [(str(tmp_path / 'no_dir' / 'x.png'), 'folder .*no_dir does not exist'),
-                             (str(tmp_path / 'demo'), r'use one of \.bmp, \.jpeg, \.jpg, \.png')]:
-        with pytest.raises(SystemExit, match=message):
-            demo.main([image_file, DETECTOR, '--out', bad_out])
+    assert_bad_out_refused(demo.main, [image_file, DETECTOR], tmp_path,
+                           r'use one of \.bmp, \.jpeg, \.jpg, \.png')
 
 
 def test_demo_shrinks_a_large_image_before_the_model_sees_it(tmp_path, capsys):

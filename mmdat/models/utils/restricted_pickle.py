@@ -383,6 +383,12 @@ def _describe(obj) -> str:
 # --- the unpickler -------------------------------------------------------------------------------
 
 
+def _set_pairs(mapping, items):
+    """``mapping[k] = v`` for the ``k, v, k, v, ...`` of a pickle's SETITEMS."""
+    for i in range(0, len(items), 2):
+        mapping[items[i]] = items[i + 1]
+
+
 def _item_target(obj, kinds, what):
     if type(obj) is OmittedObject:
         return None
@@ -507,37 +513,29 @@ class RestrictedUnpickler(pickle._Unpickler):
         state = self.stack.pop()
         _build(self.stack[-1], state)
 
-    def load_append(self):
-        value = self.stack.pop()
-        target = _item_target(self.stack[-1], (list, ), 'append to')
+    def _add_items(self, kinds, what, items, add):
+        """Add ``items`` to the object on top of the stack, one of ``kinds`` (an omitted
+        config takes and keeps nothing)."""
+        target = _item_target(self.stack[-1], kinds, what)
         if target is not None:
-            target.append(value)
+            add(target, items)
+
+    def load_append(self):
+        self._add_items((list, ), 'append to', [self.stack.pop()], list.extend)
 
     def load_appends(self):
-        items = self.pop_mark()
-        target = _item_target(self.stack[-1], (list, ), 'append to')
-        if target is not None:
-            target.extend(items)
+        self._add_items((list, ), 'append to', self.pop_mark(), list.extend)
 
     def load_setitem(self):
         value = self.stack.pop()
         key = self.stack.pop()
-        target = _item_target(self.stack[-1], (dict, OrderedDict), 'set items of')
-        if target is not None:
-            target[key] = value
+        self._add_items((dict, OrderedDict), 'set items of', [key, value], _set_pairs)
 
     def load_setitems(self):
-        items = self.pop_mark()
-        target = _item_target(self.stack[-1], (dict, OrderedDict), 'set items of')
-        if target is not None:
-            for i in range(0, len(items), 2):
-                target[items[i]] = items[i + 1]
+        self._add_items((dict, OrderedDict), 'set items of', self.pop_mark(), _set_pairs)
 
     def load_additems(self):
-        items = self.pop_mark()
-        target = _item_target(self.stack[-1], (set, ), 'add items to')
-        if target is not None:
-            target.update(items)
+        self._add_items((set, ), 'add items to', self.pop_mark(), set.update)
 
     def load_ext(self):
         raise Refused('refused a copyreg extension code')

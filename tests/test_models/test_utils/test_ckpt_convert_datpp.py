@@ -83,11 +83,17 @@ def save_official_file(path, size='tiny'):
     torch.save({'model': official_state_dict(2, size), 'max_accuracy': 83.9}, path)
 
 
-def test_init_cfg_loads_an_official_datpp_file(tmp_path):
+def tiny_from_official_file(tmp_path, **kwargs):
+    """DAT-T++ (last output) initialised through ``init_cfg`` from a seeded official file."""
     save_official_file(tmp_path / 'official.pth')
     model = DAT('tiny++', out_indices=(3, ),
-                init_cfg=dict(type='Pretrained', checkpoint=str(tmp_path / 'official.pth')))
+                init_cfg=dict(type='Pretrained', checkpoint=str(tmp_path / 'official.pth')), **kwargs)
     model.init_weights()
+    return model
+
+
+def test_init_cfg_loads_an_official_datpp_file(tmp_path):
+    model = tiny_from_official_file(tmp_path)
     expected = dat_converter(official_state_dict(2, 'tiny'))
     loaded = model.state_dict()
     assert loaded.keys() == expected.keys()
@@ -96,10 +102,7 @@ def test_init_cfg_loads_an_official_datpp_file(tmp_path):
 
 
 def test_init_cfg_resizes_the_tables_for_another_pretrain_size(tmp_path):
-    save_official_file(tmp_path / 'official.pth')
-    model = DAT('tiny++', pretrain_img_size=384, out_indices=(3, ),
-                init_cfg=dict(type='Pretrained', checkpoint=str(tmp_path / 'official.pth')))
-    model.init_weights()
+    model = tiny_from_official_file(tmp_path, pretrain_img_size=384)
     table = model.stages[0].blocks[1].attn.rpe_table
     assert table.shape == (2, 2 * 96 - 1, 2 * 96 - 1)
     assert table.std() > 1  # the seeded table (std 2), resized, not the initial one (std 0.01)
@@ -118,10 +121,7 @@ def test_converter_cli_converts_datpp(tmp_path):
 
 
 def test_init_cfg_resizes_the_neighborhood_bias_for_another_kernel(tmp_path):
-    save_official_file(tmp_path / 'official.pth')
-    model = DAT('tiny++', window_size=9, out_indices=(3, ),
-                init_cfg=dict(type='Pretrained', checkpoint=str(tmp_path / 'official.pth')))
-    model.init_weights()
+    model = tiny_from_official_file(tmp_path, window_size=9)
     rpb = model.stages[0].blocks[0].attn.rpb
     assert rpb.shape == (2, 17, 17)
     official = official_state_dict(2, 'tiny')['stages.0.attns.0.rpb']
