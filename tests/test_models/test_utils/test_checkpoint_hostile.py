@@ -3,6 +3,7 @@ leaves the process as it was (no global, class or table changed, later loads unc
 makes the reader allocate more than the data it holds plus a bounded allowance."""
 import collections
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -241,13 +242,22 @@ def test_a_view_cannot_show_more_than_its_storage(tmp_path):
 @pytest.mark.parametrize('make', [lambda folder: hf.many_sets(folder, 400_000),
                                   lambda folder: hf.set_copies(folder, 2000, 2000)],
                          ids=['many_sets', 'set_copies'])
-def test_objects_are_bounded(tmp_path, monkeypatch, make):
+@pytest.mark.slow
+def test_objects_are_bounded(tmp_path, make):
     """A small pickle that builds hundreds of MB of objects: refused once they pass the
-    allowance (here 8 MiB + 16 bytes per byte of pickle)."""
-    monkeypatch.setenv('MMDAT_CHECKPOINT_MEMORY_MB', '8')
+    allowance (here 8 MiB + 16 bytes per byte of pickle). The allowance bounds the growth of
+    the process, so this runs in a fresh one: a process that has freed memory builds into it
+    without growing."""
     path = make(tmp_path)
-    message = refused(path, r'refused to build more than \d+ MiB of objects besides its tensors '
-                      r'\(raise MMDAT_CHECKPOINT_MEMORY_MB')
+    script = ('import sys, mmdat\n'
+              'from mmdat.models.utils import load_checkpoint_file\n'
+              'load_checkpoint_file(sys.argv[1])\n')
+    result = subprocess.run([sys.executable, '-c', script, str(path)], capture_output=True,
+                            text=True, env={**os.environ, 'MMDAT_CHECKPOINT_MEMORY_MB': '8'})
+    assert result.returncode != 0
+    message = result.stderr.strip().splitlines()[-1]
+    assert re.search(r'CheckpointError: .* refused to build more than \d+ MiB of objects besides '
+                     r'its tensors \(raise MMDAT_CHECKPOINT_MEMORY_MB', message), message
     assert 'trust' not in message
 
 
