@@ -118,6 +118,10 @@ def test_bad_inputs_get_one_line(shapes_root, tmp_path, monkeypatch):
     text_file = tmp_path / 'notes.png'
     text_file.write_text('not an image')
     onnx_test, onnx_demo = load_tool(TEST), load_tool(DEMO)
+    # an earlier segmenter in the process leaves mmseg's scope current; the detector's config
+    # must still build in mmdet's
+    from mmengine.registry import init_default_scope
+    init_default_scope('mmseg')
     cases = [
         (onnx_test, [DETECTOR, tmp_path / 'missing.onnx'], 'ONNX model not found'),
         (onnx_test, [DETECTOR, not_predict, '--checkpoint', tmp_path / 'missing.pth'], 'Checkpoint not found'),
