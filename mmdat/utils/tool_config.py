@@ -11,6 +11,7 @@ from typing import Iterable, List, Optional
 import torch
 from mmengine.config import Config
 from mmengine.logging import print_log
+from mmengine.registry import init_default_scope
 
 from mmdat.models.utils import check_pretrained_file, resolve_pretrained
 from mmdat.registry import SCOPES
@@ -78,12 +79,15 @@ def load_tool_config(config: str, cfg_options: Optional[dict], launcher: str,
 
 
 def register_scope(cfg: Config) -> str:
-    """Register the modules of the config's library (mmdet or mmseg) and return its scope."""
+    """Register the modules of the config's library (mmdet or mmseg), make its scope the current
+    one (the registries build in the current scope, which a process that built the other
+    library's models before has left at that library's) and return it."""
     scope = cfg.get('default_scope')
     if scope not in SCOPES:
         raise ConfigError(f'The config\'s default_scope must be one of {SCOPES} (inherit an mmdet:: '
                          f'or mmseg:: config), got {scope!r}')
     importlib.import_module(f'{scope}.utils').register_all_modules(init_default_scope=False)
+    init_default_scope(scope)
     return scope
 
 

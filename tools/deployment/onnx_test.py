@@ -31,7 +31,6 @@ from typing import Iterator, Optional, Sequence, Tuple
 import torch
 from mmengine.config import DictAction
 from mmengine.evaluator import Evaluator
-from mmengine.registry import init_default_scope
 from mmengine.runner import Runner
 
 from mmdat.deployment.runtime import QUANTIZE_MODES, OnnxModel, OnnxRuntimeError, quantize
@@ -126,9 +125,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     check_file(args.checkpoint, 'Checkpoint')
     cfg = load_tool_config(args.config, args.cfg_options, 'none', args.work_dir)
     cfg.load_from = None
-    # The registries build in the current scope: make it the config's (a process may have
-    # built the other library's models before).
-    init_default_scope(cfg.default_scope)
     adapt_to_cpu(cfg)
     check_dataset_files(cfg, ['test_dataloader'] + (['train_dataloader'] if args.quantize == 'static' else []))
     try:
