@@ -9,8 +9,6 @@ to that before the model sees it (the picture is drawn at that size); one over 1
 pixels is refused unless it is a JPEG (decoded reduced).
 """
 import argparse
-import os.path as osp
-import tempfile
 from typing import Optional, Sequence
 
 import mmcv
@@ -21,7 +19,8 @@ from mmengine.config import DictAction
 import mmdat  # noqa: F401  (registers DAT; mmengine reads checkpoints with mmdat's safe loader)
 from mmdat.models.utils import trust_checkpoint
 from mmdat.utils import (ConfigError, add_checkpoint_arguments, build_inferencer, check_file,
-                         check_out_file, load_dat_config, one_line_errors, read_image)
+                         check_out_file, image_file, load_dat_config, one_line_errors,
+                         read_image)
 from mmdat.visualization import draw_prediction
 
 #: Detections listed by name in the printed summary.
@@ -71,13 +70,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         trust_checkpoint(args.checkpoint)
     inferencer = build_inferencer(cfg, kind, args.checkpoint, args.device,
                                   args.allow_partial_weights)
-    with tempfile.TemporaryDirectory() as folder:
-        image_file = args.image
-        if scale < 1:  # the inferencers read a file: give them the shrunk image
-            image_file = osp.join(folder, 'image.png')
-            mmcv.imwrite(image[..., ::-1], image_file)
-            print(f'{args.image} shrunk by {scale:.3g} to {image.shape[1]}x{image.shape[0]}')
-        summary, sample = predict(inferencer, kind, image_file, args)
+    with image_file(args.image, image, scale) as path:  # the inferencers read a file
+        summary, sample = predict(inferencer, kind, path, args)
     meta = inferencer.model.dataset_meta
     drawing = draw_prediction(image, sample, meta['classes'], meta.get('palette'), args.score_thr,
                               args.opacity)

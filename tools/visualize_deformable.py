@@ -18,11 +18,7 @@ that first (and drawn at that size; --query stays in the pixels of the file); on
 million pixels is refused unless it is a JPEG (decoded reduced).
 """
 import argparse
-import os.path as osp
-import tempfile
 from typing import List, Optional, Sequence, Tuple
-
-import mmcv
 
 import numpy as np
 import torch
@@ -34,7 +30,7 @@ from mmdat.models import DAT
 from mmdat.models.utils import (check_unloaded, deformable_blocks, record_deformable_attention,
                                 trust_checkpoint)
 from mmdat.utils import (add_checkpoint_arguments, build_inferencer, check_file, check_out_file,
-                         load_dat_config, one_line_errors, read_image)
+                         image_file, load_dat_config, one_line_errors, read_image)
 from mmdat.visualization import STAGE_STRIDES, draw_deformable_attention, query_index
 
 #: RGB ImageNet statistics, used for backbone-only configs without a data_preprocessor.
@@ -170,13 +166,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     torch.manual_seed(args.seed)
     if args.checkpoint and args.trust_checkpoint:
         trust_checkpoint(args.checkpoint)
-    with tempfile.TemporaryDirectory() as folder:
-        image_file = args.image
-        if shrink < 1:  # the pipelines read a file: give them the shrunk image
-            image_file = osp.join(folder, 'image.png')
-            mmcv.imwrite(image[..., ::-1], image_file)
-            print(f'{args.image} shrunk by {shrink:.3g} to {image.shape[1]}x{image.shape[0]}')
-        backbone, inputs, scale_factor = backbone_and_input(args, image, image_file)
+    with image_file(args.image, image, shrink) as path:  # the pipelines read a file
+        backbone, inputs, scale_factor = backbone_and_input(args, image, path)
     stage, block = choose_block(backbone, args.stage, args.block)
     stride = STAGE_STRIDES[stage]
     # DAT's maps have ceil(size / stride) pixels a side.

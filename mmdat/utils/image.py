@@ -6,9 +6,11 @@ its decoder (1/2, 1/4 or 1/8 scale, ``Image.draft``); another format above
 :data:`MAX_IMAGE_PIXELS` is refused with one line before it is decoded. An image with a side
 over :data:`MAX_IMAGE_SIDE` is shrunk to it: the models' test pipelines resize far below that.
 """
+import contextlib
 import math
 import os.path as osp
-from typing import Tuple
+import tempfile
+from typing import Iterator, Tuple
 
 import numpy as np
 
@@ -83,3 +85,18 @@ def read_image(path: str, max_side: int = MAX_IMAGE_SIDE,
         image = image.resize(size, Image.BILINEAR, reducing_gap=2.0)
         scale = size[0] / width
     return np.asarray(image), scale
+
+
+@contextlib.contextmanager
+def image_file(path: str, image: np.ndarray, scale: float) -> Iterator[str]:
+    """A file holding what :func:`read_image` returned, for pipelines that read files: ``path``
+    itself, or (``scale < 1``) a temporary PNG of the shrunk image, removed on exit."""
+    if scale >= 1:
+        yield path
+        return
+    import mmcv  # only the tools need mmcv
+    print(f'{path} shrunk by {scale:.3g} to {image.shape[1]}x{image.shape[0]}')
+    with tempfile.TemporaryDirectory() as folder:
+        shrunk = osp.join(folder, 'image.png')
+        mmcv.imwrite(image[..., ::-1], shrunk)  # RGB in, BGR on disk
+        yield shrunk

@@ -11,8 +11,6 @@ padded), then the ONNX model; boxes are scaled back to the image. Class names co
 config's test dataset.
 """
 import argparse
-import os.path as osp
-import tempfile
 from typing import Optional, Sequence
 
 import mmcv
@@ -20,8 +18,8 @@ import numpy as np
 import torch
 
 from mmdat.deployment.runtime import OnnxRuntimeError, create_session, output_kind, pack_predictions, run_session
-from mmdat.utils import (check_file, check_out_file, load_dat_config, one_line_errors,
-                         read_image)
+from mmdat.utils import (check_file, check_out_file, image_file, load_dat_config,
+                         one_line_errors, read_image)
 from mmdat.utils.inference import _config_dataset_meta
 from mmdat.visualization import DRAW_SCORE_THR, draw_prediction
 
@@ -77,14 +75,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     cfg, kind = load_dat_config(args.config)
     if kind == 'backbone':
         raise SystemExit(f'{args.config} is a backbone-only config: the demo needs a detector or segmenter')
-    with tempfile.TemporaryDirectory() as folder:
-        image_file = args.image
-        if scale < 1:  # the pipeline reads a file: give it the shrunk image
-            image_file = osp.join(folder, 'image.png')
-            mmcv.imwrite(image[..., ::-1], image_file)
-            print(f'{args.image} shrunk by {scale:.3g} to {image.shape[1]}x{image.shape[0]}')
+    with image_file(args.image, image, scale) as path:  # the pipeline reads a file
         try:
-            sample = predict(cfg, create_session(args.model), image_file)
+            sample = predict(cfg, create_session(args.model), path)
         except OnnxRuntimeError as error:
             raise SystemExit(f'onnx_demo: {error}') from None
     meta = _config_dataset_meta(cfg)
