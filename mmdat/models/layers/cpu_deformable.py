@@ -177,6 +177,30 @@ def cpu_deformable_attention(query: torch.Tensor, key: torch.Tensor, value: torc
     return CPUDeformableAttentionFunction.apply(query, key, value, ys, xs, positions, table)
 
 
+def work_split(batch: int, heads: int, rows: int, threads: int) -> Tuple[int, int]:
+    """The parallel tasks of the kernel at these shapes and thread count, as the kernel itself
+    counts them (it is asked; the rule lives in the C++ source only): forward, one task per query
+    row of each (batch, head), shared out among the threads; backward, those rows cut into one
+    run per thread (at most one per row).
+
+    Args:
+        batch (int): Batch size ``B``.
+        heads (int): Attention heads.
+        rows (int): Query rows ``H`` of the grid.
+        threads (int): torch's CPU threads.
+
+    Returns:
+        tuple[int, int]: ``(forward tasks, backward tasks)``.
+    """
+    if min(batch, heads, rows, threads) < 1:
+        raise ValueError(f'batch, heads, rows and threads must be >= 1, got {(batch, heads, rows, threads)}')
+    if not cpu_kernel_available():
+        raise RuntimeError('The CPU deformable attention kernel is not available (see the warning '
+                           'given when it failed to build)')
+    forward, backward = torch.ops.mmdat_deformable_cpu.work_split(batch, heads, rows, threads)
+    return forward, backward
+
+
 def grid_axes(grid: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """The row ys and column xs of a separable ``(H, W, 2)`` grid of ``(y, x)`` points."""
     return grid[:, 0, 0], grid[0, :, 1]

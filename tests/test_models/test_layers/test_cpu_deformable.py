@@ -190,6 +190,18 @@ def test_result_does_not_depend_on_the_thread_count(threads, shape, count):
 
 
 @needs_kernel
+def test_work_split_is_the_kernels():
+    """The split the kernel reports (its own functions): a task per query row of each (batch,
+    head) in forward; one run per thread, at most one per row, in backward."""
+    assert cpu_deformable.work_split(1, 12, 50, 2) == (600, 2)  # DAT-S stage 3 at 800x1333
+    assert cpu_deformable.work_split(1, 12, 50, 64) == (600, 64)
+    assert cpu_deformable.work_split(2, 3, 5, 1000) == (30, 30)  # no more runs than rows
+    assert cpu_deformable.work_split(1, 1, 1, 1) == (1, 1)
+    with pytest.raises(ValueError, match='>= 1'):
+        cpu_deformable.work_split(1, 12, 50, 0)
+
+
+@needs_kernel
 def test_gradcheck_with_rows_split_across_threads(threads):
     q, k, v, queries, positions, table = make_inputs(1, 2, 1, 3, 4, 5, 4, (5, 5), spread=0.9)
     leaves = [t.requires_grad_(True) for t in (q, k, v, positions, table)]

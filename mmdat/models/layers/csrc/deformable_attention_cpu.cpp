@@ -592,6 +592,21 @@ void block_scores(const Shapes& s, const Coords<T>& co, const T* table, int64_t 
   add_bias<T>(s, co.qx.data(), co.kx.data() + group * s.keys + n0, ty, count, scores);
 }
 
+// The work split, in one place: the kernels use these, and `work_split` reports them.
+// Forward: one task per query row of each (batch, head), shared out among the threads.
+int64_t forward_tasks(int64_t batch, int64_t heads, int64_t rows) { return batch * heads * rows; }
+
+// Backward: the same query rows cut into one run per thread (at most one per row); see backward.
+int64_t backward_tasks(int64_t batch, int64_t heads, int64_t rows, int64_t threads) {
+  return std::max<int64_t>(1, std::min<int64_t>(threads, batch * heads * rows));
+}
+
+// (forward tasks, backward tasks) at these shapes and thread count, for the benchmarks.
+std::vector<int64_t> work_split(int64_t batch, int64_t heads, int64_t rows, int64_t threads) {
+  TORCH_CHECK(batch > 0 && heads > 0 && rows > 0 && threads > 0, "work_split: every argument must be > 0");
+  return {forward_tasks(batch, heads, rows), backward_tasks(batch, heads, rows, threads)};
+}
+
 std::vector<at::Tensor> forward(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                                 const at::Tensor& ys, const at::Tensor& xs, const at::Tensor& positions,
                                 const at::Tensor& table) {
@@ -610,7 +625,7 @@ std::vector<at::Tensor> forward(const at::Tensor& query, const at::Tensor& key, 
     const T* tab_all = table.data_ptr<T>();
     T* out_all = out.data_ptr<T>();
     T* lse_all = lse.data_ptr<T>();
-    at::parallel_for(0, s.batch * s.heads * s.rows, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, forward_tasks(s.batch, s.heads, s.rows), 1, [&](int64_t begin, int64_t end) {
       const c10::InferenceMode guard;  // per thread: the scratch tensors need no autograd
       std::vector<at::Tensor> keep;
       T* qt = scratch<T>(keep, d * wp);
@@ -686,7 +701,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
   at::Tensor grad_table = at::empty({s.batch, s.heads, s.th, s.tw}, query.options());
   const at::Tensor delta = (grad_out * out).sum(-1).contiguous();  // rowsum(dO * O): (B, heads, Nq)
   const int64_t total_rows = s.batch * s.heads * s.rows;
-  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), total_rows));
+  const int64_t tasks = backward_tasks(s.batch, s.heads, s.rows, at::get_num_threads());
   auto first_row = [&](int64_t task) { return task * total_rows / tasks; };
   AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "deformable_attention_cpu_backward", [&] {
     using T = scalar_t;
@@ -828,6 +843,7 @@ TORCH_LIBRARY(MMDAT_DA_LIBRARY, m) {
         "Tensor table) -> Tensor[]");
   m.def("backward(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor out, Tensor lse, "
         "Tensor ys, Tensor xs, Tensor positions, Tensor table) -> Tensor[]");
+  m.def("work_split(int batch, int heads, int rows, int threads) -> int[]", &work_split);
 }
 
 TORCH_LIBRARY_IMPL(MMDAT_DA_LIBRARY, CPU, m) {
