@@ -103,11 +103,20 @@ def attention_modules(model: DAT) -> List[nn.Module]:
     return [block.attn for stage in model.stages for block in stage.blocks[:2]]
 
 
-def op_shapes(arch: str, size: Tuple[int, int], batch: int) -> dict:
-    """The shapes of the first deformable block of stage 3 of a DAT built at ``arch``, read
-    from the module and from its input in a forward on the meta device."""
+def deformable_stages(arch: str) -> List[int]:
+    """The stages (0-based) of a DAT built at ``arch`` that have deformable blocks."""
     model = DAT(arch=arch).to('meta')
-    attn = next(m for m in model.stages[OP_STAGE].modules() if isinstance(m, DeformableAttention))
+    return [i for i, stage in enumerate(model.stages)
+            if any(isinstance(m, DeformableAttention) for m in stage.modules())]
+
+
+def op_shapes(arch: str, size: Tuple[int, int], batch: int, stage: int = OP_STAGE) -> dict:
+    """The shapes of the first deformable block of ``stage`` (default: stage 3) of a DAT built
+    at ``arch``, read from the module and from its input in a forward on the meta device."""
+    model = DAT(arch=arch).to('meta')
+    attn = next((m for m in model.stages[stage].modules() if isinstance(m, DeformableAttention)), None)
+    if attn is None:
+        raise ValueError(f'stage {stage + 1} of {arch} has no deformable blocks')
     x = capture_inputs(model, [attn], torch.empty(batch, 3, *size, device='meta'))[attn]
     _, height, width, channels = x.shape
     return dict(batch=batch, heads=attn.num_heads, groups=attn.num_groups, height=height, width=width,
@@ -115,11 +124,11 @@ def op_shapes(arch: str, size: Tuple[int, int], batch: int) -> dict:
 
 
 def op_inputs(arch: str, size: Tuple[int, int], batch: int, dtype: torch.dtype,
-              device: str) -> List[torch.Tensor]:
+              device: str, stage: int = OP_STAGE) -> List[torch.Tensor]:
     """Random q, k, v, query points (the ``(H, W, 2)`` grid of reference points), key
     positions and table at the shapes of :func:`op_shapes`; key positions are the reference
     points moved by up to one pixel, as DAT's offsets (range factor 2) move them."""
-    shapes = op_shapes(arch, size, batch)
+    shapes = op_shapes(arch, size, batch, stage)
     height, width = shapes['height'], shapes['width']
     tokens = height * width
     gen = torch.Generator(device=device).manual_seed(0)
@@ -311,14 +320,19 @@ def op_cell(cell: dict) -> dict:
     device = cell['device']
     dtype = AMP_DTYPES[cell['amp']] or torch.float32
     inputs = op_inputs(cell['arch'], cell['size'], cell['batch'], dtype, device)
-    fn = op_function(cell['path'])
-    if cell['mode'] == 'infer':
+    step = op_step(op_function(cell['path']), inputs, cell['mode'])
+    return time_steps(step, device, cell['warmup'], cell['repeats'], cell['isolated'])
+
+
+def op_step(fn: Callable[..., torch.Tensor], inputs: List[torch.Tensor], mode: str) -> Callable[[], None]:
+    """One call of an op on the inputs of :func:`op_inputs`: forward under ``inference_mode``
+    (``'infer'``), or forward + backward into q, k, v, key positions and table (``'train'``)."""
+    if mode == 'infer':
         def step():
             with torch.inference_mode():
                 fn(*inputs)
     else:
-        for i in (0, 1, 2, 4, 5):
-            inputs[i].requires_grad_(True)
+        inputs = [t.detach().requires_grad_(i in (0, 1, 2, 4, 5)) for i, t in enumerate(inputs)]
         grad_out = torch.randn_like(inputs[0])
 
         def step():
@@ -326,7 +340,121 @@ def op_cell(cell: dict) -> dict:
             for t in inputs:
                 t.grad = None
 
-    return time_steps(step, device, cell['warmup'], cell['repeats'], cell['isolated'])
+    return step
+
+
+#: Matmul-like products of ``B x heads x Nq x Nk x head_dims`` multiply-adds that the CPU kernel
+#: computes (csrc/deformable_attention_cpu.cpp): forward, the scores ``K Q^T`` and ``V^T P^T``;
+#: backward recomputes the scores from the log-sum-exp and computes ``V dO^T``, ``P dO`` (dV),
+#: ``dS Q`` (dK) and ``K^T dS^T`` (dQ): 5 more. The bias, exp and softmax work is not counted.
+KERNEL_PRODUCTS = dict(infer=2, train=2 + 5)
+
+
+def deformable_op_flops(shapes: dict, mode: str) -> float:
+    """Floating-point operations (a multiply-add is 2) of the products of the CPU kernel's
+    deformable attention op at ``shapes`` (:func:`op_shapes`) in ``mode`` (``'infer'``:
+    forward; ``'train'``: forward + backward); queries and keys both the ``H x W`` map."""
+    tokens = shapes['height'] * shapes['width']
+    return 2.0 * KERNEL_PRODUCTS[mode] * shapes['batch'] * shapes['heads'] * tokens * tokens * shapes['head_dims']
+
+
+def matmul_side(flops: float, multiple: int = 64, low: int = 64, high: int = 4096) -> int:
+    """The side ``n`` (a multiple of ``multiple`` in ``[low, high]``) of the square matmul whose
+    ``2 n^3`` FLOPs are nearest ``flops``: the yardstick of the achieved rate."""
+    side = round((flops / 2) ** (1 / 3) / multiple) * multiple
+    return int(min(high, max(low, side)))
+
+
+def thread_cpu_seconds() -> Dict[int, float]:
+    """CPU seconds (user + system) of each thread of this process so far, by thread id, from
+    ``/proc/self/task/*/stat`` (Linux; empty elsewhere). Ticks of the kernel's clock (10 ms)."""
+    ticks = os.sysconf('SC_CLK_TCK') if hasattr(os, 'sysconf') else 100
+    seconds = {}
+    try:
+        tasks = os.listdir('/proc/self/task')
+    except OSError:
+        return seconds
+    for task in tasks:
+        try:
+            with open(f'/proc/self/task/{task}/stat') as f:
+                fields = f.read().rsplit(')', 1)[1].split()  # after the command name
+        except OSError:
+            continue  # a thread that ended
+        seconds[int(task)] = (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+    return seconds
+
+
+def time_with_threads(steps: Dict[str, Tuple[int, Callable[[], None]]], warmup: int,
+                      repeats: int) -> Dict[str, dict]:
+    """Steps (name -> (torch's CPU threads, step)) timed in turns in one process, the order
+    rotating, ``torch.set_num_threads`` before each: per name the median wall seconds and the
+    median CPU seconds of the busiest thread during the step (see :func:`thread_cpu_seconds`;
+    None where unknown)."""
+    before_threads = torch.get_num_threads()
+    names = list(steps)
+    walls = {name: [] for name in names}
+    busiest = {name: [] for name in names}
+    try:
+        for _ in range(warmup):
+            for threads, step in steps.values():
+                torch.set_num_threads(threads)
+                step()
+        for round_index in range(repeats):
+            for i in range(len(names)):
+                name = names[(round_index + i) % len(names)]
+                threads, step = steps[name]
+                torch.set_num_threads(threads)
+                cpu = thread_cpu_seconds()
+                start = time.perf_counter()
+                step()
+                walls[name].append(time.perf_counter() - start)
+                after = thread_cpu_seconds()
+                if after:
+                    busiest[name].append(max(after[t] - cpu.get(t, 0.0) for t in after))
+    finally:
+        torch.set_num_threads(before_threads)
+    return {name: dict(seconds=statistics.median(walls[name]),
+                       busiest_cpu_seconds=statistics.median(busiest[name]) if busiest[name] else None)
+            for name in names}
+
+
+def scaling_cell(cell: dict) -> dict:
+    """The CPU kernel's deformable attention op (``attn_impl='fused'``, float32) at the shapes
+    of every deformable stage of ``arch`` at ``size``, in each of ``modes``, at 1 thread and at
+    ``threads``, with a square float32 ``torch.mm`` of about the forward's FLOPs at both thread
+    counts: all timed in turns in one process (:func:`time_with_threads`). Per stage: the
+    shapes, the kernel's parallel tasks (:func:`~mmdat.models.layers.cpu_deformable.work_split`)
+    and the matmul's side; per stage, mode (or ``'matmul'``) and thread count: median seconds,
+    the busiest thread's median CPU seconds and FLOPs."""
+    from mmdat.models.layers.cpu_deformable import supports, work_split
+    if cell['device'] != 'cpu' or not supports(torch.device('cpu'), torch.float32):
+        raise RuntimeError('the scaling cell needs the CPU kernel (device cpu, a C++ compiler)')
+    threads = cell['threads']
+    if not threads or threads < 2:
+        raise ValueError(f'the scaling cell compares 1 thread with threads >= 2, got {threads}')
+    counts = (1, threads)
+    fn = op_function('fused')
+    results = []
+    for stage in deformable_stages(cell['arch']):
+        shapes = op_shapes(cell['arch'], cell['size'], cell['batch'], stage)
+        inputs = op_inputs(cell['arch'], cell['size'], cell['batch'], torch.float32, 'cpu', stage)
+        side = matmul_side(deformable_op_flops(shapes, 'infer'))
+        a, b = torch.randn(side, side), torch.randn(side, side)
+        steps, flops = {}, {}
+        for mode in cell['modes']:
+            step = op_step(fn, inputs, mode)
+            for count in counts:
+                steps[f'{mode} {count}'] = count, step
+                flops[f'{mode} {count}'] = deformable_op_flops(shapes, mode)
+        for count in counts:
+            steps[f'matmul {count}'] = count, lambda: torch.mm(a, b)
+            flops[f'matmul {count}'] = 2.0 * side ** 3
+        times = time_with_threads(steps, cell['warmup'], cell['repeats'])
+        forward_tasks, backward_tasks = work_split(shapes['batch'], shapes['heads'], shapes['height'], threads)
+        results.append(dict(stage=stage + 1, shapes=shapes, matmul_side=side, threads=threads,
+                            forward_tasks=forward_tasks, backward_tasks=backward_tasks,
+                            times={name: dict(times[name], flops=flops[name]) for name in steps}))
+    return dict(stages=results)
 
 
 def block_name(attn: nn.Module) -> str:
@@ -399,7 +527,7 @@ def profile_cell(cell: dict) -> dict:
 
 
 CELL_FUNCTIONS = dict(backbone=backbone_cell, interleaved=interleaved_cell, op=op_cell, probe=probe_cell,
-                      blocks=blocks_cell, profile=profile_cell)
+                      blocks=blocks_cell, profile=profile_cell, scaling=scaling_cell)
 
 
 def _limit_memory(gib: float) -> None:

@@ -85,6 +85,20 @@ def test_op_benchmark_on_cpu():
     assert '| tiny | 64x64 | 16 | fwd+bwd | sdpa-no-bias |' in table
 
 
+@pytest.mark.skipif(not cpu_kernel_available(), reason='the CPU kernel does not build here')
+def test_op_scaling_table_on_cpu(keep_num_threads):
+    rows, table = benchmark.main(['--op', '--scaling', '--device', 'cpu', '--archs', 'tiny', '--sizes', '64',
+                                  '--batch', '1', '--warmup', '0', '--repeats', '1', '--no-isolate',
+                                  '--threads', '2'])
+    assert [r['stage'] for r in rows] == [3, 4]
+    assert '1 and 2 threads and torch.mm in turns' in table
+    # one line per stage and mode, the tasks from the kernel's own split (12 heads x 4 rows; 24 x 2)
+    assert '| tiny | 64x64 | 3 (12, 4x4) | fwd | 48 |' in table
+    assert '| tiny | 64x64 | 3 (12, 4x4) | fwd+bwd | 48 fwd, 2 bwd |' in table
+    assert '| tiny | 64x64 | 4 (24, 2x2) | fwd+bwd | 48 fwd, 2 bwd |' in table
+    assert len([line for line in table.splitlines() if line.startswith('| tiny |')]) == 4
+
+
 def test_blocks_benchmark_times_each_attention_module_on_its_backbone_input(keep_num_threads):
     rows, table = benchmark.main(['--blocks', '--archs', 'tiny', '--sizes', '64x96', '--batch', '1',
                                   '--warmup', '0', '--repeats', '1', '--no-isolate', '--threads', '1',
@@ -228,6 +242,10 @@ def test_out_writes_the_file_it_names(tmp_path, capsys, keep_num_threads):
     (['--peers', '--op'], 'not allowed with'),
     (['--blocks', '--op'], 'not allowed with'),
     (['--device', 'cpu', '--memory-limit', '0'], '--memory-limit'),
+    (['--scaling', '--device', 'cpu'], 'needs --op and --device cpu'),
+    (['--op', '--scaling', '--device', 'cpu', '--paths', 'fused'], 'no --paths or --amp'),
+    (['--op', '--scaling', '--device', 'cpu', '--amp', 'bf16'], 'no --paths or --amp'),
+    (['--op', '--scaling', '--device', 'cpu', '--threads', '1'], 'N must be >= 2'),
     (['--device', 'cpu', '--memory-limit', '8', '--no-isolate'], '--memory-limit'),
 ])
 def test_bad_benchmark_arguments(argv, match, capsys):

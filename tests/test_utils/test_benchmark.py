@@ -1,8 +1,12 @@
 """mmdat.utils.benchmark: shapes from built models, timing, cells in fresh processes."""
+import threading
+import time
+
 import pytest
 import torch
 
 from mmdat.models import DAT
+from mmdat.models.layers import cpu_kernel_available
 from mmdat.utils import benchmark
 
 
@@ -89,3 +93,63 @@ def test_bad_cells():
 
 def test_markdown_table():
     assert benchmark.markdown_table(['a', 'b'], [['1', '2']], right=(1, )) == ['| a | b |', '| --- | ---: |', '| 1 | 2 |']
+
+
+def test_deformable_stages_and_their_shapes():
+    assert benchmark.deformable_stages('tiny') == [2, 3]
+    assert benchmark.op_shapes('tiny', (800, 1333), 1, stage=3) == dict(
+        batch=1, heads=24, groups=6, height=25, width=42, head_dims=32, table=(24, 13, 13))
+    q, *_, positions, table = benchmark.op_inputs('tiny', (64, 64), 1, torch.float32, 'cpu', stage=3)
+    assert q.shape == (1, 24, 4, 32) and positions.shape == (6, 4, 2) and table.shape == (24, 13, 13)
+    with pytest.raises(ValueError, match='no deformable blocks'):
+        benchmark.op_shapes('tiny', (64, 64), 1, stage=0)
+
+
+def test_deformable_op_flops_count_the_kernels_products():
+    shapes = dict(batch=2, heads=3, height=4, width=5, head_dims=8)
+    products = 2 * 3 * 20 * 20 * 8  # multiply-adds of one (B, heads, N x N x d) product
+    assert benchmark.deformable_op_flops(shapes, 'infer') == 2 * 2 * products  # K Q^T and V^T P^T
+    # backward recomputes the scores, then V dO^T, P dO, dS Q and K^T dS^T
+    assert benchmark.deformable_op_flops(shapes, 'train') == 2 * 7 * products
+
+
+def test_matmul_side_matches_the_flops():
+    assert benchmark.matmul_side(2 * 1024**3) == 1024
+    assert benchmark.matmul_side(2 * 1000**3) == 1024  # to a multiple of 64
+    assert benchmark.matmul_side(10.0) == 64 and benchmark.matmul_side(1e15) == 4096
+
+
+def test_time_with_threads_sets_the_threads_of_each_step_and_reads_thread_cpu_times():
+    before = torch.get_num_threads()
+    seen = []
+
+    def spin():  # busy for ~30 ms of CPU on this thread (3 ticks of the kernel's clock)
+        seen.append(torch.get_num_threads())
+        start = time.thread_time()
+        while time.thread_time() - start < 0.03:
+            pass
+
+    times = benchmark.time_with_threads({'one': (1, spin), 'two': (2, lambda: seen.append(torch.get_num_threads()))},
+                                        warmup=1, repeats=3)
+    assert torch.get_num_threads() == before
+    assert sorted(seen) == [1] * 4 + [2] * 4
+    assert times['one']['seconds'] >= 0.03 and times['two']['seconds'] < times['one']['seconds']
+    assert times['one']['busiest_cpu_seconds'] >= 0.01  # the spinning thread's own CPU time
+    cpu = benchmark.thread_cpu_seconds()
+    assert threading.get_native_id() in cpu and all(t >= 0 for t in cpu.values())
+
+
+@pytest.mark.skipif(not cpu_kernel_available(), reason='the CPU kernel does not build here')
+def test_scaling_cell_times_every_deformable_stage_at_both_thread_counts():
+    result = benchmark.run_cell(dict(kind='scaling', arch='tiny', size=(64, 64), batch=1, modes=['infer', 'train'],
+                                     device='cpu', amp='none', warmup=0, repeats=1, isolated=False, threads=2))
+    assert [s['stage'] for s in result['stages']] == [3, 4]
+    stage3 = result['stages'][0]
+    assert (stage3['forward_tasks'], stage3['backward_tasks']) == (12 * 4, 2)  # 12 heads x 4 rows
+    assert set(stage3['times']) == {'infer 1', 'infer 2', 'train 1', 'train 2', 'matmul 1', 'matmul 2'}
+    assert stage3['times']['train 2']['flops'] == benchmark.deformable_op_flops(stage3['shapes'], 'train')
+    assert stage3['times']['matmul 1']['flops'] == 2 * stage3['matmul_side'] ** 3
+    assert all(t['seconds'] > 0 for t in stage3['times'].values())
+    one_thread = dict(kind='scaling', arch='tiny', size=(64, 64), batch=1, modes=['infer'], device='cpu',
+                      amp='none', warmup=0, repeats=1, isolated=False, threads=1)
+    assert 'threads >= 2' in benchmark.run_cell(one_thread)['error']

@@ -18,6 +18,15 @@ mmcv/mmdet are absent:
 
       python tools/analysis_tools/benchmark.py --op --archs tiny --sizes 800x1333 --batch 2 --amp bf16
 
+  With ``--scaling`` (CPU): the C++ kernel at the shapes of every deformable stage (3 and 4),
+  forward and forward + backward, at 1 thread and at ``--threads`` (default: the machine's
+  cores) in turns in one process: the parallel tasks of the kernel's work split, the wall-time
+  ratio, a load-independent proxy (the 1-thread run's CPU time over the busiest thread's in the
+  N-thread run) and the achieved GFLOP/s of the op's products against a square ``torch.mm``
+  of about the forward's FLOPs at the same thread counts::
+
+      python tools/analysis_tools/benchmark.py --op --scaling --device cpu --archs tiny small base --sizes 800x1333 --batch 1
+
 * ``--blocks``: the attention module of the first two blocks of every stage alone (window,
   shifted window, deformable; DAT++: neighborhood, deformable), fed what it gets in the
   backbone at that input size, per path: where each path is fast::
@@ -59,6 +68,7 @@ layers the arch lacks (the attention policy's table), is listed as skipped, and 
 as an error row. ``--out FILE`` also writes the table there (its folder must exist).
 """
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -131,12 +141,14 @@ def header(args: argparse.Namespace) -> str:
     if triton_deformable.TRITON_AVAILABLE:
         versions += f', triton {triton_deformable.triton.__version__}'
     memory = ('not measured (--interleave)' if args.interleave else
+              'not measured (--scaling)' if args.scaling else
               'not measured (--blocks)' if args.blocks else
               'not measured (--profile)' if args.profile else
               'peak allocated (torch.cuda.max_memory_allocated)' if args.device == 'cuda' else
               'peak RSS growth of the process' if args.isolated else 'not measured (--no-isolate)')
     checkpointing = 'with_cp=True; ' if args.with_cp else ''
-    timing = ('paths in turns, ' if args.interleave else 'models in turns, ' if args.peers else
+    timing = ('paths in turns, ' if args.interleave else
+              f'1 and {args.threads} threads and torch.mm in turns, ' if args.scaling else 'models in turns, ' if args.peers else
               'models in turns, one profiled step each per round, ' if args.profile else '')
     load = lib.load_average()
     load = f'; load average at the start {load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f}' if load else ''
@@ -220,6 +232,58 @@ def benchmark_op(args: argparse.Namespace) -> Tuple[List[dict], List[str]]:
             cells += [f'{row["seconds"] * 1e3:.2f}', _mib(row['peak_bytes']), ratio]
         lines.append('| ' + ' | '.join(cells) + ' |')
     return rows, lines
+
+
+def _ratio(numerator: Optional[float], denominator: Optional[float]) -> str:
+    return f'{numerator / denominator:.2f}x' if numerator and denominator else '-'
+
+
+def benchmark_scaling(args: argparse.Namespace) -> Tuple[List[dict], List[str]]:
+    """``--op --scaling``: per arch, size, deformable stage and mode, the CPU kernel's op at 1
+    thread and at ``--threads`` in turns in one process, with its parallel tasks, its achieved
+    GFLOP/s and that of a square ``torch.mm`` at the same thread counts."""
+    rows = []
+    for arch in args.archs:
+        for size in args.sizes:
+            result = run_cell(dict(kind='scaling', arch=arch, size=size, modes=args.modes, **_common(args)))
+            print(f"  {arch} {_format_size(size)}: {result.get('error', 'done')}", flush=True)
+            if 'error' in result:
+                rows.append(dict(arch=arch, size=size, error=result['error']))
+            for stage in result.get('stages', []):
+                rows.append(dict(arch=arch, size=size, **stage))
+    threads = args.threads
+    lines = markdown_table(
+        ['arch', 'input', 'stage (heads, map)', 'mode', f'tasks at {threads} threads', 'ms, 1 thread',
+         f'ms, {threads} threads', 'wall 1 / N', 'CPU proxy 1 / N', 'GFLOP/s, 1 / N',
+         'mm GFLOP/s, 1 / N (side)', 'op / mm rate, 1 / N'],
+        _scaling_table(rows, args.modes, threads), right=tuple(range(4, 12)))
+    return rows, lines
+
+
+def _scaling_table(rows: List[dict], modes: Sequence[str], threads: int) -> List[List[str]]:
+    table = []
+    for row in rows:
+        cells = [row['arch'], _format_size(row['size'])]
+        if 'error' in row:
+            table.append(cells + ['', '', row['error']] + [''] * 7)
+            continue
+        shapes, times = row['shapes'], row['times']
+        stage = f"{row['stage']} ({shapes['heads']}, {shapes['height']}x{shapes['width']})"
+        rate = {name: t['flops'] / t['seconds'] / 1e9 for name, t in times.items()}
+        matmul = [times[f'matmul {n}'] for n in (1, threads)]
+        for mode in modes:
+            one, many = times[f'{mode} 1'], times[f'{mode} {threads}']
+            tasks = (str(row['forward_tasks']) if mode == 'infer'
+                     else f"{row['forward_tasks']} fwd, {row['backward_tasks']} bwd")
+            table.append(cells + [
+                stage, 'fwd' if mode == 'infer' else 'fwd+bwd', tasks, f"{one['seconds'] * 1e3:.2f}",
+                f"{many['seconds'] * 1e3:.2f}", _ratio(one['seconds'], many['seconds']),
+                _ratio(one['busiest_cpu_seconds'], many['busiest_cpu_seconds']),
+                f"{rate[f'{mode} 1']:.1f} / {rate[f'{mode} {threads}']:.1f}",
+                f"{rate['matmul 1']:.1f} / {rate[f'matmul {threads}']:.1f} ({row['matmul_side']})",
+                f"{rate[f'{mode} 1'] / rate['matmul 1']:.2f} / "
+                f"{rate[f'{mode} {threads}'] / rate[f'matmul {threads}']:.2f}"])
+    return table
 
 
 def benchmark_blocks(args: argparse.Namespace) -> Tuple[List[dict], List[str]]:
@@ -412,6 +476,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     task = parser.add_mutually_exclusive_group()
     task.add_argument('--op', action='store_true', help='benchmark the attention op alone at stage-3 shapes')
+    parser.add_argument('--scaling', action='store_true',
+                        help='with --op --device cpu: the CPU kernel at the shapes of every deformable '
+                             'stage, at 1 thread and at --threads (default: the machine\'s cores) in turns, '
+                             'with its parallel tasks and its GFLOP/s against a torch.mm\'s')
     task.add_argument('--blocks', action='store_true',
                       help='benchmark the attention module of the first two blocks of each stage alone')
     task.add_argument('--max-size', action='store_true',
@@ -458,6 +526,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--max-height', type=int, default=4096, help='--max-size: largest height tried')
     parser.add_argument('--out', help='also write the table (Markdown) to this file; its folder must exist')
     args = parser.parse_args(argv)
+    if args.scaling:
+        if not args.op or args.device != 'cpu':
+            parser.error('--scaling measures the CPU kernel: it needs --op and --device cpu')
+        if args.paths is not None or args.amp != 'none':
+            parser.error('--scaling times the CPU kernel in float32: no --paths or --amp')
+        if args.threads is None:
+            args.threads = os.cpu_count() or 1
+        if args.threads < 2:
+            parser.error('--scaling compares 1 thread with --threads N: N must be >= 2')
     allowed = OP_PATHS if args.op else BACKBONE_PATHS
     args.paths = args.paths or [p for p in allowed if p != 'auto']
     bad = [p for p in args.paths if p not in allowed]
@@ -498,7 +575,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Tuple[List[dict], str]:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     title = header(args)
     print(title, flush=True)
-    if args.op:
+    if args.scaling:
+        rows, lines = benchmark_scaling(args)
+    elif args.op:
         rows, lines = benchmark_op(args)
     elif args.blocks:
         rows, lines = benchmark_blocks(args)
