@@ -1,5 +1,5 @@
-"""Where a backbone's step spends its time, by component: attention op, projections, offsets and
-sampling, neighborhood tiles, MLP, norms, layout copies, ...
+"""Where a backbone's step spends its time, by component: the window attention op, the deformable
+attention op, projections, offsets and sampling, neighborhood tiles, MLP, norms, layout copies, ...
 
 One step runs under :mod:`torch.profiler` (CPU activities). Forward hooks open a named range
 (``record_function``) around every module that names a component (:func:`module_components`),
@@ -23,15 +23,18 @@ import torch.nn as nn
 from torch.profiler import ProfilerActivity, profile
 
 #: The components, in the order of the tables.
-COMPONENTS = ('attention op', 'attention projections', 'offsets and sampling', 'neighborhood tiles',
-              'MLP', 'norms', 'layout copies', 'stem and downsampling', 'local perception unit',
-              'other')
+COMPONENTS = ('window attention op', 'deformable attention op', 'attention projections',
+              'offsets and sampling', 'neighborhood tiles', 'MLP', 'norms', 'layout copies',
+              'stem and downsampling', 'local perception unit', 'other')
+#: The labels of attention modules -> the component of their attention op; their other operators
+#: are split further (:func:`operator_component`).
+ATTENTION_OPS = {'window attention': 'window attention op', 'deformable attention': 'deformable attention op'}
 
-#: Module class names (of the class or a base class) -> component (innermost wins). ``'attention'`` modules are split further
-#: by operator (:func:`operator_component`).
+#: Module class names (of the class or a base class) -> component (innermost wins), or the label
+#: of an attention module (:data:`ATTENTION_OPS`).
 MODULE_COMPONENTS = {
-    'DeformableAttention': 'attention',  # and DAT++'s, a subclass
-    'WindowAttention': 'attention', 'ShiftWindowMSA': 'attention',  # DAT's, mmdet Swin's
+    'DeformableAttention': 'deformable attention',  # and DAT++'s, a subclass
+    'WindowAttention': 'window attention', 'ShiftWindowMSA': 'window attention',  # DAT's, mmdet Swin's
     'NeighborhoodAttention': 'neighborhood tiles',
     'OffsetNetwork': 'offsets and sampling',
     'ConvMLP': 'MLP', 'FFN': 'MLP',
@@ -68,7 +71,7 @@ def module_components(model: nn.Module) -> Dict[nn.Module, str]:
             label = 'MLP'
         elif label is None and leaf == 'lpu':
             label = 'local perception unit'
-        elif isinstance(module, nn.Linear) and parent in ('attention', 'neighborhood tiles'):
+        elif isinstance(module, nn.Linear) and (parent in ATTENTION_OPS or parent == 'neighborhood tiles'):
             label = 'attention projections'
         if label is not None:
             labels[module] = label
@@ -86,8 +89,8 @@ def operator_component(label: Optional[str], operator: Optional[str]) -> str:
         return label
     if operator in LAYOUT_OPERATORS:
         return 'layout copies'
-    if label == 'attention':
-        return 'offsets and sampling' if operator in SAMPLING_OPERATORS else 'attention op'
+    if label in ATTENTION_OPS:
+        return 'offsets and sampling' if operator in SAMPLING_OPERATORS else ATTENTION_OPS[label]
     return label or 'other'
 
 

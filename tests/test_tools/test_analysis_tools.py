@@ -199,9 +199,12 @@ def test_profile_table_gives_components_and_differences_from_the_peer(keep_num_t
     times = rows[0]
     assert set(times) == {'size', 'mode', 'Swin-T', 'DAT-T'}
     assert times['DAT-T']['offsets and sampling'] > 0 and 'offsets and sampling' not in times['Swin-T']
-    line = next(line for line in table.splitlines() if line.startswith('| attention op |'))
-    dat, swin = times['DAT-T']['attention op'], times['Swin-T']['attention op']
+    # Swin has window attention only; DAT-T both, its deformable blocks apart
+    assert 'deformable attention op' not in times['Swin-T'] and times['DAT-T']['deformable attention op'] > 0
+    line = next(line for line in table.splitlines() if line.startswith('| window attention op |'))
+    dat, swin = times['DAT-T']['window attention op'], times['Swin-T']['window attention op']
     assert line.endswith(f', {dat - swin:+.2f} s |')  # DAT-T against its peer
+    assert '| deformable attention op |' in table
     assert '| component | Swin-T | DAT-T |' in table and '| profiled step |' in table
 
 

@@ -14,7 +14,7 @@ def test_modules_of_a_datpp_backbone_get_their_components():
                           offset_groups=(1, 1, 1, 1), block_types=('N', 'N', 'ND', 'D')))
     labels = {name: module_components(model).get(module) for name, module in model.named_modules()}
     block = 'stages.2.blocks.1'
-    assert labels[f'{block}.attn'] == 'attention'
+    assert labels[f'{block}.attn'] == 'deformable attention'
     assert labels[f'{block}.attn.proj_q'] == 'attention projections'
     assert labels[f'{block}.attn.offset_net'] == 'offsets and sampling'
     assert labels[f'{block}.attn.offset_net.norm'] == 'norms'  # the innermost range wins
@@ -22,13 +22,17 @@ def test_modules_of_a_datpp_backbone_get_their_components():
     assert labels[f'{block}.lpu'] == 'local perception unit'
     assert labels[f'{block}.norm1'] == 'norms'
     assert labels['stages.2.blocks.0.attn'] == 'neighborhood tiles'
+    assert labels['stages.2.blocks.0.attn.qkv'] == 'attention projections'
     assert labels['stages.1.downsample'] == 'stem and downsampling'
 
 
 @pytest.mark.parametrize('label,operator,component', [
-    ('attention', 'aten::grid_sampler', 'offsets and sampling'),
-    ('attention', 'aten::bmm', 'attention op'),
-    ('attention', 'aten::clone', 'layout copies'),
+    ('deformable attention', 'aten::grid_sampler', 'offsets and sampling'),
+    ('deformable attention', 'aten::bmm', 'deformable attention op'),
+    ('deformable attention', None, 'deformable attention op'),  # the range's own time
+    ('window attention', 'aten::bmm', 'window attention op'),
+    ('window attention', 'aten::clone', 'layout copies'),
+    ('deformable attention', 'aten::clone', 'layout copies'),
     ('MLP', 'aten::contiguous', 'layout copies'),
     ('neighborhood tiles', 'aten::clone', 'neighborhood tiles'),
     ('MLP', 'aten::linear', 'MLP'),
@@ -64,6 +68,14 @@ def test_backward_is_counted_with_the_module_of_its_forward():
     assert max(shares) > 0.6
 
 
+def test_window_and_deformable_blocks_get_their_own_attention_op():
+    model = DAT(arch=dict(embed_dims=16, depths=(1, 1, 2, 1), num_heads=(1, 2, 2, 4), offset_groups=(0, 0, 1, 2)))
+    labels = {name: module_components(model).get(module) for name, module in model.named_modules()}
+    assert labels['stages.2.blocks.0.attn'] == 'window attention'
+    assert labels['stages.2.blocks.1.attn'] == 'deformable attention'
+    assert labels['stages.2.blocks.0.attn.qkv'] == labels['stages.2.blocks.1.attn.proj_q'] == 'attention projections'
+
+
 def test_components_add_up_to_the_self_times():
     model = DAT(arch=dict(embed_dims=16, depths=(1, 1, 2, 1), num_heads=(1, 2, 2, 4), offset_groups=(0, 0, 1, 2)))
     step = model_step(model, torch.randn(1, 3, 64, 64), 'train', 'none')
@@ -73,5 +85,6 @@ def test_components_add_up_to_the_self_times():
     times = component_times(prof.events())
     self_total = sum(e.self_cpu_time_total for e in prof.events()) * 1e-6
     assert sum(times.values()) == pytest.approx(self_total, rel=1e-6)
-    for component in ('attention op', 'attention projections', 'offsets and sampling', 'MLP', 'norms'):
+    for component in ('window attention op', 'deformable attention op', 'attention projections',
+                      'offsets and sampling', 'MLP', 'norms'):
         assert times.get(component, 0) > 0, component
