@@ -25,7 +25,8 @@ mmcv/mmdet are absent:
   N-thread run) and the achieved GFLOP/s of the op's products against a square ``torch.mm``
   of about the forward's FLOPs at the same thread counts::
 
-      python tools/analysis_tools/benchmark.py --op --scaling --device cpu --archs tiny small base --sizes 800x1333 --batch 1
+      python tools/analysis_tools/benchmark.py --op --scaling --device cpu --archs tiny small base \\
+          --sizes 800x1333 --batch 1
 
 * ``--blocks``: the attention module of the first two blocks of every stage alone (window,
   shifted window, deformable; DAT++: neighborhood, deformable), fed what it gets in the
@@ -53,7 +54,7 @@ mmcv/mmdet are absent:
   model profiled per round, in turns, medians; each DAT model also as the difference from its
   Swin peer (needs mmdet for the Swin models)::
 
-      python tools/analysis_tools/benchmark.py --profile --device cpu --sizes 800x1333 --modes train \
+      python tools/analysis_tools/benchmark.py --profile --device cpu --sizes 800x1333 --modes train \\
           --models Swin-T Swin-S DAT-T DAT-T++ DAT-S --warmup 1 --repeats 1
 
 Timing: ``--warmup`` untimed steps, then ``--repeats`` timed steps, each between device
@@ -149,7 +150,8 @@ def header(args: argparse.Namespace) -> str:
               'peak RSS growth of the process' if args.isolated else 'not measured (--no-isolate)')
     checkpointing = 'with_cp=True; ' if args.with_cp else ''
     timing = ('paths in turns, ' if args.interleave else
-              f'1 and {args.threads} threads and torch.mm in turns, ' if args.scaling else 'models in turns, ' if args.peers else
+              f'1 and {args.threads} threads and torch.mm in turns, ' if args.scaling else
+              'models in turns, ' if args.peers else
               'models in turns, one profiled step each per round, ' if args.profile else '')
     load = lib.load_average()
     load = f'; load average at the start {load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f}' if load else ''
