@@ -514,8 +514,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help='time the paths of each arch/size/mode in turns in one process (steadier '
                              'on a shared machine; no memory column)')
     parser.add_argument('--threads', type=int, default=None,
-                        help='CPU threads of torch (default: torch\'s choice); 1 avoids the large '
-                             'slowdown of busy-waiting OpenMP threads on a machine shared with other jobs')
+                        help='CPU threads of torch (default: torch\'s choice; --scaling: the machine\'s '
+                             'cores); 1 avoids the large slowdown of busy-waiting OpenMP threads on a '
+                             'machine shared with other jobs')
     parser.add_argument('--memory-limit', type=float, default=None, metavar='GIB',
                         help='CPU: let every cell\'s process grow its address space (RLIMIT_AS; more '
                              'than its resident memory) by at most this many GiB, so that a cell that '
