@@ -16,9 +16,9 @@ FOLDER = Path(layers_package.__file__).parent
 #: the policy (the table of implementations), the modules, modules built on modules, the
 #: package's exports. A new module needs a level here.
 LEVELS = {
-    'tracing': 0,
+    'tracing': 0, 'cpu_build': 0,
     'attention_math': 1,
-    'cpu_deformable': 2, 'triton_deformable': 2, 'natten_kernel': 2, 'neighborhood_tiles': 2,
+    'cpu_deformable': 2, 'cpu_neighborhood': 2, 'triton_deformable': 2, 'natten_kernel': 2, 'neighborhood_tiles': 2,
     'policy': 3,
     'window_attention': 4, 'neighborhood_attention': 4, 'deformable_attention': 4,
     'deformable_attention_pp': 5,
