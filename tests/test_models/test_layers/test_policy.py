@@ -9,6 +9,7 @@ from mmdat.models.layers import (DeformableAttention, DeformableAttentionPP, Nei
                                  WindowAttention, biased_attention, block_attn_impl, check_attn_impl,
                                  cpu_deformable, cpu_kernel_available, natten_available, resolve_attn_impl)
 from mmdat.models.layers import attention_math, policy
+from mmdat.models.layers.cpu_neighborhood import kernel_available as cpu_neighborhood_available
 from mmdat.models.layers.policy import (CPU_KERNEL_MIN_ROW_SCORES, CPU_SDPA_MIN_KEYS, DEFORMABLE, NEIGHBORHOOD,
                                         WINDOW)
 
@@ -270,6 +271,10 @@ def test_natten_under_auto_unless_checkpointed(monkeypatch):
     monkeypatch.setattr(policy.NATTEN.module, 'natten_functions', lambda: (qk, qk))
     cpu = torch.device('cpu')
     monkeypatch.setenv('MMDAT_SKIP_KERNEL_CHECK', '1')
+    if cpu_neighborhood_available():  # on CPU the C++ kernel comes first
+        assert resolve_attn_impl('auto', NEIGHBORHOOD, cpu, torch.float32, 196, False).kernel is policy.CPU_NEIGHBORHOOD
+    # as where the C++ kernel does not take the input (CUDA)
+    monkeypatch.setattr(policy.CPU_NEIGHBORHOOD.module, 'supports', lambda device, dtype: False)
     assert resolve_attn_impl('auto', NEIGHBORHOOD, cpu, torch.float32, 196, False).kernel is policy.NATTEN
     tiles = resolve_attn_impl('auto', NEIGHBORHOOD, cpu, torch.float32, 196, False, checkpointed=True)
     assert tiles.kernel is policy.NEIGHBORHOOD_TILES
