@@ -178,10 +178,17 @@ def test_the_self_check_passes():
         assert policy.run_self_check(policy.CPU_NEIGHBORHOOD, torch.device('cpu'), dtype) is None
 
 
-def test_neighborhood_attention_runs_the_kernel(monkeypatch):
+def count_kernel_calls(monkeypatch) -> list:
+    """A list that grows by one at each call of the kernel; no self-check calls it."""
+    monkeypatch.setenv(policy.SKIP_CHECK_VARIABLE, '1')
     calls = []
     real = CPUNeighborhoodAttentionFunction.apply
     monkeypatch.setattr(CPUNeighborhoodAttentionFunction, 'apply', lambda *args: calls.append(1) or real(*args))
+    return calls
+
+
+def test_neighborhood_attention_runs_the_kernel(monkeypatch):
+    calls = count_kernel_calls(monkeypatch)
     q, k, v, rpb = make_inputs(1, 2, 7, 9, 8, 5)
     torch.testing.assert_close(neighborhood_attention(q, k, v, rpb, 5, 'auto'),
                                reference_neighborhood_attention(q, k, v, rpb, 5), rtol=1e-10, atol=1e-10)
@@ -192,9 +199,7 @@ def test_neighborhood_attention_runs_the_kernel(monkeypatch):
 def test_dat_pp_backbone_with_the_kernel_matches_the_reference_path(monkeypatch):
     """A small DAT++ (neighborhood blocks on 16x16, 8x8 and 4x4 maps, the last padded to the
     kernel) in float64: outputs and every parameter's gradient, 'fused' against 'reference'."""
-    calls = []
-    real = CPUNeighborhoodAttentionFunction.apply
-    monkeypatch.setattr(CPUNeighborhoodAttentionFunction, 'apply', lambda *args: calls.append(1) or real(*args))
+    calls = count_kernel_calls(monkeypatch)
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     results = {}
     for impl in ('fused', 'reference'):
