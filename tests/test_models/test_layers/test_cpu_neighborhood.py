@@ -1,5 +1,8 @@
 """The C++ CPU neighborhood attention kernel against the gathered reference (NATTEN 0.14
 semantics), and how the attention policy picks it."""
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -213,3 +216,28 @@ def test_dat_pp_backbone_with_the_kernel_matches_the_reference_path(monkeypatch)
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
     for got, want in zip(results['fused'][1], results['reference'][1]):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.slow
+def test_without_a_compiler_the_tiles_run_after_one_warning(tmp_path):
+    """No C++ compiler (and no build cached): one warning line, and 'auto' gives the tiles'
+    result (through matmuls: 99 halo keys, where 'sdpa' runs SDPA)."""
+    code = '\n'.join([
+        'import warnings, torch',
+        'from mmdat.models.layers import NeighborhoodAttention, cpu_neighborhood',
+        'torch.manual_seed(0)',
+        "module = NeighborhoodAttention(16, 2, 5, attn_impl='auto')",
+        'x = torch.randn(1, 9, 11, 16)',
+        'with warnings.catch_warnings(record=True) as caught, torch.no_grad():',
+        "    warnings.simplefilter('always')",
+        '    auto = module(x)',
+        '    module(x)',
+        'assert not cpu_neighborhood.kernel_available()',
+        "assert len(caught) == 1 and 'no C++ compiler' in str(caught[0].message), caught",
+        "assert 'neighborhood attention on CPU uses the tiles' in str(caught[0].message), caught",
+        "module.attn_impl = 'sdpa'",
+        'with torch.no_grad():',
+        '    torch.testing.assert_close(auto, module(x), rtol=1e-5, atol=1e-6)',
+    ])
+    env = dict(os.environ, CXX=str(tmp_path / 'no-such-compiler'), TORCH_EXTENSIONS_DIR=str(tmp_path))
+    subprocess.run([sys.executable, '-c', code], check=True, env=env)
