@@ -25,6 +25,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -79,6 +80,18 @@ inline void axpy(T alpha, const T* __restrict x, T* __restrict y, int64_t n) {
   for (int64_t t = 0; t < n; ++t) y[t] += alpha * x[t];
 }
 
+// Runs body(std::integral_constant<int64_t, D>{}): D = 32, the head dims of every DAT++ model, so
+// that the compiler unrolls the head-dim loops into whole vectors; D = 0 (dims known at run time)
+// for other head dims.
+template <typename Body>
+void with_head_dims(int64_t dims, Body&& body) {
+  if (dims == 32) {
+    body(std::integral_constant<int64_t, 32>{});
+  } else {
+    body(std::integral_constant<int64_t, 0>{});
+  }
+}
+
 std::vector<at::Tensor> forward(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                                 const at::Tensor& rpb, int64_t kernel, bool keep_probabilities) {
   const Shapes s = shapes_of(query, kernel);
@@ -91,47 +104,50 @@ std::vector<at::Tensor> forward(const at::Tensor& query, const at::Tensor& key, 
   const auto row_start = starts(s.rows, kernel), col_start = starts(s.cols, kernel);
   AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "neighborhood_forward", [&] {
     using T = scalar_t;
-    const T scale = T(1) / std::sqrt(T(s.dims));
-    const T *q = query.data_ptr<T>(), *k = key.data_ptr<T>(), *v = value.data_ptr<T>(), *bias = rpb.data_ptr<T>();
-    T* o = out.data_ptr<T>();
-    T* p = keep_probabilities ? probabilities.data_ptr<T>() : nullptr;
-    const int64_t map = s.rows * s.cols * s.dims;
-    at::parallel_for(0, s.batch * s.heads * s.rows, 1, [&](int64_t begin, int64_t end) {
-      T score[MAX_K * MAX_K];
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t bh = task / s.rows, i = task % s.rows, head = bh % s.heads;
-        const int64_t rs = row_start[i];
-        const T *kb = k + bh * map, *vb = v + bh * map;
-        // bias row of the first key row; a query's first key column adds cs - j
-        const T* bias_rows = bias + (head * s.side + rs - i + kernel - 1) * s.side + kernel - 1;
-        for (int64_t j = 0; j < s.cols; ++j) {
-          const int64_t cs = col_start[j], qi = (i * s.cols + j);
-          const T* qj = q + bh * map + qi * s.dims;
-          T top = -std::numeric_limits<T>::infinity();
-          for (int64_t a = 0; a < kernel; ++a) {
-            const T* keys = kb + ((rs + a) * s.cols + cs) * s.dims;
-            const T* b = bias_rows + a * s.side + cs - j;
-            for (int64_t c = 0; c < kernel; ++c) {
-              const T x = dot(qj, keys + c * s.dims, s.dims) * scale + b[c];
-              score[a * kernel + c] = x;
-              top = std::max(top, x);
+    with_head_dims(s.dims, [&](auto fixed) {
+      const int64_t dims = decltype(fixed)::value ? decltype(fixed)::value : s.dims;
+      const T scale = T(1) / std::sqrt(T(dims));
+      const T *q = query.data_ptr<T>(), *k = key.data_ptr<T>(), *v = value.data_ptr<T>(), *bias = rpb.data_ptr<T>();
+      T* o = out.data_ptr<T>();
+      T* p = keep_probabilities ? probabilities.data_ptr<T>() : nullptr;
+      const int64_t map = s.rows * s.cols * dims;
+      at::parallel_for(0, s.batch * s.heads * s.rows, 1, [&](int64_t begin, int64_t end) {
+        T score[MAX_K * MAX_K];
+        for (int64_t task = begin; task < end; ++task) {
+          const int64_t bh = task / s.rows, i = task % s.rows, head = bh % s.heads;
+          const int64_t rs = row_start[i];
+          const T *kb = k + bh * map, *vb = v + bh * map;
+          // bias row of the first key row; a query's first key column adds cs - j
+          const T* bias_rows = bias + (head * s.side + rs - i + kernel - 1) * s.side + kernel - 1;
+          for (int64_t j = 0; j < s.cols; ++j) {
+            const int64_t cs = col_start[j], qi = (i * s.cols + j);
+            const T* qj = q + bh * map + qi * dims;
+            T top = -std::numeric_limits<T>::infinity();
+            for (int64_t a = 0; a < kernel; ++a) {
+              const T* keys = kb + ((rs + a) * s.cols + cs) * dims;
+              const T* b = bias_rows + a * s.side + cs - j;
+              for (int64_t c = 0; c < kernel; ++c) {
+                const T x = dot(qj, keys + c * dims, dims) * scale + b[c];
+                score[a * kernel + c] = x;
+                top = std::max(top, x);
+              }
             }
-          }
-          T total = 0;
-          for (int64_t n = 0; n < s.area(); ++n) total += (score[n] = std::exp(score[n] - top));
-          const T inverse = T(1) / total;
-          T* oj = o + bh * map + qi * s.dims;
-          std::fill(oj, oj + s.dims, T(0));
-          for (int64_t a = 0; a < kernel; ++a) {
-            const T* values = vb + ((rs + a) * s.cols + cs) * s.dims;
-            for (int64_t c = 0; c < kernel; ++c) {
-              const T weight = score[a * kernel + c] *= inverse;
-              axpy(weight, values + c * s.dims, oj, s.dims);
+            T total = 0;
+            for (int64_t n = 0; n < s.area(); ++n) total += (score[n] = std::exp(score[n] - top));
+            const T inverse = T(1) / total;
+            T* oj = o + bh * map + qi * dims;
+            std::fill(oj, oj + dims, T(0));
+            for (int64_t a = 0; a < kernel; ++a) {
+              const T* values = vb + ((rs + a) * s.cols + cs) * dims;
+              for (int64_t c = 0; c < kernel; ++c) {
+                const T weight = score[a * kernel + c] *= inverse;
+                axpy(weight, values + c * dims, oj, dims);
+              }
             }
+            if (p) std::copy(score, score + s.area(), p + (bh * s.rows * s.cols + qi) * s.area());
           }
-          if (p) std::copy(score, score + s.area(), p + (bh * s.rows * s.cols + qi) * s.area());
         }
-      }
+      });
     });
   });
   return {out, probabilities};
@@ -153,81 +169,84 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
   attending(col_start, kernel, col_first, col_last);
   AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "neighborhood_backward", [&] {
     using T = scalar_t;
-    const T scale = T(1) / std::sqrt(T(s.dims));
-    const T *q = query.data_ptr<T>(), *k = key.data_ptr<T>(), *v = value.data_ptr<T>();
-    const T *go = grad_out.data_ptr<T>(), *p = probabilities.data_ptr<T>();
-    T *gq = grad_query.data_ptr<T>(), *gk = grad_key.data_ptr<T>(), *gv = grad_value.data_ptr<T>();
-    T *gs = grad_scores.data_ptr<T>(), *parts = bias_parts.data_ptr<T>();
-    const int64_t map = s.rows * s.cols * s.dims, pixels = s.rows * s.cols, area = s.area();
-    // 1. per query row: dS, dq and the row's bias gradient
-    at::parallel_for(0, s.batch * s.heads * s.rows, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t bh = task / s.rows, i = task % s.rows, rs = row_start[i];
-        const T *kb = k + bh * map, *vb = v + bh * map;
-        T* part = parts + task * s.side * s.side + (rs - i + kernel - 1) * s.side + kernel - 1;
-        for (int64_t j = 0; j < s.cols; ++j) {
-          const int64_t cs = col_start[j], qi = i * s.cols + j;
-          const T* gj = go + bh * map + qi * s.dims;
-          const T* pj = p + (bh * pixels + qi) * area;
-          T* sj = gs + (bh * pixels + qi) * area;
-          T weighted = 0;  // sum over the keys of P * dP
-          for (int64_t a = 0; a < kernel; ++a) {
-            const T* values = vb + ((rs + a) * s.cols + cs) * s.dims;
-            for (int64_t c = 0; c < kernel; ++c) {
-              const T dp = dot(gj, values + c * s.dims, s.dims);
-              sj[a * kernel + c] = dp;
-              weighted += pj[a * kernel + c] * dp;
+    with_head_dims(s.dims, [&](auto fixed) {
+      const int64_t dims = decltype(fixed)::value ? decltype(fixed)::value : s.dims;
+      const T scale = T(1) / std::sqrt(T(dims));
+      const T *q = query.data_ptr<T>(), *k = key.data_ptr<T>(), *v = value.data_ptr<T>();
+      const T *go = grad_out.data_ptr<T>(), *p = probabilities.data_ptr<T>();
+      T *gq = grad_query.data_ptr<T>(), *gk = grad_key.data_ptr<T>(), *gv = grad_value.data_ptr<T>();
+      T *gs = grad_scores.data_ptr<T>(), *parts = bias_parts.data_ptr<T>();
+      const int64_t map = s.rows * s.cols * dims, pixels = s.rows * s.cols, area = s.area();
+      // 1. per query row: dS, dq and the row's bias gradient
+      at::parallel_for(0, s.batch * s.heads * s.rows, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t task = begin; task < end; ++task) {
+          const int64_t bh = task / s.rows, i = task % s.rows, rs = row_start[i];
+          const T *kb = k + bh * map, *vb = v + bh * map;
+          T* part = parts + task * s.side * s.side + (rs - i + kernel - 1) * s.side + kernel - 1;
+          for (int64_t j = 0; j < s.cols; ++j) {
+            const int64_t cs = col_start[j], qi = i * s.cols + j;
+            const T* gj = go + bh * map + qi * dims;
+            const T* pj = p + (bh * pixels + qi) * area;
+            T* sj = gs + (bh * pixels + qi) * area;
+            T weighted = 0;  // sum over the keys of P * dP
+            for (int64_t a = 0; a < kernel; ++a) {
+              const T* values = vb + ((rs + a) * s.cols + cs) * dims;
+              for (int64_t c = 0; c < kernel; ++c) {
+                const T dp = dot(gj, values + c * dims, dims);
+                sj[a * kernel + c] = dp;
+                weighted += pj[a * kernel + c] * dp;
+              }
             }
-          }
-          T* qgrad = gq + bh * map + qi * s.dims;
-          std::fill(qgrad, qgrad + s.dims, T(0));
-          for (int64_t a = 0; a < kernel; ++a) {
-            const T* keys = kb + ((rs + a) * s.cols + cs) * s.dims;
-            T* b = part + a * s.side + cs - j;
-            for (int64_t c = 0; c < kernel; ++c) {
-              const int64_t n = a * kernel + c;
-              const T ds = sj[n] = pj[n] * (sj[n] - weighted);
-              b[c] += ds;
-              axpy(ds * scale, keys + c * s.dims, qgrad, s.dims);
+            T* qgrad = gq + bh * map + qi * dims;
+            std::fill(qgrad, qgrad + dims, T(0));
+            for (int64_t a = 0; a < kernel; ++a) {
+              const T* keys = kb + ((rs + a) * s.cols + cs) * dims;
+              T* b = part + a * s.side + cs - j;
+              for (int64_t c = 0; c < kernel; ++c) {
+                const int64_t n = a * kernel + c;
+                const T ds = sj[n] = pj[n] * (sj[n] - weighted);
+                b[c] += ds;
+                axpy(ds * scale, keys + c * dims, qgrad, dims);
+              }
             }
           }
         }
-      }
-    });
-    // 2. per key row: dk and dv gathered from the queries that attend to each key
-    at::parallel_for(0, s.batch * s.heads * s.rows, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t bh = task / s.rows, y = task % s.rows;
-        const T *qb = q + bh * map, *gb = go + bh * map;
-        const T *pb = p + bh * pixels * area, *sb = gs + bh * pixels * area;
-        for (int64_t x = 0; x < s.cols; ++x) {
-          T* kgrad = gk + bh * map + (y * s.cols + x) * s.dims;
-          T* vgrad = gv + bh * map + (y * s.cols + x) * s.dims;
-          std::fill(kgrad, kgrad + s.dims, T(0));
-          std::fill(vgrad, vgrad + s.dims, T(0));
-          for (int64_t i = row_first[y]; i <= row_last[y]; ++i) {
-            const int64_t a = y - row_start[i];
-            for (int64_t j = col_first[x]; j <= col_last[x]; ++j) {
-              const int64_t qi = i * s.cols + j, n = a * kernel + x - col_start[j];
-              axpy(sb[qi * area + n], qb + qi * s.dims, kgrad, s.dims);
-              axpy(pb[qi * area + n], gb + qi * s.dims, vgrad, s.dims);
+      });
+      // 2. per key row: dk and dv gathered from the queries that attend to each key
+      at::parallel_for(0, s.batch * s.heads * s.rows, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t task = begin; task < end; ++task) {
+          const int64_t bh = task / s.rows, y = task % s.rows;
+          const T *qb = q + bh * map, *gb = go + bh * map;
+          const T *pb = p + bh * pixels * area, *sb = gs + bh * pixels * area;
+          for (int64_t x = 0; x < s.cols; ++x) {
+            T* kgrad = gk + bh * map + (y * s.cols + x) * dims;
+            T* vgrad = gv + bh * map + (y * s.cols + x) * dims;
+            std::fill(kgrad, kgrad + dims, T(0));
+            std::fill(vgrad, vgrad + dims, T(0));
+            for (int64_t i = row_first[y]; i <= row_last[y]; ++i) {
+              const int64_t a = y - row_start[i];
+              for (int64_t j = col_first[x]; j <= col_last[x]; ++j) {
+                const int64_t qi = i * s.cols + j, n = a * kernel + x - col_start[j];
+                axpy(sb[qi * area + n], qb + qi * dims, kgrad, dims);
+                axpy(pb[qi * area + n], gb + qi * dims, vgrad, dims);
+              }
             }
+            for (int64_t t = 0; t < dims; ++t) kgrad[t] *= scale;
           }
-          for (int64_t t = 0; t < s.dims; ++t) kgrad[t] *= scale;
         }
-      }
-    });
-    // 3. the bias gradient: row parts added in (batch, row) order
-    T* gr = grad_rpb.data_ptr<T>();
-    const int64_t entries = s.side * s.side;
-    at::parallel_for(0, s.heads, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t head = begin; head < end; ++head) {
-        T* total = gr + head * entries;
-        std::fill(total, total + entries, T(0));
-        for (int64_t b = 0; b < s.batch; ++b)
-          for (int64_t i = 0; i < s.rows; ++i)
-            axpy(T(1), parts + ((b * s.heads + head) * s.rows + i) * entries, total, entries);
-      }
+      });
+      // 3. the bias gradient: row parts added in (batch, row) order
+      T* gr = grad_rpb.data_ptr<T>();
+      const int64_t entries = s.side * s.side;
+      at::parallel_for(0, s.heads, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t head = begin; head < end; ++head) {
+          T* total = gr + head * entries;
+          std::fill(total, total + entries, T(0));
+          for (int64_t b = 0; b < s.batch; ++b)
+            for (int64_t i = 0; i < s.rows; ++i)
+              axpy(T(1), parts + ((b * s.heads + head) * s.rows + i) * entries, total, entries);
+        }
+      });
     });
   });
   return {grad_query, grad_key, grad_value, grad_rpb};
