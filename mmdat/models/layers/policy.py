@@ -114,8 +114,8 @@ NATTEN = Kernel('natten neighborhood attention', natten_kernel, NEIGHBORHOOD, au
 NEIGHBORHOOD_TILES = Kernel('neighborhood tiles', neighborhood_tiles, NEIGHBORHOOD, auto_min_row_scores={'*': 0},
                             self_check=False, takes_attention=True)
 #: ``'auto'`` runs it on CPU wherever it builds: at every DAT-T++ stage map of 224, 512 and
-#: 800x1333 it ran 3-24x faster than the tiles in inference and 2.2-18x in training (op alone,
-#: batch 1, 2 threads, in turns; docs/benchmarks.md).
+#: 800x1333 it ran 1.9-5.7x faster than the tiles in inference and 3.2-7.0x in training (op
+#: alone, batch 1, one thread, in turns; faster still with two); docs/benchmarks.md.
 CPU_NEIGHBORHOOD = Kernel('C++ neighborhood attention', cpu_neighborhood, NEIGHBORHOOD,
                           auto_min_row_scores={'cpu': 0})
 #: The tiles again, for ``'fused'`` neighborhood blocks where the C++ kernel does not take the

@@ -5,11 +5,12 @@
 //
 // Layout: query, key, value and out are (B, heads, H, W, d), contiguous. One task is one row of
 // queries of one (batch, head), so every DAT++ map gives batch * heads * H tasks. The dot products
-// and sums over the head dim are loops written for the compiler's vectoriser (`omp simd`).
+// and sums over the head dim are loops written for the compiler's vectoriser (`omp simd`), with
+// the head dims fixed at compile time for DAT++'s 32 (see with_head_dims).
 //
 // Forward also returns each query's K * K probabilities (when a backward will follow): with 49
-// keys a query they cost about the size of q, k and v, and spare backward a second pass over the
-// scores. Backward runs in three race-free passes:
+// keys a query they cost about half the size of q, k and v (32 head dims), and spare backward a
+// second pass over the scores. Backward runs in three race-free passes:
 //   1. per query row: dP = dO . v, dS = P * (dP - sum(P * dP)), dq = scale * dS k, and the row's
 //      part of the bias gradient; dS is kept;
 //   2. per key row: each key gathers dk = scale * sum dS q and dv = sum P dO over the queries
