@@ -279,3 +279,15 @@ def test_natten_under_auto_unless_checkpointed(monkeypatch):
     tiles = resolve_attn_impl('auto', NEIGHBORHOOD, cpu, torch.float32, 196, False, checkpointed=True)
     assert tiles.kernel is policy.NEIGHBORHOOD_TILES
     assert NeighborhoodAttention(8, 2, attn_impl='natten').attn_impl == 'natten'  # installed now
+
+
+def test_runs_on_needs_a_kernel_in_every_layer_that_has_kernels(monkeypatch):
+    """'fused' in bfloat16 on CPU: the neighborhood blocks have the tiles, but the deformable
+    blocks run only where Triton takes the input."""
+    cpu = torch.device('cpu')
+    assert policy.runs_on('sdpa', cpu, torch.bfloat16) and policy.runs_on('auto', cpu, torch.bfloat16)
+    monkeypatch.setattr(policy.TRITON_DEFORMABLE.module, 'supports', lambda device, dtype: False)
+    assert not policy.runs_on('fused', cpu, torch.bfloat16)
+    assert policy.runs_on('fused', cpu, torch.float32) == cpu_kernel_available()
+    monkeypatch.setattr(policy.TRITON_DEFORMABLE.module, 'supports', lambda device, dtype: True)
+    assert policy.runs_on('fused', cpu, torch.bfloat16)
