@@ -300,12 +300,14 @@ class DAT(BaseModule):
             ``attn_mask``), ``'reference'`` (plain matmul and softmax, the same function),
             ``'fused'`` (deformable blocks sample the position bias inside a kernel and never
             store an ``N x N`` tensor: Triton on CUDA, a C++ kernel compiled on first use on CPU;
-            the other blocks use SDPA), ``'natten'`` (DAT++: the neighborhood blocks run natten's
-            kernels, the others SDPA), or ``'auto'``: per call, the deformable blocks run the
-            fused kernel on CUDA (with Triton) and on CPU from 512 scores per query row (map
-            width x keys); otherwise SDPA, except on CPU when the bias needs a gradient
+            DAT++'s neighborhood blocks compute their ``K**2`` scores per query in a C++ kernel
+            on CPU, the tiles elsewhere; the other blocks use SDPA), ``'natten'`` (DAT++: the
+            neighborhood blocks run natten's kernels, the others SDPA), or ``'auto'``: per call,
+            the deformable blocks run the fused kernel on CUDA (with Triton) and on CPU from 512
+            scores per query row (map width x keys), the neighborhood blocks the C++ kernel on
+            CPU; otherwise SDPA, except on CPU when the bias needs a gradient
             (training) and for attention over fewer than 128 keys (windows, neighborhoods),
-            where matmuls are faster; in DAT++, natten for the neighborhood blocks when a
+            where matmuls are faster; in DAT++ elsewhere than CPU, natten for the neighborhood blocks when a
             compatible natten is installed and ``with_cp`` is off (natten 0.14's backward does
             not work under non-reentrant checkpointing). Each kernel checks itself against the
             reference math the first time it runs on a device type and dtype; under ``'auto'``

@@ -10,102 +10,44 @@ gradients for the queries, keys, values, key positions and table. On machines wi
 float32 hot loops use it (register permutes for the bias, a vector exp); elsewhere, and for
 float64, portable loops.
 
-It is compiled with :func:`torch.utils.cpp_extension.load` the first time it is needed and
-cached in torch's extension directory (``TORCH_EXTENSIONS_DIR``, by default
-``~/.cache/torch_extensions``). Where that fails (no C++ compiler), :func:`cpu_kernel_available`
-is False after one warning, and the deformable blocks use the materialised bias instead.
+It is built on first use by :mod:`~mmdat.models.layers.cpu_build`; where that fails (no C++
+compiler), :func:`cpu_kernel_available` is False after one warning, and the deformable blocks use
+the materialised bias instead.
 
 The kernel interface of :mod:`mmdat.models.layers.policy`: :func:`installed`, :func:`supports`
 and :func:`op`.
 """
 import functools
-import hashlib
-import os
-import os.path as osp
-import platform
-import shutil
-import warnings
 from typing import Sequence, Tuple
 
 import torch
 
+from . import cpu_build
 from .attention_math import check_deformable_inputs
 
-SOURCE = osp.join(osp.dirname(osp.abspath(__file__)), 'csrc', 'deformable_attention_cpu.cpp')
+#: The kernel's source (a file of ``csrc``) and the prefix of its builds' names.
+SOURCE, BUILD_PREFIX = 'deformable_attention_cpu.cpp', 'mmdat_deformable_cpu'
 #: Input dtypes the kernel takes (it computes in the input's dtype).
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
 
-#: Compiler flags of the kernel. ``-march=native``: the kernel's AVX-512 paths are compiled only
-#: where the machine has AVX-512 (``__AVX512F__``), and its portable loops vectorise with the
-#: machine's own vector instructions. ``-fno-trapping-math``: lets the compiler vectorise the
-#: float-to-index conversions of the portable bias loop (the kernel uses no floating-point traps;
-#: values do not change).
-CFLAGS = ['-O3', '-march=native', '-fno-trapping-math', '-fopenmp']
-
-
-def _build_name(cflags: Sequence[str]) -> str:
-    """Name of a build: changes with the source, the flags, torch and the CPU's instruction
-    sets, so a build cached in a home directory shared by different machines is not reused."""
-    digest = hashlib.sha1()
-    with open(SOURCE, 'rb') as f:
-        digest.update(f.read())
-    digest.update(' '.join(list(cflags) + [torch.__version__, platform.machine()]).encode())
-    try:
-        with open('/proc/cpuinfo') as f:
-            digest.update(next((line for line in f if line.startswith(('flags', 'Features'))), '').encode())
-    except OSError:
-        pass
-    return f'mmdat_deformable_cpu_{digest.hexdigest()[:12]}'
-
-
-def _build_dir(name: str) -> str:
-    """Where build ``name`` lives: in torch's extension directory."""
-    root = os.environ.get('TORCH_EXTENSIONS_DIR') or osp.join(osp.expanduser('~'), '.cache', 'torch_extensions')
-    return osp.join(root, name)
-
-
-def load_kernel(cflags: Sequence[str] = tuple(CFLAGS)) -> None:
+def load_kernel(cflags: Sequence[str] = tuple(cpu_build.CFLAGS)) -> None:
     """Build (once per machine, source version and flags) and load the kernel compiled with
     ``cflags``; raises when it cannot be built.
 
-    The model uses :data:`CFLAGS` (through :func:`cpu_kernel_available`); the tests also build
-    the portable variant (``-DMMDAT_DA_PORTABLE``, under another operator namespace given by
+    The model uses :data:`~mmdat.models.layers.cpu_build.CFLAGS` (through
+    :func:`cpu_kernel_available`); the tests also build the portable variant
+    (``-DMMDAT_DA_PORTABLE``, under another operator namespace given by
     ``-DMMDAT_DA_LIBRARY=...``) to check it on machines with AVX-512.
     """
-    name = _build_name(cflags)
-    build_dir = _build_dir(name)
-    library = osp.join(build_dir, f'{name}.so')
-    if osp.exists(library):  # built before: load it without torch's (slow) freshness checks
-        try:
-            torch.ops.load_library(library)
-            return
-        except Exception:  # e.g. a half-written file: rebuild below
-            pass
-    from torch.utils.cpp_extension import load
-    os.makedirs(build_dir, exist_ok=True)
-    load(name=name, sources=[SOURCE], build_directory=build_dir, is_python_module=False,
-         extra_cflags=list(cflags), extra_ldflags=['-fopenmp'], verbose=False)
+    cpu_build.load(SOURCE, BUILD_PREFIX, cflags)
 
 
 @functools.lru_cache(maxsize=1)
 def cpu_kernel_available() -> bool:
     """Build (once per machine and source version) and load the kernel; False, after one
     warning, when it cannot be built."""
-    compiler = os.environ.get('CXX', 'c++')
-    name = _build_name(CFLAGS)
-    if shutil.which(compiler) is None and not osp.exists(osp.join(_build_dir(name), f'{name}.so')):
-        warnings.warn(f'mmdat: no C++ compiler ({compiler!r}) found; deformable attention on CPU '
-                      'uses the materialised position bias (slower)')
-        return False
-    try:
-        load_kernel(CFLAGS)
-    except Exception as error:  # a failed build must not stop the model: fall back
-        first_line = (str(error).strip().splitlines() or [''])[0]
-        warnings.warn(f'mmdat: the CPU deformable attention kernel did not build ({type(error).__name__}: '
-                      f'{first_line}); using the materialised position bias (slower)')
-        return False
-    return True
+    return cpu_build.build_or_warn(SOURCE, BUILD_PREFIX, 'deformable attention', 'the materialised position bias')
 
 
 class CPUDeformableAttentionFunction(torch.autograd.Function):
@@ -213,9 +155,7 @@ REQUIREMENT = 'a C++ compiler (the CPU kernel is built on first use) and float32
 def installed() -> bool:
     """Whether the kernel can be built or loaded here (a C++ compiler, or a build made before),
     without building it."""
-    name = _build_name(CFLAGS)
-    compiler = os.environ.get('CXX', 'c++')
-    return shutil.which(compiler) is not None or osp.exists(osp.join(_build_dir(name), f'{name}.so'))
+    return cpu_build.installed(SOURCE, BUILD_PREFIX)
 
 
 def supports(device: torch.device, dtype: torch.dtype) -> bool:

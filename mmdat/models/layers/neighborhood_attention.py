@@ -12,8 +12,9 @@ projection (the padded tokens take part as keys, unmasked) and crops the output.
 The paths (:mod:`mmdat.models.layers.policy`): ``'reference'`` gathers every query's ``K**2``
 keys and values (:func:`~mmdat.models.layers.attention_math.reference_neighborhood_attention`,
 the oracle of the tests, and the path of traced and compiled code); ``'sdpa'`` tiles the map
-(:mod:`~mmdat.models.layers.neighborhood_tiles`); ``'natten'`` runs natten's kernels
-(:mod:`~mmdat.models.layers.natten_kernel`).
+(:mod:`~mmdat.models.layers.neighborhood_tiles`); ``'fused'`` computes exactly ``K**2``
+scores per query in a C++ kernel on CPU (:mod:`~mmdat.models.layers.cpu_neighborhood`; the
+tiles elsewhere); ``'natten'`` runs natten's kernels (:mod:`~mmdat.models.layers.natten_kernel`).
 """
 import torch
 import torch.nn as nn
@@ -43,8 +44,11 @@ def neighborhood_attention(query: torch.Tensor,
             :data:`~mmdat.models.layers.neighborhood_tiles.NA_TILES`) against the keys of their
             halo (``(T + kernel_size - 1)**2``, masked to each query's neighborhood) through
             SDPA, with no per-query copies; in training the tiles are recomputed in backward,
-            so only the inputs are kept. ``'auto'``: natten's kernels where installed (not with
-            ``with_cp``), otherwise the tiles, their attention through SDPA or matmuls as
+            so only the inputs are kept. ``'fused'``: on CPU (float32, float64) a C++ kernel
+            that scores each query's ``kernel_size**2`` keys in place and keeps their
+            probabilities for backward; elsewhere the tiles through SDPA. ``'auto'``: on CPU
+            the C++ kernel where it builds; otherwise natten's kernels where installed (not
+            with ``with_cp``), otherwise the tiles, their attention through SDPA or matmuls as
             :func:`~mmdat.models.layers.policy.materialised_attention` picks (on CPU, matmuls
             when the bias needs a gradient). ``'natten'``: natten's kernels.
         with_cp (bool): The call is recomputed in backward (gradient checkpointing): ``'auto'``
@@ -82,7 +86,7 @@ class NeighborhoodAttention(nn.Module):
         embed_dims (int): Channels of the input and output.
         num_heads (int): Attention heads; must divide ``embed_dims``.
         kernel_size (int): Odd neighborhood side, at least 3.
-        attn_impl (str): ``'auto'``, ``'sdpa'``, ``'reference'`` or ``'natten'``; see
+        attn_impl (str): ``'auto'``, ``'fused'``, ``'sdpa'``, ``'reference'`` or ``'natten'``; see
             :func:`neighborhood_attention`.
         with_cp (bool): The block holding this layer is recomputed in backward (gradient
             checkpointing); see :func:`neighborhood_attention`.

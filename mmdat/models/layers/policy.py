@@ -26,7 +26,7 @@ from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 
-from . import cpu_deformable, natten_kernel, neighborhood_tiles, triton_deformable
+from . import cpu_deformable, cpu_neighborhood, natten_kernel, neighborhood_tiles, triton_deformable
 from .attention_math import reference_deformable_attention, reference_neighborhood_attention
 from .tracing import is_exporting, is_tracing
 
@@ -113,11 +113,21 @@ NATTEN = Kernel('natten neighborhood attention', natten_kernel, NEIGHBORHOOD, au
                 checkpoint_safe=False)
 NEIGHBORHOOD_TILES = Kernel('neighborhood tiles', neighborhood_tiles, NEIGHBORHOOD, auto_min_row_scores={'*': 0},
                             self_check=False, takes_attention=True)
+#: ``'auto'`` runs it on CPU wherever it builds: at every DAT-T++ stage map of 224, 512 and
+#: 800x1333 it ran 1.9-5.7x faster than the tiles in inference and 3.2-7.0x in training (op
+#: alone, batch 1, one thread, in turns; faster still with two); docs/benchmarks.md.
+CPU_NEIGHBORHOOD = Kernel('C++ neighborhood attention', cpu_neighborhood, NEIGHBORHOOD,
+                          auto_min_row_scores={'cpu': 0})
+#: The tiles again, for ``'fused'`` neighborhood blocks where the C++ kernel does not take the
+#: input (CUDA, half precision): never picked by ``'auto'`` under this name.
+FUSED_TILES = NEIGHBORHOOD_TILES._replace(auto_min_row_scores={})
 
 #: Every ``attn_impl`` but ``'auto'``, in the order ``'auto'`` tries their kernels.
 IMPLEMENTATIONS: Dict[str, Implementation] = {
-    # deformable blocks sample the position bias inside a kernel and store no N x N tensor
-    'fused': Implementation((DEFORMABLE, ), (CPU_DEFORMABLE, TRITON_DEFORMABLE), 'sdpa'),
+    # deformable blocks sample the position bias inside a kernel and store no N x N tensor;
+    # neighborhood blocks compute K**2 scores a query on CPU (elsewhere, the tiles through SDPA)
+    'fused': Implementation((DEFORMABLE, NEIGHBORHOOD),
+                            (CPU_DEFORMABLE, TRITON_DEFORMABLE, CPU_NEIGHBORHOOD, FUSED_TILES), 'sdpa'),
     'natten': Implementation((NEIGHBORHOOD, ), (NATTEN, ), 'sdpa'),
     # scaled_dot_product_attention with the bias as attn_mask; neighborhood blocks by tiles
     'sdpa': Implementation(LAYERS, (NEIGHBORHOOD_TILES, ), 'sdpa'),
@@ -262,13 +272,14 @@ def resolve_attn_impl(attn_impl: str, layer: str, device: torch.device, dtype: t
 
 
 def runs_on(attn_impl: str, device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether ``attn_impl`` can run on tensors of this device and dtype here: it needs no
-    kernel (``'auto'``; a layer that has it without a kernel computes the materialised bias),
-    or one of its kernels supports them."""
+    """Whether ``attn_impl`` can run on tensors of this device and dtype here: every layer that
+    has it either needs no kernel (``'auto'``; a layer without a kernel computes the
+    materialised bias) or has a kernel that supports them."""
     impl = _check_name(attn_impl)
-    if impl is None or set(impl.layers) - {kernel.layer for kernel in impl.kernels}:
+    if impl is None:
         return True
-    return any(kernel.module.supports(device, dtype) for kernel in impl.kernels)
+    return all(any(kernel.module.supports(device, dtype) for kernel in impl.kernels if kernel.layer == layer)
+               or not any(kernel.layer == layer for kernel in impl.kernels) for layer in impl.layers)
 
 
 def block_attn_impl(attn_impl: str, layer: str) -> str:

@@ -13,7 +13,8 @@ from mmdat.models.layers import (DeformableAttention, DeformableAttentionPP, cpu
                                  sampled_position_bias)
 from mmdat.models.layers import cpu_deformable
 from mmdat.models.layers.attention_math import reference_deformable_attention
-from mmdat.models.layers.cpu_deformable import CFLAGS, load_kernel
+from mmdat.models.layers.cpu_build import CFLAGS
+from mmdat.models.layers.cpu_deformable import load_kernel
 
 needs_kernel = pytest.mark.skipif(not cpu_kernel_available(), reason='the CPU kernel does not build here')
 GRAD_NAMES = ('query', 'key', 'value', 'positions', 'table')

@@ -12,13 +12,14 @@ import mmdat.models.layers as layers_package
 
 PACKAGE = 'mmdat.models.layers'
 FOLDER = Path(layers_package.__file__).parent
-#: Each module's level: the tracing helpers, the attention math, one module per kernel family,
-#: the policy (the table of implementations), the modules, modules built on modules, the
-#: package's exports. A new module needs a level here.
+#: Each module's level: the tracing helpers and the C++ kernels' build code, the attention
+#: math, one module per kernel family, the policy (the table of implementations), the modules,
+#: modules built on modules, the package's exports. A new module needs a level here.
 LEVELS = {
-    'tracing': 0,
+    'tracing': 0, 'cpu_build': 0,
     'attention_math': 1,
-    'cpu_deformable': 2, 'triton_deformable': 2, 'natten_kernel': 2, 'neighborhood_tiles': 2,
+    'cpu_deformable': 2, 'cpu_neighborhood': 2, 'triton_deformable': 2, 'natten_kernel': 2,
+    'neighborhood_tiles': 2,
     'policy': 3,
     'window_attention': 4, 'neighborhood_attention': 4, 'deformable_attention': 4,
     'deformable_attention_pp': 5,
@@ -92,9 +93,9 @@ def test_layers_import_downwards():
     graph = import_graph(FOLDER)
     assert layering_errors(graph, LEVELS) == []
     assert set(graph) == set(LEVELS)  # no level for a module that is gone
-    # the kernels import only the math
-    for kernel in ('cpu_deformable', 'triton_deformable', 'natten_kernel', 'neighborhood_tiles'):
-        assert graph[kernel] <= {'tracing', 'attention_math'}, kernel
+    # the kernels import only the math and the build code of the C++ kernels
+    for kernel in ('cpu_deformable', 'cpu_neighborhood', 'triton_deformable', 'natten_kernel', 'neighborhood_tiles'):
+        assert graph[kernel] <= {'tracing', 'attention_math', 'cpu_build'}, kernel
     assert 'policy' not in graph['attention_math']
 
 

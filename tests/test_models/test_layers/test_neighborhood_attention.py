@@ -6,6 +6,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from mmdat.models.layers import NeighborhoodAttention, natten_available, neighborhood_attention, policy
+from mmdat.models.layers.cpu_neighborhood import kernel_available as cpu_kernel_available
 from mmdat.models.layers.neighborhood_tiles import NA_TILES, tile_plan, tiled_neighborhood_attention
 from mmdat.models.layers.policy import NEIGHBORHOOD, resolve_attn_impl
 
@@ -82,6 +83,11 @@ def test_tiles_match_the_gathered_reference_forward_and_backward(height, width, 
         torch.testing.assert_close(grad, grad_expected, rtol=1e-10, atol=1e-10)
 
 
+def without_cpu_kernel(monkeypatch):
+    """Make 'auto' run what it runs where the C++ kernel does not take the input (the tiles)."""
+    monkeypatch.setattr(policy.CPU_NEIGHBORHOOD.module, 'supports', lambda device, dtype: False)
+
+
 def saved_bytes(fn):
     """Run ``fn`` and return its result and the bytes of the distinct storages autograd saved."""
     storages = {}
@@ -96,10 +102,11 @@ def saved_bytes(fn):
 
 
 @pytest.mark.parametrize('impl', ['auto', 'sdpa'])
-def test_tiles_keep_only_their_inputs_for_backward(impl):
+def test_tiles_keep_only_their_inputs_for_backward(impl, monkeypatch):
     """In training the tiles are recomputed in backward: no gathered halos, scores or
     probabilities are kept (the gathered path keeps K*K copies of the keys and values), and
     the gradients are still the reference's, also inside a checkpointed block (with_cp)."""
+    without_cpu_kernel(monkeypatch)
     q, k, v, rpb = (t.double().requires_grad_() for t in random_qkv(23, 30, kernel_size=7))
     inputs = sum(t.numel() * t.element_size() for t in (q, k, v, rpb))
     weights = torch.randn(q.shape, dtype=torch.float64)
@@ -116,13 +123,14 @@ def test_tiles_keep_only_their_inputs_for_backward(impl):
 
 def test_kernel_of_each_attn_impl():
     cpu = torch.device('cpu')
-    auto, sdpa, reference = (resolve_attn_impl(impl, NEIGHBORHOOD, cpu, torch.float32, 196, False).kernel
-                             for impl in ('auto', 'sdpa', 'reference'))
+    auto, fused, sdpa, reference = (resolve_attn_impl(impl, NEIGHBORHOOD, cpu, torch.float32, 196, False).kernel
+                                    for impl in ('auto', 'fused', 'sdpa', 'reference'))
     assert sdpa is policy.NEIGHBORHOOD_TILES and reference is None  # None: the gathered reference
-    assert auto is (policy.NATTEN if natten_available() else policy.NEIGHBORHOOD_TILES)
+    if cpu_kernel_available():
+        assert auto is fused is policy.CPU_NEIGHBORHOOD
+    else:
+        assert auto is (policy.NATTEN if natten_available() else policy.NEIGHBORHOOD_TILES)
     # the one check of every layer (check_attn_impl), per call too
-    with pytest.raises(ValueError, match=r"neighborhood attention supports attn_impl \('auto', 'natten', 'sdpa', 'reference'\)"):
-        neighborhood_attention(*random_qkv(7, 7), 5, 'fused')
     with pytest.raises(ValueError, match='attn_impl must be one of'):
         neighborhood_attention(*random_qkv(7, 7), 5, 'flash')
 
@@ -140,6 +148,7 @@ def test_tile_plan_groups_the_interior_tiles_and_reads_every_pixel_once():
 
 
 def test_tile_size_follows_the_gradient_mode(monkeypatch):
+    without_cpu_kernel(monkeypatch)
     seen = []
     real = tile_plan.__wrapped__
 

@@ -9,6 +9,7 @@ from mmdat.models.layers import (DeformableAttention, DeformableAttentionPP, Nei
                                  WindowAttention, biased_attention, block_attn_impl, check_attn_impl,
                                  cpu_deformable, cpu_kernel_available, natten_available, resolve_attn_impl)
 from mmdat.models.layers import attention_math, policy
+from mmdat.models.layers.cpu_neighborhood import kernel_available as cpu_neighborhood_available
 from mmdat.models.layers.policy import (CPU_KERNEL_MIN_ROW_SCORES, CPU_SDPA_MIN_KEYS, DEFORMABLE, NEIGHBORHOOD,
                                         WINDOW)
 
@@ -270,7 +271,23 @@ def test_natten_under_auto_unless_checkpointed(monkeypatch):
     monkeypatch.setattr(policy.NATTEN.module, 'natten_functions', lambda: (qk, qk))
     cpu = torch.device('cpu')
     monkeypatch.setenv('MMDAT_SKIP_KERNEL_CHECK', '1')
+    if cpu_neighborhood_available():  # on CPU the C++ kernel comes first
+        assert resolve_attn_impl('auto', NEIGHBORHOOD, cpu, torch.float32, 196, False).kernel is policy.CPU_NEIGHBORHOOD
+    # as where the C++ kernel does not take the input (CUDA)
+    monkeypatch.setattr(policy.CPU_NEIGHBORHOOD.module, 'supports', lambda device, dtype: False)
     assert resolve_attn_impl('auto', NEIGHBORHOOD, cpu, torch.float32, 196, False).kernel is policy.NATTEN
     tiles = resolve_attn_impl('auto', NEIGHBORHOOD, cpu, torch.float32, 196, False, checkpointed=True)
     assert tiles.kernel is policy.NEIGHBORHOOD_TILES
     assert NeighborhoodAttention(8, 2, attn_impl='natten').attn_impl == 'natten'  # installed now
+
+
+def test_runs_on_needs_a_kernel_in_every_layer_that_has_kernels(monkeypatch):
+    """'fused' in bfloat16 on CPU: the neighborhood blocks have the tiles, but the deformable
+    blocks run only where Triton takes the input."""
+    cpu = torch.device('cpu')
+    assert policy.runs_on('sdpa', cpu, torch.bfloat16) and policy.runs_on('auto', cpu, torch.bfloat16)
+    monkeypatch.setattr(policy.TRITON_DEFORMABLE.module, 'supports', lambda device, dtype: False)
+    assert not policy.runs_on('fused', cpu, torch.bfloat16)
+    assert policy.runs_on('fused', cpu, torch.float32) == cpu_kernel_available()
+    monkeypatch.setattr(policy.TRITON_DEFORMABLE.module, 'supports', lambda device, dtype: True)
+    assert policy.runs_on('fused', cpu, torch.bfloat16)
