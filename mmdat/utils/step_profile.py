@@ -1,5 +1,5 @@
 """Where a backbone's step spends its time, by component: the window attention op, the deformable
-attention op, projections, offsets and sampling, neighborhood tiles, MLP, norms, layout copies, ...
+attention op, projections, offsets and sampling, neighborhood attention op, MLP, norms, layout copies, ...
 
 One step runs under :mod:`torch.profiler` (CPU activities). Forward hooks open a named range
 (``record_function``) around every module that names a component (:func:`module_components`),
@@ -24,7 +24,7 @@ from torch.profiler import ProfilerActivity, profile
 
 #: The components, in the order of the tables.
 COMPONENTS = ('window attention op', 'deformable attention op', 'attention projections',
-              'offsets and sampling', 'neighborhood tiles', 'MLP', 'norms', 'layout copies',
+              'offsets and sampling', 'neighborhood attention op', 'MLP', 'norms', 'layout copies',
               'stem and downsampling', 'local perception unit', 'other')
 #: The labels of attention modules -> the component of their attention op; their other operators
 #: are split further (:func:`operator_component`).
@@ -35,7 +35,7 @@ ATTENTION_OPS = {'window attention': 'window attention op', 'deformable attentio
 MODULE_COMPONENTS = {
     'DeformableAttention': 'deformable attention',  # and DAT++'s, a subclass
     'WindowAttention': 'window attention', 'ShiftWindowMSA': 'window attention',  # DAT's, mmdet Swin's
-    'NeighborhoodAttention': 'neighborhood tiles',
+    'NeighborhoodAttention': 'neighborhood attention op',
     'OffsetNetwork': 'offsets and sampling',
     'ConvMLP': 'MLP', 'FFN': 'MLP',
     'LayerNorm': 'norms',
@@ -44,7 +44,7 @@ MODULE_COMPONENTS = {
     'PatchMerging': 'stem and downsampling',
 }
 #: Operators that only move data (their time is layout, wherever they run), except inside the
-#: neighborhood tiles, whose gathers are the tiles' own cost.
+#: neighborhood attention op, whose gathers (tiles, off the CPU kernel) are its own cost.
 LAYOUT_OPERATORS = {
     'aten::copy_', 'aten::clone', 'aten::contiguous', 'aten::cat', 'aten::roll', 'aten::pad',
     'aten::constant_pad_nd', 'aten::flip', 'aten::stack', 'aten::reshape', 'aten::permute',
@@ -71,7 +71,7 @@ def module_components(model: nn.Module) -> Dict[nn.Module, str]:
             label = 'MLP'
         elif label is None and leaf == 'lpu':
             label = 'local perception unit'
-        elif isinstance(module, nn.Linear) and (parent in ATTENTION_OPS or parent == 'neighborhood tiles'):
+        elif isinstance(module, nn.Linear) and (parent in ATTENTION_OPS or parent == 'neighborhood attention op'):
             label = 'attention projections'
         if label is not None:
             labels[module] = label
@@ -85,7 +85,7 @@ def module_components(model: nn.Module) -> Dict[nn.Module, str]:
 def operator_component(label: Optional[str], operator: Optional[str]) -> str:
     """The component of an operator (the outermost one below the range) run in a module range
     ``label`` (None: outside every labelled module)."""
-    if label == 'neighborhood tiles':
+    if label == 'neighborhood attention op':
         return label
     if operator in LAYOUT_OPERATORS:
         return 'layout copies'

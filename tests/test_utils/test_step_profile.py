@@ -21,7 +21,7 @@ def test_modules_of_a_datpp_backbone_get_their_components():
     assert labels[f'{block}.mlp'] == 'MLP' and labels[f'{block}.mlp.fc1'] is None  # inherits MLP
     assert labels[f'{block}.lpu'] == 'local perception unit'
     assert labels[f'{block}.norm1'] == 'norms'
-    assert labels['stages.2.blocks.0.attn'] == 'neighborhood tiles'
+    assert labels['stages.2.blocks.0.attn'] == 'neighborhood attention op'
     assert labels['stages.2.blocks.0.attn.qkv'] == 'attention projections'
     assert labels['stages.1.downsample'] == 'stem and downsampling'
 
@@ -34,7 +34,7 @@ def test_modules_of_a_datpp_backbone_get_their_components():
     ('window attention', 'aten::clone', 'layout copies'),
     ('deformable attention', 'aten::clone', 'layout copies'),
     ('MLP', 'aten::contiguous', 'layout copies'),
-    ('neighborhood tiles', 'aten::clone', 'neighborhood tiles'),
+    ('neighborhood attention op', 'aten::clone', 'neighborhood attention op'),
     ('MLP', 'aten::linear', 'MLP'),
     (None, 'aten::add', 'other'),
 ])

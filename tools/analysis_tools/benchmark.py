@@ -49,7 +49,7 @@ mmcv/mmdet are absent:
 
 * ``--profile``: where the step of each of ``--models`` spends its time, by component
   (window attention op, deformable attention op, attention projections, offsets and sampling,
-  neighborhood tiles, MLP, norms, layout copies, stem and downsampling, ...;
+  neighborhood attention op, MLP, norms, layout copies, stem and downsampling, ...;
   :mod:`mmdat.utils.step_profile`), one step of each
   model profiled per round, in turns, medians; each DAT model also as the difference from its
   Swin peer (needs mmdet for the Swin models)::
