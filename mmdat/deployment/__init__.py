@@ -1,5 +1,5 @@
 """Whole detectors and segmenters as ONNX graphs with their post-processing, and running them."""
-from .nms import nms_indices
+from .ops import nms_indices
 from .predict import (DETECTION_INPUTS, DETECTION_OUTPUTS, SEGMENTATION_INPUTS, SEGMENTATION_OUTPUTS,
                       SegmentorPredict, SingleStageDetectorPredict, UnsupportedModelError, batched_class_nms,
                       build_predict_module, full_image_sizes)

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .nms import nms_indices
+from .ops import nms_indices
 
 #: Names of the ONNX inputs and outputs, by kind of model.
 DETECTION_INPUTS = ('inputs', 'image_sizes')

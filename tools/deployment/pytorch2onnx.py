@@ -45,7 +45,7 @@ import torch
 import torch.nn as nn
 
 from mmdat.deployment import build_predict_module, full_image_sizes
-from mmdat.deployment.nms import ONNX_TRANSLATIONS, register_torchscript_symbolics
+from mmdat.deployment.ops import ONNX_TRANSLATIONS, register_torchscript_symbolics
 from mmdat.deployment.predict import match_predictions
 from mmdat.models import DAT
 from mmdat.models.backbones.dat import NUM_STAGES, STEM_STRIDE
