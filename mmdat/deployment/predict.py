@@ -493,21 +493,39 @@ def box_iou(boxes1: np.ndarray, boxes2: np.ndarray) -> np.ndarray:
     return inter / np.maximum(area1[:, None] + area2[None] - inter, 1e-12)
 
 
+def mask_iou(masks1: np.ndarray, masks2: np.ndarray) -> np.ndarray:
+    """``(N, M)`` IoU of boolean masks ``(N, h, w)`` and ``(M, h, w)``; two empty masks have 1."""
+    a = masks1.reshape(len(masks1), -1).astype(np.float64)
+    b = masks2.reshape(len(masks2), -1).astype(np.float64)
+    inter = a @ b.T
+    union = a.sum(1)[:, None] + b.sum(1)[None] - inter
+    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+
+
+#: Mask grids (``masks`` of :data:`INSTANCE_OUTPUTS`) are compared binarised at this probability.
+MASK_COMPARE_THRESHOLD = 0.5
+#: The smallest IoU of two binarised mask grids that :func:`unmatched_detections` calls a match.
+MASK_MIN_IOU = 0.9
+
+
 def unmatched_detections(expected: Sequence[np.ndarray], actual: Sequence[np.ndarray],
                          min_score: float = 0.0, min_iou: float = 0.99) -> Tuple[int, int]:
     """How many detections of one image are not found in another set of detections.
 
     Args:
-        expected (Sequence[ndarray]): ``boxes (N, 4)``, ``scores (N,)``, ``labels (N,)``.
+        expected (Sequence[ndarray]): ``boxes (N, 4)``, ``scores (N,)``, ``labels (N,)`` and,
+            optionally, ``masks (N, h, w)`` (probabilities on a grid over each box).
         actual (Sequence[ndarray]): The same for the detections to search.
         min_score (float): Only expected detections scoring above this count.
-        min_iou (float): A match is an actual box of the same class with at least this IoU.
+        min_iou (float): A match is an actual box of the same class with at least this IoU
+            (with masks: whose mask, binarised at :data:`MASK_COMPARE_THRESHOLD`, also has an
+            IoU of at least :data:`MASK_MIN_IOU` with the expected one).
 
     Returns:
         tuple[int, int]: Expected detections (above ``min_score``) without a match, and
         expected detections counted.
     """
-    boxes, scores, labels = (np.asarray(a) for a in expected)
+    boxes, scores, labels = (np.asarray(a) for a in expected[:3])
     found_boxes, found_labels = np.asarray(actual[0]), np.asarray(actual[2])
     counted = (scores > min_score) & (labels >= 0)
     boxes, labels = boxes[counted], labels[counted]
@@ -515,15 +533,19 @@ def unmatched_detections(expected: Sequence[np.ndarray], actual: Sequence[np.nda
         return 0, 0
     if len(found_boxes) == 0:
         return len(boxes), len(boxes)
-    overlap = box_iou(boxes, found_boxes) * (labels[:, None] == found_labels[None])
-    return int((overlap.max(1) < min_iou).sum()), len(boxes)
+    matched = (box_iou(boxes, found_boxes) >= min_iou) & (labels[:, None] == found_labels[None])
+    if len(expected) > 3:
+        matched &= mask_iou(np.asarray(expected[3])[counted] >= MASK_COMPARE_THRESHOLD,
+                            np.asarray(actual[3]) >= MASK_COMPARE_THRESHOLD) >= MASK_MIN_IOU
+    return int((~matched.any(1)).sum()), len(boxes)
 
 
 def match_predictions(expected: Sequence[np.ndarray], actual: Sequence[np.ndarray]) -> float:
     """The fraction of a batch's predictions that ``actual`` misses.
 
-    Detections (``boxes``, ``scores``, ``labels`` of :data:`DETECTION_OUTPUTS`): expected
-    detections (label >= 0) without an actual one of the same class at IoU >= 0.99. Class maps
+    Detections (``boxes``, ``scores``, ``labels`` of :data:`DETECTION_OUTPUTS`, and ``masks``
+    of :data:`INSTANCE_OUTPUTS`): expected detections (label >= 0) without an actual one of
+    the same class at IoU >= 0.99 (and mask IoU >= :data:`MASK_MIN_IOU`). Class maps
     (``seg_map``): pixels whose class differs.
     """
     if len(expected) == len(SEGMENTATION_OUTPUTS):
