@@ -277,7 +277,7 @@ class TwoStageDetectorPredict(nn.Module):
         super().__init__()
         from mmdet.models.dense_heads import RPNHead
         from mmdet.models.roi_heads import CascadeRoIHead, StandardRoIHead
-        from mmdet.models.roi_heads.bbox_heads import BBoxHead
+        from mmdet.models.roi_heads.bbox_heads import BBoxHead, ConvFCBBoxHead
         from mmdet.models.roi_heads.mask_heads import FCNMaskHead
         rpn, roi = detector.rpn_head, detector.roi_head
         if type(rpn) is not RPNHead:
@@ -303,18 +303,22 @@ class TwoStageDetectorPredict(nn.Module):
             check_roi_extractor(extractor, where)
         for head in self.bbox_heads:
             name = type(head).__name__
-            if (not isinstance(head, BBoxHead) or type(head)._predict_by_feat_single is not BBoxHead._predict_by_feat_single
+            # a forward of another signature or outputs, or another post-processing, would be
+            # exported wrongly
+            if (not isinstance(head, BBoxHead) or type(head).forward not in (BBoxHead.forward, ConvFCBBoxHead.forward)
+                    or type(head)._predict_by_feat_single is not BBoxHead._predict_by_feat_single
                     or type(head).regress_by_class is not BBoxHead.regress_by_class):
-                raise UnsupportedModelError(f'{where} bbox_head {name}: only the post-processing of BBoxHead is exported')
+                raise UnsupportedModelError(f'{where} bbox_head {name}: only the forward and post-processing '
+                                            'of BBoxHead and ConvFCBBoxHead (Shared2FC, Shared4Conv1FC) are exported')
             if head.custom_cls_channels or getattr(head, 'custom_activation', False) \
                     or head.bbox_coder.encode_size != 4:
                 raise UnsupportedModelError(f'{where} bbox_head {name}: custom classification channels or '
                                             'box codings are not exported')
         for head in self.mask_heads:
-            if not isinstance(head, FCNMaskHead) or \
+            if not isinstance(head, FCNMaskHead) or type(head).forward is not FCNMaskHead.forward or \
                     type(head)._predict_by_feat_single is not FCNMaskHead._predict_by_feat_single:
-                raise UnsupportedModelError(f'{where} mask_head {type(head).__name__}: only the '
-                                            'post-processing of FCNMaskHead is exported')
+                raise UnsupportedModelError(f'{where} mask_head {type(head).__name__}: only the forward and '
+                                            'post-processing of FCNMaskHead are exported')
         rpn_cfg, rcnn_cfg = rpn.test_cfg, roi.test_cfg
         self.rpn_iou, self.rpn_class_agnostic = _only_nms(rpn_cfg.get('nms'), f'rpn_head {type(rpn).__name__}')
         self.rpn_nms_pre = int(rpn_cfg.get('nms_pre', -1))
@@ -514,7 +518,8 @@ def unmatched_detections(expected: Sequence[np.ndarray], actual: Sequence[np.nda
 
     Args:
         expected (Sequence[ndarray]): ``boxes (N, 4)``, ``scores (N,)``, ``labels (N,)`` and,
-            optionally, ``masks (N, h, w)`` (probabilities on a grid over each box).
+            optionally, ``masks (N, h, w)`` (probabilities on a grid over each box, or masks
+            of the image).
         actual (Sequence[ndarray]): The same for the detections to search.
         min_score (float): Only expected detections scoring above this count.
         min_iou (float): A match is an actual box of the same class with at least this IoU
@@ -534,9 +539,11 @@ def unmatched_detections(expected: Sequence[np.ndarray], actual: Sequence[np.nda
     if len(found_boxes) == 0:
         return len(boxes), len(boxes)
     matched = (box_iou(boxes, found_boxes) >= min_iou) & (labels[:, None] == found_labels[None])
-    if len(expected) > 3:
-        matched &= mask_iou(np.asarray(expected[3])[counted] >= MASK_COMPARE_THRESHOLD,
-                            np.asarray(actual[3]) >= MASK_COMPARE_THRESHOLD) >= MASK_MIN_IOU
+    if len(expected) > 3:  # only the pairs of matching boxes: masks may be of the whole image
+        masks, found_masks = np.asarray(expected[3])[counted], np.asarray(actual[3])
+        for i, j in zip(*np.nonzero(matched)):
+            matched[i, j] = mask_iou(masks[i:i + 1] >= MASK_COMPARE_THRESHOLD,
+                                     found_masks[j:j + 1] >= MASK_COMPARE_THRESHOLD)[0, 0] >= MASK_MIN_IOU
     return int((~matched.any(1)).sum()), len(boxes)
 
 

@@ -166,24 +166,29 @@ class OnnxModel(BaseModel):
             many of its predictions ONNX misses (:attr:`agreement`), and to hand its own
             predictions to ``reference_evaluator``.
         reference_evaluator (optional): An mmengine ``Evaluator`` for the reference's predictions.
+        mask_thr_binary (float, optional): A model with masks: the config's ``mask_thr_binary``
+            (:func:`mask_threshold`).
     """
 
     def __init__(self, path: str, data_preprocessor: nn.Module, reference: Optional[nn.Module] = None,
-                 reference_evaluator=None):
+                 reference_evaluator=None, mask_thr_binary: Optional[float] = None):
         super().__init__(data_preprocessor=data_preprocessor)
         self.session = create_session(path)
         self.kind = output_kind(self.session)
+        self.mask_thr_binary = mask_thr_binary
         self.reference = reference.eval() if reference is not None else None
         self.reference_evaluator = reference_evaluator
-        #: detections: PyTorch boxes above :data:`COMPARE_SCORE` and those ONNX missed; class
-        #: maps: pixels and those of another class
+        #: detections: PyTorch boxes above :data:`COMPARE_SCORE` and those ONNX missed (with
+        #: masks: or whose mask has an IoU < ``MASK_MIN_IOU`` with PyTorch's); class maps:
+        #: pixels and those of another class
         self.agreement = dict(missed=0, total=0)
 
     def forward(self, inputs: torch.Tensor, data_samples: Optional[list] = None, mode: str = 'predict'):
         if mode != 'predict':
             raise ValueError(f"an ONNX model only predicts, got mode {mode!r}")
         unpacked = copy.deepcopy(data_samples) if self.reference is not None else None
-        predictions = pack_predictions(self.kind, run_session(self.session, inputs, data_samples), data_samples)
+        predictions = pack_predictions(self.kind, run_session(self.session, inputs, data_samples), data_samples,
+                                       self.mask_thr_binary)
         if self.reference is not None:
             with torch.no_grad():
                 expected = self.reference.predict(inputs, unpacked)
@@ -196,9 +201,9 @@ class OnnxModel(BaseModel):
         for want, got in zip(expected, actual):
             if self.kind == 'mmdet':
                 w, g = want.pred_instances, got.pred_instances
-                missed, total = unmatched_detections(
-                    (w.bboxes.numpy(), w.scores.numpy(), w.labels.numpy()),
-                    (g.bboxes.numpy(), g.scores.numpy(), g.labels.numpy()), min_score=COMPARE_SCORE)
+                keys = ('bboxes', 'scores', 'labels') + (('masks', ) if 'masks' in g else ())
+                missed, total = unmatched_detections([w[key].numpy() for key in keys],
+                                                     [g[key].numpy() for key in keys], min_score=COMPARE_SCORE)
             else:
                 w, g = want.pred_sem_seg.data, got.pred_sem_seg.data
                 missed, total = int((w != g).sum()), w.numel()
