@@ -32,7 +32,8 @@ the whole model and exports ``extract_feat`` (backbone and neck: ``--part featur
 default), the raw head outputs of ``model(inputs, mode='tensor')`` (``--part tensor``: for
 single-stage detectors and segmentors; two-stage detectors need data samples there), or the
 whole model with its post-processing (``--part predict``: detections after NMS, with masks for
-Mask R-CNN and Cascade Mask R-CNN, or class maps, see :mod:`mmdat.deployment.predict`; evaluate the file with ``tools/deployment/onnx_test.py``).
+Mask R-CNN and Cascade Mask R-CNN, or class maps, see :mod:`mmdat.deployment.predict`;
+evaluate the file with ``tools/deployment/onnx_test.py``).
 """
 import argparse
 import importlib
