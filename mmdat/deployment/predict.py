@@ -7,10 +7,14 @@ final predictions out, in the coordinates of that input.
   which boxes are clipped as mmdet clips them; out come ``boxes (B, M, 4)`` ``(x1, y1, x2, y2)``,
   ``scores (B, M)``, ``labels (B, M)`` after mmdet's per-class NMS, with ``M`` the test
   config's ``max_per_img``; unused rows have score 0 and label -1.
+- Two-stage detectors with masks (Mask R-CNN, Cascade Mask R-CNN): the same inputs and
+  outputs, and ``masks (B, M, 28, 28)``, each box's class probability on the mask head's grid
+  over the box (see :class:`TwoStageDetectorPredict`).
 - Segmentors (mmseg encoder-decoders, ``whole`` inference): ``seg_map (B, H, W)``, the class of
   every input pixel.
 
-Each step calls mmdet's or mmseg's own pieces (anchor generator, box coder, heads, resize) and
+Each step calls mmdet's or mmseg's own pieces (anchor generator, box coder, heads, RoI level
+mapping, resize) and
 reads the thresholds from the model's ``test_cfg``; only the per-image loops of mmdet are
 replaced by batched tensor operations of the same meaning.
 """
@@ -247,6 +251,11 @@ def roi_features(extractor: nn.Module, feats: Sequence[Tensor], rois: Tensor) ->
     return pooled
 
 
+#: The RPN's NMS keeps candidates scoring above this: every sigmoid score (mmdet's RPN has no
+#: threshold), none of the candidates that :func:`dense_candidates` drops with a score of -1.
+RPN_SCORE_THR = -0.5
+
+
 class TwoStageDetectorPredict(nn.Module):
     """An mmdet two-stage detector with masks (Mask R-CNN, Cascade Mask R-CNN) through its RoI
     head's NMS and mask head.
@@ -336,7 +345,7 @@ class TwoStageDetectorPredict(nn.Module):
         # ids are NMS's classes, so that levels do not suppress each other
         boxes, scores, _, levels = dense_candidates(self.detector.rpn_head, feats, image_sizes,
                                                     self.rpn_nms_pre, self.rpn_min_bbox_size)
-        proposals, _, levels = batched_class_nms(boxes, scores, levels, self.rpn_iou, -0.5,
+        proposals, _, levels = batched_class_nms(boxes, scores, levels, self.rpn_iou, RPN_SCORE_THR,
                                                  self.rpn_max_per_img, self.rpn_class_agnostic)
         batch, count = proposals.shape[:2]
         stage_logits = []
