@@ -71,7 +71,7 @@ def paste_masks(probabilities: torch.Tensor, boxes: torch.Tensor, metainfo: dict
             probability times 255 as uint8, as mmdet).
 
     Returns:
-        Tensor: ``(N, H, W)`` bool masks of the original image's size.
+        Tensor: ``(N, H, W)`` masks of the original image's size, bool (uint8 below 0).
     """
     from types import SimpleNamespace
 
