@@ -64,6 +64,42 @@ def small_backbone(version: int = 1, arch: Optional[dict] = None, **kwargs):
     return model
 
 
+#: The project's Mask R-CNN and Cascade Mask R-CNN configs (for :func:`small_two_stage`).
+MASK_RCNN_CONFIG = REPO_ROOT / 'configs' / 'mask_rcnn_dat_t_coco.py'
+CASCADE_CONFIG = REPO_ROOT / 'configs' / 'cascade_mask_rcnn_dat_t_3x_coco.py'
+
+
+def small_two_stage(config, **overrides):
+    """The config's two-stage model with a small DAT, narrow heads and 3 classes (random
+    weights, seeded): the real structure (RPN, RoI extractors, box and mask heads, cascade)
+    at a size that runs in seconds."""
+    import importlib
+
+    from mmengine.config import Config
+
+    from mmdat.utils import register_scope
+    arch = dict(_delete_=True, embed_dims=16, depths=(1, 1, 2, 1), num_heads=(1, 2, 2, 4), offset_groups=(0, 0, 2, 2))
+    channels = 32
+    cfg = Config.fromfile(str(config))
+    cfg.merge_from_dict(dict(model=dict(backbone=dict(arch=arch),
+                                        neck=dict(in_channels=[16, 32, 64, 128], out_channels=channels),
+                                        rpn_head=dict(in_channels=channels, feat_channels=channels))))
+    if overrides:
+        cfg.merge_from_dict(overrides)
+    roi = cfg.model.roi_head
+    for head in roi.bbox_head if isinstance(roi.bbox_head, list) else [roi.bbox_head]:
+        head.update(num_classes=3, in_channels=channels, fc_out_channels=64)
+        if 'conv_out_channels' in head:
+            head.conv_out_channels = channels
+    for head in roi.mask_head if isinstance(roi.mask_head, list) else [roi.mask_head]:
+        head.update(num_classes=3, in_channels=channels, conv_out_channels=channels)
+    roi.bbox_roi_extractor.out_channels = roi.mask_roi_extractor.out_channels = channels
+    scope = register_scope(cfg)
+    cfg.model.backbone.pop('init_cfg', None)
+    torch.manual_seed(0)
+    return importlib.import_module(f'{scope}.registry').MODELS.build(cfg.model).eval()
+
+
 # The official models' parity data (tests/data/official_dat*/README.md): per version, the folder,
 # the file prefix of its layouts and pinned features.
 _OFFICIAL = {1: ('official_dat', 'dat'), 2: ('official_datpp', 'datpp')}

@@ -7,10 +7,14 @@ final predictions out, in the coordinates of that input.
   which boxes are clipped as mmdet clips them; out come ``boxes (B, M, 4)`` ``(x1, y1, x2, y2)``,
   ``scores (B, M)``, ``labels (B, M)`` after mmdet's per-class NMS, with ``M`` the test
   config's ``max_per_img``; unused rows have score 0 and label -1.
+- Two-stage detectors with masks (Mask R-CNN, Cascade Mask R-CNN): the same inputs and
+  outputs, and ``masks (B, M, 28, 28)``, each box's class probability on the mask head's grid
+  over the box (see :class:`TwoStageDetectorPredict`).
 - Segmentors (mmseg encoder-decoders, ``whole`` inference): ``seg_map (B, H, W)``, the class of
   every input pixel.
 
-Each step calls mmdet's or mmseg's own pieces (anchor generator, box coder, heads, resize) and
+Each step calls mmdet's or mmseg's own pieces (anchor generator, box coder, heads, RoI level
+mapping, resize) and
 reads the thresholds from the model's ``test_cfg``; only the per-image loops of mmdet are
 replaced by batched tensor operations of the same meaning.
 """
@@ -23,11 +27,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .nms import nms_indices
+from .ops import ROI_ALIGN_MIN_OPSET, nms_indices, roi_align
 
 #: Names of the ONNX inputs and outputs, by kind of model.
 DETECTION_INPUTS = ('inputs', 'image_sizes')
 DETECTION_OUTPUTS = ('boxes', 'scores', 'labels')
+INSTANCE_OUTPUTS = DETECTION_OUTPUTS + ('masks', )
 SEGMENTATION_INPUTS = ('inputs', )
 SEGMENTATION_OUTPUTS = ('seg_map', )
 
@@ -93,6 +98,86 @@ def batched_class_nms(boxes: Tensor, scores: Tensor, labels: Tensor, iou_thresho
             out_labels.view(batch, max_per_img))
 
 
+def clip_to_images(boxes: Tensor, image_sizes: Tensor) -> Tensor:
+    """Boxes ``(B, ..., 4)`` clipped to each image's ``image_sizes (B, 2)`` (height, width), as
+    mmdet's box coders clip with ``max_shape``."""
+    upper = image_sizes.flip(-1).repeat(1, 2).to(boxes.dtype)  # (B, 4): w, h, w, h
+    upper = upper.view(boxes.shape[0], *([1] * (boxes.dim() - 2)), 4)
+    return torch.minimum(boxes.clamp(min=0), upper)
+
+
+def check_dense_head(head: nn.Module, where: str, base: type) -> None:
+    """Refuse a dense head whose post-processing differs from ``base``'s, or that the
+    generic steps of :func:`dense_candidates` cannot decode."""
+    name = type(head).__name__
+    # heads that change the generic post-processing (score factors, other box codings)
+    # would be exported wrongly by the generic steps below
+    if (type(head).predict_by_feat is not base.predict_by_feat
+            or type(head)._predict_by_feat_single is not base._predict_by_feat_single
+            or type(head)._bbox_post_process is not base._bbox_post_process):
+        raise UnsupportedModelError(f'{where} {name}: its own post-processing is not exported '
+                                    f'(only the generic one of {base.__name__})')
+    if not hasattr(head, 'prior_generator') or not hasattr(head, 'bbox_coder') \
+            or getattr(head.bbox_coder, 'encode_size', 4) != 4:
+        raise UnsupportedModelError(f'{where} {name}: only heads with anchors and a 4-number '
+                                    'box coding are exported')
+    if getattr(head.loss_cls, 'custom_cls_channels', False):
+        raise UnsupportedModelError(f'{where} {name}: custom classification channels are not exported')
+
+
+def dense_candidates(head: nn.Module, feats: Sequence[Tensor], image_sizes: Tensor, nms_pre: int,
+                     min_bbox_size: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The candidates of an anchor head before NMS, as mmdet's dense heads (RetinaHead, RPNHead)
+    make them: per level the ``nms_pre`` best (anchor, class) pairs, decoded and clipped to the
+    image; boxes not wider and taller than ``min_bbox_size`` (when >= 0) score -1.
+
+    Returns:
+        tuple[Tensor]: ``boxes (B, K, 4)``, ``scores (B, K)``, ``labels (B, K)`` (classes),
+        ``levels (B, K)`` (the level of each candidate).
+    """
+    cls_scores, bbox_preds = head(feats)
+    batch, num_classes = image_sizes.shape[0], head.cls_out_channels
+    priors = head.prior_generator.grid_priors([c.shape[-2:] for c in cls_scores],
+                                              dtype=cls_scores[0].dtype, device=cls_scores[0].device)
+    level_boxes, level_scores, level_labels, level_ids = [], [], [], []
+    for level, (cls_score, bbox_pred, level_priors) in enumerate(zip(cls_scores, bbox_preds, priors)):
+        logits = cls_score.permute(0, 2, 3, 1).reshape(batch, -1, num_classes)
+        if head.use_sigmoid_cls:
+            scores = logits.sigmoid()
+        else:  # the last class is the background
+            scores = logits.softmax(-1)[..., :-1]
+            num_classes = scores.shape[-1]
+        deltas = bbox_pred.permute(0, 2, 3, 1).reshape(batch, -1, 4)
+        level_priors = level_priors.tensor if hasattr(level_priors, 'tensor') else level_priors
+        if nms_pre > 0:
+            # mmdet keeps the nms_pre best (prior, class) pairs; padding with priors that score
+            # -1 makes nms_pre pairs exist at any size (no shape test in the graph), and NMS
+            # drops them by its score threshold
+            pad = math.ceil(nms_pre / num_classes)
+            scores = torch.cat([scores, scores.new_full((batch, pad, num_classes), -1.0)], 1)
+            deltas = torch.cat([deltas, deltas.new_zeros((batch, pad, 4))], 1)
+            level_priors = torch.cat([level_priors, level_priors.new_zeros((pad, 4))], 0)
+            scores, pairs = scores.flatten(1).topk(nms_pre, dim=1)
+        else:
+            pairs = torch.arange(scores[0].numel(), device=scores.device).expand(batch, -1)
+            scores = scores.flatten(1)
+        prior_index = torch.div(pairs, num_classes, rounding_mode='floor')
+        level_labels.append(pairs - prior_index * num_classes)
+        level_scores.append(scores)
+        level_ids.append(torch.full_like(pairs, level))
+        deltas = deltas.gather(1, prior_index[..., None].expand(-1, -1, 4))
+        boxes = head.bbox_coder.decode(level_priors[prior_index].flatten(0, 1), deltas.flatten(0, 1))
+        boxes = boxes.tensor if hasattr(boxes, 'tensor') else boxes
+        level_boxes.append(boxes.view(batch, -1, 4))
+    boxes = clip_to_images(torch.cat(level_boxes, 1), image_sizes)
+    scores = torch.cat(level_scores, 1)
+    if min_bbox_size >= 0:
+        big_enough = ((boxes[..., 2] - boxes[..., 0] > min_bbox_size)
+                      & (boxes[..., 3] - boxes[..., 1] > min_bbox_size))
+        scores = torch.where(big_enough, scores, scores.new_full((), -1.0))
+    return boxes, scores, torch.cat(level_labels, 1), torch.cat(level_ids, 1)
+
+
 class SingleStageDetectorPredict(nn.Module):
     """An mmdet single-stage detector with an anchor-based dense head, through NMS.
 
@@ -107,22 +192,9 @@ class SingleStageDetectorPredict(nn.Module):
         super().__init__()
         from mmdet.models.dense_heads.base_dense_head import BaseDenseHead
         head = detector.bbox_head
-        name = type(head).__name__
-        # heads that change the generic post-processing (score factors, other box codings)
-        # would be exported wrongly by the generic steps below
-        if (type(head).predict_by_feat is not BaseDenseHead.predict_by_feat
-                or type(head)._predict_by_feat_single is not BaseDenseHead._predict_by_feat_single
-                or type(head)._bbox_post_process is not BaseDenseHead._bbox_post_process):
-            raise UnsupportedModelError(f'bbox_head {name}: its own post-processing is not exported '
-                                        '(only the generic one of anchor heads such as RetinaHead)')
-        if not hasattr(head, 'prior_generator') or not hasattr(head, 'bbox_coder') \
-                or getattr(head.bbox_coder, 'encode_size', 4) != 4:
-            raise UnsupportedModelError(f'bbox_head {name}: only heads with anchors and a 4-number '
-                                        'box coding are exported')
-        if getattr(head.loss_cls, 'custom_cls_channels', False):
-            raise UnsupportedModelError(f'bbox_head {name}: custom classification channels are not exported')
+        check_dense_head(head, 'bbox_head', BaseDenseHead)
         cfg = head.test_cfg
-        self.iou_threshold, self.class_agnostic = _only_nms(cfg.get('nms'), f'bbox_head {name}')
+        self.iou_threshold, self.class_agnostic = _only_nms(cfg.get('nms'), f'bbox_head {type(head).__name__}')
         self.detector = detector
         self.score_thr = float(cfg.get('score_thr', 0.0))
         self.nms_pre = int(cfg.get('nms_pre', -1))
@@ -136,51 +208,182 @@ class SingleStageDetectorPredict(nn.Module):
             inputs (Tensor): ``(B, 3, H, W)`` preprocessed images.
             image_sizes (Tensor): ``(B, 2)`` height and width of each image without its padding.
         """
-        head = self.detector.bbox_head
-        cls_scores, bbox_preds = head(self.detector.extract_feat(inputs))
-        batch, num_classes = inputs.shape[0], head.cls_out_channels
-        priors = head.prior_generator.grid_priors([c.shape[-2:] for c in cls_scores],
-                                                  dtype=inputs.dtype, device=inputs.device)
-        level_boxes, level_scores, level_labels = [], [], []
-        for cls_score, bbox_pred, level_priors in zip(cls_scores, bbox_preds, priors):
-            logits = cls_score.permute(0, 2, 3, 1).reshape(batch, -1, num_classes)
-            if head.use_sigmoid_cls:
-                scores = logits.sigmoid()
-            else:  # the last class is the background
-                scores = logits.softmax(-1)[..., :-1]
-                num_classes = scores.shape[-1]
-            deltas = bbox_pred.permute(0, 2, 3, 1).reshape(batch, -1, 4)
-            level_priors = level_priors.tensor if hasattr(level_priors, 'tensor') else level_priors
-            if self.nms_pre > 0:
-                # mmdet keeps the nms_pre best (prior, class) pairs above score_thr; padding
-                # with priors that score -1 makes nms_pre pairs exist at any size (no shape
-                # test in the graph), and NMS drops them by score_thr
-                pad = math.ceil(self.nms_pre / num_classes)
-                scores = torch.cat([scores, scores.new_full((batch, pad, num_classes), -1.0)], 1)
-                deltas = torch.cat([deltas, deltas.new_zeros((batch, pad, 4))], 1)
-                level_priors = torch.cat([level_priors, level_priors.new_zeros((pad, 4))], 0)
-                scores, pairs = scores.flatten(1).topk(self.nms_pre, dim=1)
-            else:
-                pairs = torch.arange(scores[0].numel(), device=inputs.device).expand(batch, -1)
-                scores = scores.flatten(1)
-            prior_index = torch.div(pairs, num_classes, rounding_mode='floor')
-            level_labels.append(pairs - prior_index * num_classes)
-            level_scores.append(scores)
-            deltas = deltas.gather(1, prior_index[..., None].expand(-1, -1, 4))
-            boxes = head.bbox_coder.decode(level_priors[prior_index].flatten(0, 1), deltas.flatten(0, 1))
-            boxes = boxes.tensor if hasattr(boxes, 'tensor') else boxes
-            level_boxes.append(boxes.view(batch, -1, 4))
-        boxes, scores, labels = (torch.cat(level_boxes, 1), torch.cat(level_scores, 1),
-                                 torch.cat(level_labels, 1))
-        # mmdet clips while decoding, to the image's size without the padding
-        upper = image_sizes.flip(-1).repeat(1, 2).to(boxes.dtype)[:, None]  # (B, 1, 4): w, h, w, h
-        boxes = torch.minimum(boxes.clamp(min=0), upper)
-        if self.min_bbox_size >= 0:
-            big_enough = ((boxes[..., 2] - boxes[..., 0] > self.min_bbox_size)
-                          & (boxes[..., 3] - boxes[..., 1] > self.min_bbox_size))
-            scores = torch.where(big_enough, scores, scores.new_full((), -1.0))
+        boxes, scores, labels, _ = dense_candidates(self.detector.bbox_head, self.detector.extract_feat(inputs),
+                                                    image_sizes, self.nms_pre, self.min_bbox_size)
         return batched_class_nms(boxes, scores, labels, self.iou_threshold, self.score_thr,
                                  self.max_per_img, self.class_agnostic)
+
+
+def to_rois(boxes: Tensor) -> Tensor:
+    """mmdet's ``bbox2roi`` of a batch: ``(B, N, 4)`` boxes as ``(B * N, 5)`` rows
+    ``(image index, x1, y1, x2, y2)``."""
+    index = torch.arange(boxes.shape[0], device=boxes.device, dtype=boxes.dtype)
+    return torch.cat([index[:, None, None].expand(-1, boxes.shape[1], 1), boxes], -1).flatten(0, 1)
+
+
+def check_roi_extractor(extractor: nn.Module, where: str) -> None:
+    """Refuse a RoI extractor that :func:`roi_features` does not compute as mmdet does."""
+    from mmcv.ops import RoIAlign
+    from mmdet.models.roi_heads.roi_extractors import SingleRoIExtractor
+    name = type(extractor).__name__
+    if type(extractor) is not SingleRoIExtractor:
+        raise UnsupportedModelError(f'{where} {name}: only SingleRoIExtractor is exported')
+    for layer in extractor.roi_layers:
+        if type(layer) is not RoIAlign or layer.pool_mode != 'avg':
+            raise UnsupportedModelError(f'{where} {name}: only RoIAlign with average pooling is exported, '
+                                        f'not {type(layer).__name__}')
+
+
+def roi_features(extractor: nn.Module, feats: Sequence[Tensor], rois: Tensor) -> Tensor:
+    """mmdet's ``SingleRoIExtractor``: each RoI pooled from the level that its size maps to
+    (``finest_scale``). Every level pools every RoI and the RoI's own level is selected (no
+    data-dependent branches in the graph); at the other levels the RoI is a box of size 0,
+    which costs one sampling point a bin instead of a large box's many at a fine level."""
+    feats = feats[:extractor.num_inputs]
+    levels = extractor.map_roi_levels(rois, len(feats))
+    pooled = None
+    for level, (feat, layer) in enumerate(zip(feats, extractor.roi_layers)):
+        here = (levels == level)[:, None]
+        level_rois = torch.cat([rois[:, :1], torch.where(here, rois[:, 1:], rois.new_zeros(()))], 1)
+        out = roi_align(feat, level_rois, layer.output_size[0], layer.output_size[1], float(layer.spatial_scale),
+                        int(layer.sampling_ratio), bool(layer.aligned))
+        pooled = out if pooled is None else torch.where(here[..., None, None], out, pooled)
+    return pooled
+
+
+#: The RPN's NMS keeps candidates scoring above this: every sigmoid score (mmdet's RPN has no
+#: threshold), none of the candidates that :func:`dense_candidates` drops with a score of -1.
+RPN_SCORE_THR = -0.5
+
+
+class TwoStageDetectorPredict(nn.Module):
+    """An mmdet two-stage detector with masks (Mask R-CNN, Cascade Mask R-CNN) through its RoI
+    head's NMS and mask head.
+
+    As mmdet's ``predict``: the RPN's proposals (``nms_pre`` best anchors a level, NMS with the
+    levels as classes, ``max_per_img`` kept); then per stage RoI features from the level of each
+    box, the box head, and (Cascade) the boxes refined by the stage's regression of their best
+    class; the class scores (Cascade: the stages' logits averaged) through a softmax,
+    class-specific boxes decoded, clipped and NMSed per class (``score_thr``, ``max_per_img``);
+    then the mask head on the kept boxes (Cascade: every stage's, the probabilities averaged).
+
+    Outputs ``boxes (B, M, 4)``, ``scores (B, M)``, ``labels (B, M)`` as
+    :class:`SingleStageDetectorPredict`'s, and ``masks (B, M, h, w)``: the probability (after
+    the sigmoid) of the box's class in each cell of the mask head's grid over the box (mmdet
+    pastes it into the image and binarises it at ``mask_thr_binary``; see
+    :mod:`mmdat.deployment.runtime`).
+
+    Args:
+        detector (nn.Module): The detector (eval mode).
+    """
+
+    input_names = DETECTION_INPUTS
+    output_names = INSTANCE_OUTPUTS
+    #: ONNX ``RoiAlign`` with mmcv's ``aligned`` needs opset 16.
+    min_opset = ROI_ALIGN_MIN_OPSET
+
+    def __init__(self, detector: nn.Module):
+        super().__init__()
+        from mmdet.models.dense_heads import RPNHead
+        from mmdet.models.roi_heads import CascadeRoIHead, StandardRoIHead
+        from mmdet.models.roi_heads.bbox_heads import BBoxHead, ConvFCBBoxHead
+        from mmdet.models.roi_heads.mask_heads import FCNMaskHead
+        rpn, roi = detector.rpn_head, detector.roi_head
+        if type(rpn) is not RPNHead:
+            raise UnsupportedModelError(f'rpn_head {type(rpn).__name__}: only RPNHead is exported')
+        check_dense_head(rpn, 'rpn_head', RPNHead)
+        if type(roi) not in (StandardRoIHead, CascadeRoIHead):
+            raise UnsupportedModelError(f'roi_head {type(roi).__name__}: only StandardRoIHead and '
+                                        'CascadeRoIHead are exported')
+        where = f'roi_head {type(roi).__name__}'
+        if not roi.with_mask:
+            raise UnsupportedModelError(f'{where}: only RoI heads with a mask head are exported')
+        if roi.with_shared_head:
+            raise UnsupportedModelError(f'{where}: a shared head is not exported')
+        cascade = type(roi) is CascadeRoIHead
+        stages = roi.num_stages if cascade else 1
+        as_list = (lambda m: list(m)) if cascade else (lambda m: [m])
+        self.bbox_extractors, self.bbox_heads = as_list(roi.bbox_roi_extractor), as_list(roi.bbox_head)
+        self.mask_extractors, self.mask_heads = as_list(roi.mask_roi_extractor), as_list(roi.mask_head)
+        if cascade and len(self.mask_heads) != stages:
+            raise UnsupportedModelError(f'{where}: one mask head a stage is exported, got {len(self.mask_heads)} '
+                                        f'for {stages} stages')
+        for extractor in self.bbox_extractors + self.mask_extractors:
+            check_roi_extractor(extractor, where)
+        for head in self.bbox_heads:
+            name = type(head).__name__
+            # a forward of another signature or outputs, or another post-processing, would be
+            # exported wrongly
+            if (not isinstance(head, BBoxHead) or type(head).forward not in (BBoxHead.forward, ConvFCBBoxHead.forward)
+                    or type(head)._predict_by_feat_single is not BBoxHead._predict_by_feat_single
+                    or type(head).regress_by_class is not BBoxHead.regress_by_class):
+                raise UnsupportedModelError(f'{where} bbox_head {name}: only the forward and post-processing '
+                                            'of BBoxHead and ConvFCBBoxHead (Shared2FC, Shared4Conv1FC) are exported')
+            if head.custom_cls_channels or getattr(head, 'custom_activation', False) \
+                    or head.bbox_coder.encode_size != 4:
+                raise UnsupportedModelError(f'{where} bbox_head {name}: custom classification channels or '
+                                            'box codings are not exported')
+        for head in self.mask_heads:
+            if not isinstance(head, FCNMaskHead) or type(head).forward is not FCNMaskHead.forward or \
+                    type(head)._predict_by_feat_single is not FCNMaskHead._predict_by_feat_single:
+                raise UnsupportedModelError(f'{where} mask_head {type(head).__name__}: only the forward and '
+                                            'post-processing of FCNMaskHead are exported')
+        rpn_cfg, rcnn_cfg = rpn.test_cfg, roi.test_cfg
+        self.rpn_iou, self.rpn_class_agnostic = _only_nms(rpn_cfg.get('nms'), f'rpn_head {type(rpn).__name__}')
+        self.rpn_nms_pre = int(rpn_cfg.get('nms_pre', -1))
+        self.rpn_max_per_img = int(rpn_cfg['max_per_img'])
+        self.rpn_min_bbox_size = float(rpn_cfg.get('min_bbox_size', -1))
+        self.iou_threshold, self.class_agnostic = _only_nms(rcnn_cfg.get('nms'), where)
+        self.score_thr = float(rcnn_cfg['score_thr'])
+        self.max_per_img = int(rcnn_cfg['max_per_img'])
+        self.detector = detector
+
+    def forward(self, inputs: Tensor, image_sizes: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Detections and masks of a batch (inputs as :class:`SingleStageDetectorPredict`'s)."""
+        feats = self.detector.extract_feat(inputs)
+        # proposals: mmdet's RPN keeps every box (no score threshold) but the small ones; level
+        # ids are NMS's classes, so that levels do not suppress each other
+        boxes, scores, _, levels = dense_candidates(self.detector.rpn_head, feats, image_sizes,
+                                                    self.rpn_nms_pre, self.rpn_min_bbox_size)
+        proposals, _, levels = batched_class_nms(boxes, scores, levels, self.rpn_iou, RPN_SCORE_THR,
+                                                 self.rpn_max_per_img, self.rpn_class_agnostic)
+        batch, count = proposals.shape[:2]
+        stage_logits = []
+        for stage, (extractor, head) in enumerate(zip(self.bbox_extractors, self.bbox_heads)):
+            logits, deltas = head(roi_features(extractor, feats, to_rois(proposals)))
+            stage_logits.append(logits)
+            if stage < len(self.bbox_heads) - 1:  # Cascade: the boxes of the best class, refined
+                best = logits[:, :-1].argmax(1)
+                deltas = deltas.view(batch * count, -1, 4)
+                if not head.reg_class_agnostic:
+                    deltas = deltas.gather(1, best[:, None, None].expand(-1, 1, 4))
+                refined = head.bbox_coder.decode(proposals.flatten(0, 1), deltas[:, 0])
+                proposals = clip_to_images(refined.view(batch, count, 4), image_sizes)
+        # Cascade averages the stages' logits, then the last head decodes as a single stage
+        logits = stage_logits[0] if len(stage_logits) == 1 else sum(stage_logits) / float(len(stage_logits))
+        scores = logits.softmax(-1)[:, :-1].view(batch, count, -1)
+        num_classes = scores.shape[-1]
+        groups = 1 if head.reg_class_agnostic else num_classes
+        boxes = head.bbox_coder.decode(proposals.repeat_interleave(groups, dim=1).flatten(0, 1),
+                                       deltas.reshape(-1, 4))
+        boxes = clip_to_images(boxes.view(batch, count, groups, 4), image_sizes).expand(-1, -1, num_classes, -1)
+        # proposals padded after the RPN's NMS are no candidates
+        scores = torch.where((levels >= 0)[..., None], scores, scores.new_full((), -1.0))
+        labels = torch.arange(num_classes, device=inputs.device).expand(batch, count, -1)
+        boxes, scores, labels = batched_class_nms(boxes.flatten(1, 2), scores.flatten(1), labels.flatten(1),
+                                                  self.iou_threshold, self.score_thr, self.max_per_img,
+                                                  self.class_agnostic)
+        mask_rois = to_rois(boxes)
+        probabilities = torch.stack([
+            head(roi_features(extractor, feats, mask_rois)).sigmoid()
+            for extractor, head in zip(self.mask_extractors, self.mask_heads)
+        ]).mean(0)
+        if not self.mask_heads[-1].class_agnostic:
+            index = labels.clamp(min=0).flatten()[:, None, None, None].expand(-1, 1, *probabilities.shape[2:])
+            probabilities = probabilities.gather(1, index)
+        masks = probabilities.view(batch, self.max_per_img, *probabilities.shape[2:])
+        masks = torch.where((labels >= 0)[..., None, None], masks, masks.new_zeros(()))
+        return boxes, scores, labels, masks
 
 
 class IntegerUpsample(nn.Module):
@@ -285,7 +488,7 @@ def build_predict_module(model: nn.Module) -> nn.Module:
     if isinstance(model, SingleStageDetector):
         return SingleStageDetectorPredict(model).eval()
     if isinstance(model, TwoStageDetector):
-        raise UnsupportedModelError(f'{name}: two-stage detectors are not exported with --part predict yet')
+        return TwoStageDetectorPredict(model).eval()
     if isinstance(model, CascadeEncoderDecoder):
         raise UnsupportedModelError(f'{name}: cascade segmentors are not exported with --part predict')
     if isinstance(model, EncoderDecoder):
@@ -303,21 +506,40 @@ def box_iou(boxes1: np.ndarray, boxes2: np.ndarray) -> np.ndarray:
     return inter / np.maximum(area1[:, None] + area2[None] - inter, 1e-12)
 
 
+def mask_iou(masks1: np.ndarray, masks2: np.ndarray) -> np.ndarray:
+    """``(N, M)`` IoU of boolean masks ``(N, h, w)`` and ``(M, h, w)``; two empty masks have 1."""
+    a = masks1.reshape(len(masks1), -1).astype(np.float64)
+    b = masks2.reshape(len(masks2), -1).astype(np.float64)
+    inter = a @ b.T
+    union = a.sum(1)[:, None] + b.sum(1)[None] - inter
+    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+
+
+#: Mask grids (``masks`` of :data:`INSTANCE_OUTPUTS`) are compared binarised at this probability.
+MASK_COMPARE_THRESHOLD = 0.5
+#: The smallest IoU of two binarised mask grids that :func:`unmatched_detections` calls a match.
+MASK_MIN_IOU = 0.9
+
+
 def unmatched_detections(expected: Sequence[np.ndarray], actual: Sequence[np.ndarray],
                          min_score: float = 0.0, min_iou: float = 0.99) -> Tuple[int, int]:
     """How many detections of one image are not found in another set of detections.
 
     Args:
-        expected (Sequence[ndarray]): ``boxes (N, 4)``, ``scores (N,)``, ``labels (N,)``.
+        expected (Sequence[ndarray]): ``boxes (N, 4)``, ``scores (N,)``, ``labels (N,)`` and,
+            optionally, ``masks (N, h, w)`` (probabilities on a grid over each box, or masks
+            of the image).
         actual (Sequence[ndarray]): The same for the detections to search.
         min_score (float): Only expected detections scoring above this count.
-        min_iou (float): A match is an actual box of the same class with at least this IoU.
+        min_iou (float): A match is an actual box of the same class with at least this IoU
+            (with masks: whose mask, binarised at :data:`MASK_COMPARE_THRESHOLD`, also has an
+            IoU of at least :data:`MASK_MIN_IOU` with the expected one).
 
     Returns:
         tuple[int, int]: Expected detections (above ``min_score``) without a match, and
         expected detections counted.
     """
-    boxes, scores, labels = (np.asarray(a) for a in expected)
+    boxes, scores, labels = (np.asarray(a) for a in expected[:3])
     found_boxes, found_labels = np.asarray(actual[0]), np.asarray(actual[2])
     counted = (scores > min_score) & (labels >= 0)
     boxes, labels = boxes[counted], labels[counted]
@@ -325,15 +547,21 @@ def unmatched_detections(expected: Sequence[np.ndarray], actual: Sequence[np.nda
         return 0, 0
     if len(found_boxes) == 0:
         return len(boxes), len(boxes)
-    overlap = box_iou(boxes, found_boxes) * (labels[:, None] == found_labels[None])
-    return int((overlap.max(1) < min_iou).sum()), len(boxes)
+    matched = (box_iou(boxes, found_boxes) >= min_iou) & (labels[:, None] == found_labels[None])
+    if len(expected) > 3:  # only the pairs of matching boxes: masks may be of the whole image
+        masks, found_masks = np.asarray(expected[3])[counted], np.asarray(actual[3])
+        for i, j in zip(*np.nonzero(matched)):
+            matched[i, j] = mask_iou(masks[i:i + 1] >= MASK_COMPARE_THRESHOLD,
+                                     found_masks[j:j + 1] >= MASK_COMPARE_THRESHOLD)[0, 0] >= MASK_MIN_IOU
+    return int((~matched.any(1)).sum()), len(boxes)
 
 
 def match_predictions(expected: Sequence[np.ndarray], actual: Sequence[np.ndarray]) -> float:
     """The fraction of a batch's predictions that ``actual`` misses.
 
-    Detections (``boxes``, ``scores``, ``labels`` of :data:`DETECTION_OUTPUTS`): expected
-    detections (label >= 0) without an actual one of the same class at IoU >= 0.99. Class maps
+    Detections (``boxes``, ``scores``, ``labels`` of :data:`DETECTION_OUTPUTS`, and ``masks``
+    of :data:`INSTANCE_OUTPUTS`): expected detections (label >= 0) without an actual one of
+    the same class at IoU >= 0.99 (and mask IoU >= :data:`MASK_MIN_IOU`). Class maps
     (``seg_map``): pixels whose class differs.
     """
     if len(expected) == len(SEGMENTATION_OUTPUTS):

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from mmengine.model import BaseModel
 from mmengine.structures import InstanceData, PixelData
 
-from .predict import DETECTION_OUTPUTS, SEGMENTATION_OUTPUTS, unmatched_detections
+from .predict import DETECTION_OUTPUTS, INSTANCE_OUTPUTS, SEGMENTATION_OUTPUTS, unmatched_detections
 
 #: ``--quantize`` modes: onnxruntime's dynamic (weights int8, activations quantized per batch at
 #: run time) and static (activations' ranges calibrated on images) quantization.
@@ -43,12 +43,48 @@ def create_session(path: str):
 def output_kind(session) -> str:
     """``'mmdet'`` or ``'mmseg'`` from the output names of a ``--part predict`` model."""
     names = tuple(output.name for output in session.get_outputs())
-    if names == DETECTION_OUTPUTS:
+    if names in (DETECTION_OUTPUTS, INSTANCE_OUTPUTS):
         return 'mmdet'
     if names == SEGMENTATION_OUTPUTS:
         return 'mmseg'
     raise OnnxRuntimeError(f'the ONNX model has outputs {list(names)}: not a --part predict export '
-                           f'(expected {list(DETECTION_OUTPUTS)} or {list(SEGMENTATION_OUTPUTS)})')
+                           f'(expected {list(DETECTION_OUTPUTS)}, {list(INSTANCE_OUTPUTS)} or '
+                           f'{list(SEGMENTATION_OUTPUTS)})')
+
+
+def mask_threshold(cfg) -> Optional[float]:
+    """The config's ``mask_thr_binary`` (``model.test_cfg.rcnn``), or ``None`` without one."""
+    rcnn = (cfg.model.get('test_cfg') or {}).get('rcnn') or {}
+    return rcnn.get('mask_thr_binary') if isinstance(rcnn, dict) else None
+
+
+def paste_masks(probabilities: torch.Tensor, boxes: torch.Tensor, metainfo: dict,
+                mask_thr_binary: float) -> torch.Tensor:
+    """Instance masks in the original image from the mask head's grids, by mmdet's own
+    ``FCNMaskHead._predict_by_feat_single`` (``rescale=True``, the probabilities given).
+
+    Args:
+        probabilities (Tensor): ``(N, h, w)`` probabilities of each box's class.
+        boxes (Tensor): ``(N, 4)`` the boxes in the model's input (not rescaled).
+        metainfo (dict): The image's ``scale_factor`` and ``ori_shape``.
+        mask_thr_binary (float): Pixels at or above this are in the mask (below 0: the
+            probability times 255 as uint8, as mmdet).
+
+    Returns:
+        Tensor: ``(N, H, W)`` masks of the original image's size, bool (uint8 below 0).
+    """
+    from types import SimpleNamespace
+
+    from mmdet.models.roi_heads.mask_heads import FCNMaskHead
+    from mmengine.config import ConfigDict
+    if len(boxes) == 0:
+        height, width = metainfo['ori_shape'][:2]
+        return torch.zeros((0, height, width), dtype=torch.bool if mask_thr_binary >= 0 else torch.uint8)
+    # the method reads only class_agnostic from its head: the grids are of the boxes' classes already
+    return FCNMaskHead._predict_by_feat_single(
+        SimpleNamespace(class_agnostic=True), probabilities[:, None], boxes.clone(),
+        torch.zeros(len(boxes), dtype=torch.long), dict(metainfo, scale_factor=metainfo.get('scale_factor', (1., 1.))),
+        ConfigDict(mask_thr_binary=mask_thr_binary), rescale=True, activate_map=True)
 
 
 def image_sizes(data_samples: list) -> np.ndarray:
@@ -68,13 +104,22 @@ def run_session(session, inputs: torch.Tensor, data_samples: list) -> List[np.nd
                                f'{str(error).strip().splitlines()[0]}') from None
 
 
-def pack_detections(outputs: Sequence[np.ndarray], data_samples: list) -> list:
-    """Put ``boxes``/``scores``/``labels`` of a batch into ``pred_instances``, as mmdet's
-    ``predict(rescale=True)``: boxes clipped to each image's resized shape, then scaled back to
-    the original image with its ``scale_factor``."""
-    boxes, scores, labels = (torch.from_numpy(np.asarray(o)) for o in outputs)
+def pack_detections(outputs: Sequence[np.ndarray], data_samples: list,
+                    mask_thr_binary: Optional[float] = None) -> list:
+    """Put ``boxes``/``scores``/``labels`` (and ``masks``) of a batch into ``pred_instances``, as
+    mmdet's ``predict(rescale=True)``: boxes clipped to each image's resized shape, then scaled
+    back to the original image with its ``scale_factor``; masks pasted into the original image
+    (:func:`paste_masks`) at ``mask_thr_binary``, which a model with masks needs."""
+    boxes, scores, labels = (torch.from_numpy(np.asarray(o)) for o in outputs[:3])
+    masks = torch.from_numpy(np.asarray(outputs[3])) if len(outputs) > 3 else None
+    if masks is not None and mask_thr_binary is None:
+        raise OnnxRuntimeError('the ONNX model predicts masks, but the config has no '
+                               'model.test_cfg.rcnn.mask_thr_binary')
     for i, sample in enumerate(data_samples):
         kept = labels[i] >= 0
+        instances = InstanceData()
+        if masks is not None:
+            instances.masks = paste_masks(masks[i][kept], boxes[i][kept], sample.metainfo, mask_thr_binary)
         image_boxes = boxes[i][kept].clone()
         height, width = sample.metainfo['img_shape'][:2]
         image_boxes[:, 0::2] = image_boxes[:, 0::2].clamp(0, width)
@@ -82,7 +127,6 @@ def pack_detections(outputs: Sequence[np.ndarray], data_samples: list) -> list:
         scale = sample.metainfo.get('scale_factor')
         if scale is not None:
             image_boxes /= image_boxes.new_tensor(scale).repeat(2)
-        instances = InstanceData()
         instances.bboxes, instances.scores, instances.labels = image_boxes, scores[i][kept], labels[i][kept]
         sample.pred_instances = instances
     return data_samples
@@ -103,9 +147,12 @@ def pack_segmentation(outputs: Sequence[np.ndarray], data_samples: list) -> list
     return data_samples
 
 
-def pack_predictions(kind: str, outputs: Sequence[np.ndarray], data_samples: list) -> list:
+def pack_predictions(kind: str, outputs: Sequence[np.ndarray], data_samples: list,
+                     mask_thr_binary: Optional[float] = None) -> list:
     """:func:`pack_detections` (``'mmdet'``) or :func:`pack_segmentation` (``'mmseg'``)."""
-    return (pack_detections if kind == 'mmdet' else pack_segmentation)(outputs, data_samples)
+    if kind == 'mmdet':
+        return pack_detections(outputs, data_samples, mask_thr_binary)
+    return pack_segmentation(outputs, data_samples)
 
 
 class OnnxModel(BaseModel):
@@ -119,24 +166,29 @@ class OnnxModel(BaseModel):
             many of its predictions ONNX misses (:attr:`agreement`), and to hand its own
             predictions to ``reference_evaluator``.
         reference_evaluator (optional): An mmengine ``Evaluator`` for the reference's predictions.
+        mask_thr_binary (float, optional): A model with masks: the config's ``mask_thr_binary``
+            (:func:`mask_threshold`).
     """
 
     def __init__(self, path: str, data_preprocessor: nn.Module, reference: Optional[nn.Module] = None,
-                 reference_evaluator=None):
+                 reference_evaluator=None, mask_thr_binary: Optional[float] = None):
         super().__init__(data_preprocessor=data_preprocessor)
         self.session = create_session(path)
         self.kind = output_kind(self.session)
+        self.mask_thr_binary = mask_thr_binary
         self.reference = reference.eval() if reference is not None else None
         self.reference_evaluator = reference_evaluator
-        #: detections: PyTorch boxes above :data:`COMPARE_SCORE` and those ONNX missed; class
-        #: maps: pixels and those of another class
+        #: detections: PyTorch boxes above :data:`COMPARE_SCORE` and those ONNX missed (with
+        #: masks: or whose mask has an IoU < ``MASK_MIN_IOU`` with PyTorch's); class maps:
+        #: pixels and those of another class
         self.agreement = dict(missed=0, total=0)
 
     def forward(self, inputs: torch.Tensor, data_samples: Optional[list] = None, mode: str = 'predict'):
         if mode != 'predict':
             raise ValueError(f"an ONNX model only predicts, got mode {mode!r}")
         unpacked = copy.deepcopy(data_samples) if self.reference is not None else None
-        predictions = pack_predictions(self.kind, run_session(self.session, inputs, data_samples), data_samples)
+        predictions = pack_predictions(self.kind, run_session(self.session, inputs, data_samples), data_samples,
+                                       self.mask_thr_binary)
         if self.reference is not None:
             with torch.no_grad():
                 expected = self.reference.predict(inputs, unpacked)
@@ -149,9 +201,9 @@ class OnnxModel(BaseModel):
         for want, got in zip(expected, actual):
             if self.kind == 'mmdet':
                 w, g = want.pred_instances, got.pred_instances
-                missed, total = unmatched_detections(
-                    (w.bboxes.numpy(), w.scores.numpy(), w.labels.numpy()),
-                    (g.bboxes.numpy(), g.scores.numpy(), g.labels.numpy()), min_score=COMPARE_SCORE)
+                keys = ('bboxes', 'scores', 'labels') + (('masks', ) if 'masks' in g else ())
+                missed, total = unmatched_detections([w[key].numpy() for key in keys],
+                                                     [g[key].numpy() for key in keys], min_score=COMPARE_SCORE)
             else:
                 w, g = want.pred_sem_seg.data, got.pred_sem_seg.data
                 missed, total = int((w != g).sum()), w.numel()

@@ -1,4 +1,4 @@
-"""mmdat.deployment.nms and the batched per-class NMS: mmcv's results, in PyTorch and in ONNX."""
+"""mmdat.deployment.ops.nms_indices and the batched per-class NMS: mmcv's results, in PyTorch and in ONNX."""
 import numpy as np
 import pytest
 import torch
@@ -6,7 +6,7 @@ import torch.nn as nn
 from mmcv.ops import batched_nms
 
 from mmdat.deployment import batched_class_nms, nms_indices
-from mmdat.deployment.nms import ONNX_TRANSLATIONS, register_torchscript_symbolics
+from mmdat.deployment.ops import ONNX_TRANSLATIONS, register_torchscript_symbolics
 
 ort = pytest.importorskip('onnxruntime')
 

@@ -12,6 +12,9 @@ from mmengine.config import Config
 from mmdat.deployment import UnsupportedModelError, build_predict_module, full_image_sizes
 from mmdat.deployment.predict import ShapeAdaptiveAvgPool, match_predictions, unmatched_detections
 from mmdat.utils import register_scope
+from tests.conftest import CASCADE_CONFIG as CASCADE
+from tests.conftest import MASK_RCNN_CONFIG as MASK_RCNN
+from tests.conftest import small_two_stage
 
 CONFIGS = Path(__file__).resolve().parents[1] / 'data' / 'configs'
 RETINANET = CONFIGS / 'retinanet_dat_shapes_tiny.py'
@@ -119,12 +122,60 @@ def test_refuses_sliding_window_segmentation():
                                                                         stride=(32, 32)))))
 
 
-def test_refuses_a_two_stage_detector_with_one_line():
-    model = build(CONFIGS / 'mask_rcnn_dat_t_swap.py',
-                  model=dict(backbone=dict(arch=SMALL_ARCH), neck=dict(in_channels=[16, 32, 64, 128])))
-    with pytest.raises(UnsupportedModelError, match='MaskRCNN: two-stage') as error:
-        build_predict_module(model)
+@pytest.mark.parametrize('config', [MASK_RCNN, pytest.param(CASCADE, marks=pytest.mark.slow)],
+                         ids=['mask_rcnn', 'cascade'])
+def test_two_stage_gives_mmdets_detections_and_masks(config):
+    """Boxes, scores and labels as mmdet's predict, and masks that mmdet's paste makes the same
+    (at an odd size, the second image padded)."""
+    from mmdet.structures import DetDataSample
+
+    from mmdat.deployment.runtime import pack_detections
+    model = small_two_stage(config)
+    inputs = torch.randn(2, 3, 161, 227)
+    sizes = full_image_sizes(inputs)
+    sizes[1] = torch.tensor([140, 200])
+    # the second image was resized by 1.25 from its original: masks are pasted at that size
+    metas = [dict(img_shape=(161, 227), ori_shape=(161, 227), scale_factor=(1.0, 1.0)),
+             dict(img_shape=(140, 200), ori_shape=(112, 160), scale_factor=(1.25, 1.25))]
+    with torch.no_grad():
+        outputs = build_predict_module(model)(inputs, sizes)
+        expected = model.predict(inputs, [DetDataSample(metainfo=meta) for meta in metas], rescale=True)
+    boxes, scores, labels, masks = outputs
+    assert masks.shape == (2, 100, 28, 28) and 0 <= masks.min() and masks.max() <= 1
+    packed = pack_detections([o.numpy() for o in outputs], [DetDataSample(metainfo=meta) for meta in metas],
+                             model.roi_head.test_cfg.mask_thr_binary)
+    for image, (sample, want) in enumerate(zip(packed, expected)):
+        got, want = sample.pred_instances, want.pred_instances
+        assert len(want) > 10  # random weights: many boxes above score_thr
+        torch.testing.assert_close(got.bboxes, want.bboxes, rtol=0, atol=1e-4)
+        torch.testing.assert_close(got.scores, want.scores, rtol=0, atol=1e-6)
+        assert torch.equal(got.labels, want.labels)
+        assert got.masks.shape == want.masks.shape == (len(want), *metas[image]['ori_shape'])
+        assert torch.equal(got.masks, want.masks) and want.masks.any()
+    assert boxes[1, :, 0::2].max() <= 200 and boxes[1, :, 1::2].max() <= 140
+
+
+@pytest.mark.parametrize('overrides,match', [
+    (dict(model=dict(test_cfg=dict(rpn=dict(nms=dict(type='soft_nms', iou_threshold=0.7))))),
+     "rpn_head RPNHead: test_cfg nms type 'soft_nms' has no ONNX operator"),
+    (dict(model=dict(roi_head=dict(mask_roi_extractor=dict(roi_layer=dict(_delete_=True, type='RoIPool',
+                                                                            output_size=14))))),
+     'roi_head StandardRoIHead SingleRoIExtractor: only RoIAlign with average pooling is exported, not RoIPool'),
+    (dict(model=dict(roi_head=dict(type='PISARoIHead'))), 'roi_head PISARoIHead: only StandardRoIHead'),
+    (dict(model=dict(roi_head=dict(mask_head=dict(type='HTCMaskHead')))),
+     'mask_head HTCMaskHead: only the forward and post-processing of FCNMaskHead'),
+])
+def test_refuses_what_a_two_stage_detector_cannot_export_with_one_line(overrides, match):
+    with pytest.raises(UnsupportedModelError, match=match) as error:
+        build_predict_module(small_two_stage(MASK_RCNN, **overrides))
     assert '\n' not in str(error.value)
+
+
+def test_refuses_a_two_stage_detector_without_masks():
+    model = small_two_stage(MASK_RCNN)
+    model.roi_head.mask_head = None  # Faster R-CNN's RoI head
+    with pytest.raises(UnsupportedModelError, match='only RoI heads with a mask head are exported'):
+        build_predict_module(model)
 
 
 def test_unmatched_detections_counts_class_and_overlap():
@@ -140,6 +191,20 @@ def test_unmatched_detections_counts_class_and_overlap():
     assert unmatched_detections(expected, moved, min_score=0.3) == (0, 2)
     moved = (actual[0] + np.array([0.2, 0, 0.2, 0]), actual[1], np.array([0, 1]))
     assert unmatched_detections(expected, moved, min_score=0.3) == (2, 2)
+
+
+def test_unmatched_detections_with_masks_also_need_the_masks_to_overlap():
+    boxes, scores, labels = np.array([[0, 0, 10, 10.], [20, 20, 30, 30.]]), np.array([0.9, 0.8]), np.array([0, 1])
+    masks = np.zeros((2, 28, 28), dtype=np.float32)
+    masks[0, :14] = 0.9  # the top half; the second mask is empty (below 0.5 everywhere)
+    found = masks.copy()
+    assert unmatched_detections((boxes, scores, labels, masks), (boxes, scores, labels, found)) == (0, 2)
+    found[0, :12] = 0.9  # IoU 12/14 < 0.9 (still above 0.5: the same binary mask)
+    found[0, 12:14] = 0.1
+    assert unmatched_detections((boxes, scores, labels, masks), (boxes, scores, labels, found)) == (1, 2)
+    found[0, 12:14] = 0.6
+    found[1, 0, 0] = 0.7  # one pixel against an empty mask: IoU 0
+    assert unmatched_detections((boxes, scores, labels, masks), (boxes, scores, labels, found)) == (1, 2)
 
 
 def test_match_predictions_of_class_maps_is_the_fraction_of_other_pixels():

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from mmdat.deployment.runtime import pack_detections, pack_segmentation, quantize
+from mmdat.deployment.runtime import OnnxRuntimeError, pack_detections, pack_segmentation, quantize
 
 ort = pytest.importorskip('onnxruntime')
 
@@ -22,6 +22,27 @@ def test_detections_are_clipped_to_the_image_then_scaled_back():
     assert len(instances) == 1 and instances.labels.tolist() == [2]  # the unused row dropped
     # x2 clipped to the image's width (200) before scaling back by 1 / 0.5, y by 1 / 0.25
     assert instances.bboxes.tolist() == [[20.0, 80.0, 400.0, 400.0]]
+
+
+def test_masks_are_pasted_into_the_original_image_at_the_threshold():
+    from mmdet.structures import DetDataSample
+    boxes = np.array([[[0, 0, 100, 40], [0, 0, 0, 0]]], dtype=np.float32)
+    scores, labels = np.array([[0.9, 0.0]], dtype=np.float32), np.array([[1, -1]])
+    masks = np.zeros((1, 2, 28, 28), dtype=np.float32)
+    masks[0, 0, :, :14] = 0.8  # the box's left half
+    meta = dict(img_shape=(60, 120), ori_shape=(30, 60), scale_factor=(2.0, 2.0))
+    (packed, ) = pack_detections([boxes, scores, labels, masks], [DetDataSample(metainfo=meta)], 0.5)
+    pasted = packed.pred_instances.masks
+    assert pasted.shape == (1, 30, 60) and pasted.dtype == torch.bool
+    # the box is (0, 0, 50, 20) in the original image: its left half, 25 x 20 pixels
+    assert pasted[0, :20, :25].all() and pasted.sum() == 25 * 20
+    (packed, ) = pack_detections([boxes, scores, labels, masks], [DetDataSample(metainfo=meta)], 0.9)
+    assert not packed.pred_instances.masks.any()
+    empty = [boxes[:, 1:], scores[:, 1:], labels[:, 1:], masks[:, 1:]]
+    (packed, ) = pack_detections(empty, [DetDataSample(metainfo=meta)], 0.5)
+    assert packed.pred_instances.masks.shape == (0, 30, 60)
+    with pytest.raises(OnnxRuntimeError, match='no model.test_cfg.rcnn.mask_thr_binary'):
+        pack_detections([boxes, scores, labels, masks], [DetDataSample(metainfo=meta)])
 
 
 def test_class_maps_lose_their_padding_and_take_the_original_size():

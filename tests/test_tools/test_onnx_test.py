@@ -25,6 +25,7 @@ TEST = REPO_ROOT / 'tools' / 'deployment' / 'onnx_test.py'
 DEMO = REPO_ROOT / 'tools' / 'deployment' / 'onnx_demo.py'
 DETECTOR = REPO_ROOT / 'tests' / 'data' / 'configs' / 'retinanet_dat_shapes_tiny.py'
 SEGMENTER = REPO_ROOT / 'configs' / 'demo' / 'fpn_dat_demo_shapes.py'
+MASK_RCNN = REPO_ROOT / 'tests' / 'data' / 'configs' / 'mask_rcnn_dat_shapes_tiny.py'
 
 
 @pytest.fixture(scope='module')
@@ -83,6 +84,26 @@ def test_detector_exported_whole_gives_pytorchs_boxes_and_metrics(shapes_root, t
 
     image = next((shapes_root / 'val' / 'images').iterdir())
     result = run([DEMO, image, DETECTOR, model, '--out', tmp_path / 'demo.png'], shapes_root)
+    assert (tmp_path / 'demo.png').is_file() and 'detections with score > 0.3' in result.stdout
+
+
+@pytest.mark.slow
+def test_mask_rcnn_exported_whole_gives_pytorchs_boxes_masks_and_metrics(shapes_root, tmp_path):
+    checkpoint = random_checkpoint(MASK_RCNN, tmp_path / 'mask_rcnn.pth', shapes_root)
+    model = tmp_path / 'mask_rcnn.onnx'
+    result = run([EXPORT, MASK_RCNN, model, '--part', 'predict', '--checkpoint', checkpoint,
+                  '--shape', '256', '--check-shape', '233', '301'], shapes_root)  # torch.export
+    assert 'torch.export' in result.stdout and result.stdout.count('0.0% of the predictions missed') == 2
+    result = run([TEST, MASK_RCNN, model, '--checkpoint', checkpoint, '--work-dir', tmp_path / 'work'], shapes_root)
+    compared = re.search(r'score > 0.3 without an ONNX box of the same class at IoU >= 0.99 and mask IoU '
+                         r'>= 0.9: (\d+) of (\d+)', result.stdout)
+    assert compared and int(compared[1]) == 0 and int(compared[2]) > 50
+    onnx_metrics = metrics_line(result.stdout, 'ONNX (onnxruntime fp32)')
+    assert {'coco/bbox_mAP', 'coco/segm_mAP'} <= {key for key, _ in onnx_metrics}
+    assert onnx_metrics == metrics_line(result.stdout, 'PyTorch')
+
+    image = next((shapes_root / 'val' / 'images').iterdir())
+    result = run([DEMO, image, MASK_RCNN, model, '--out', tmp_path / 'demo.png'], shapes_root)
     assert (tmp_path / 'demo.png').is_file() and 'detections with score > 0.3' in result.stdout
 
 

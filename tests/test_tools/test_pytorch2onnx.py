@@ -7,8 +7,10 @@ import pytest
 import torch
 import torch.nn as nn
 
+from mmdat.deployment import build_predict_module
 from mmdat.models.layers import DeformableAttention
-from tests.conftest import MINIMAL_ARCHS, REPO_ROOT, TEST_CONFIGS, load_tool, small_backbone
+from tests.conftest import (CASCADE_CONFIG, MASK_RCNN_CONFIG, MINIMAL_ARCHS, REPO_ROOT, TEST_CONFIGS, load_tool,
+                            small_backbone, small_two_stage)
 
 pytest.importorskip('onnxruntime')
 pytest.importorskip('onnx')
@@ -153,12 +155,22 @@ def test_cli_exports_a_whole_detector(tmp_path):
     assert 'at 2x96x136: max relative error' in result.stdout and 'over 6 outputs' in result.stdout
 
 
-def test_cli_refuses_a_part_the_model_cannot_export_with_one_line(tmp_path):
-    config = REPO_ROOT / 'tests' / 'data' / 'configs' / 'mask_rcnn_dat_t_swap.py'
+def test_cli_refuses_an_opset_without_half_pixel_roi_align_with_one_line(tmp_path, monkeypatch):
+    """Two-stage detectors need ONNX RoiAlign's half-pixel mode (opset 16)."""
+    monkeypatch.setattr(pytorch2onnx, 'build_model',
+                        lambda *args: build_predict_module(small_two_stage(MASK_RCNN_CONFIG)))
     output = tmp_path / 'mask_rcnn.onnx'
-    result = subprocess.run([sys.executable, str(TOOL), str(config), str(output), '--part', 'predict'],
-                            capture_output=True, text=True, cwd=REPO_ROOT)
-    assert result.returncode == 1
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith('pytorch2onnx: MaskRCNN: two-stage detectors are not exported') and 'Traceback' not in result.stderr
-    assert not output.exists()
+    with pytest.raises(SystemExit) as exit_info:
+        pytorch2onnx.main([str(MASK_RCNN_CONFIG), str(output), '--part', 'predict', '--opset', '15'])
+    message = str(exit_info.value.code)
+    assert message.startswith('pytorch2onnx: --opset 15: this model needs opset 16') and '\n' not in message
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_cascade_exports_whole_and_agrees(tmp_path):
+    """Cascade Mask R-CNN's structure (three box heads refining the boxes, three mask heads) with a
+    small DAT: TorchScript export, onnxruntime's boxes and masks against PyTorch's at two sizes."""
+    model = build_predict_module(small_two_stage(CASCADE_CONFIG))
+    report = pytorch2onnx.export_checked(model, str(tmp_path / 'cascade.onnx'), (192, 256), (161, 227))
+    assert list(report.values()) == [[0.0], [0.0]]

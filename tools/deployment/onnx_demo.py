@@ -7,8 +7,8 @@ Example::
         retinanet.onnx --out onnx_demo.png
 
 The image goes through the config's test pipeline and data preprocessor (resized, normalised,
-padded), then the ONNX model; boxes are scaled back to the image. Class names come from the
-config's test dataset.
+padded), then the ONNX model; boxes are scaled back to the image, and instance masks (Mask
+R-CNN, Cascade) pasted into it and drawn too. Class names come from the config's test dataset.
 """
 import argparse
 from typing import Optional, Sequence
@@ -17,7 +17,8 @@ import mmcv
 import numpy as np
 import torch
 
-from mmdat.deployment.runtime import OnnxRuntimeError, create_session, output_kind, pack_predictions, run_session
+from mmdat.deployment.runtime import (OnnxRuntimeError, create_session, mask_threshold, output_kind, pack_predictions,
+                                      run_session)
 from mmdat.utils import (check_file, check_out_file, image_file, load_dat_config,
                          one_line_errors, read_image)
 from mmdat.utils.inference import _config_dataset_meta
@@ -62,7 +63,7 @@ def predict(cfg, session, image_path: str):
     with torch.no_grad():
         batch = preprocessor(dict(inputs=[data['inputs']], data_samples=[data['data_samples']]), False)
     outputs = run_session(session, batch['inputs'], batch['data_samples'])
-    return pack_predictions(kind, outputs, batch['data_samples'])[0]
+    return pack_predictions(kind, outputs, batch['data_samples'], mask_threshold(cfg))[0]
 
 
 @one_line_errors

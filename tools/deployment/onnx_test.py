@@ -12,9 +12,12 @@ the outputs are packed as mmdet/mmseg pack theirs (boxes scaled back to the orig
 class maps with the padding removed, resized to the original image) and go to the config's
 test evaluator through mmengine's test loop.
 
+Instance masks (Mask R-CNN, Cascade Mask R-CNN) are pasted into the original image and
+binarised at the config's ``mask_thr_binary`` with mmdet's own function.
+
 ``--checkpoint`` also runs the PyTorch model on the same batches: its metrics are printed too,
 and how many of its predictions ONNX misses (detections scoring above 0.3 without an ONNX box of
-the same class at IoU >= 0.99; pixels of another class).
+the same class at IoU >= 0.99, and with masks, mask IoU >= 0.9; pixels of another class).
 
 ``--quantize dynamic|static`` writes an int8 copy of the model with onnxruntime's quantizer
 (convolutions and matrix products; static mode calibrated on ``--calib-images`` training images
@@ -33,7 +36,8 @@ from mmengine.config import DictAction
 from mmengine.evaluator import Evaluator
 from mmengine.runner import Runner
 
-from mmdat.deployment.runtime import QUANTIZE_MODES, OnnxModel, OnnxRuntimeError, quantize
+from mmdat.deployment.predict import MASK_MIN_IOU
+from mmdat.deployment.runtime import QUANTIZE_MODES, OnnxModel, OnnxRuntimeError, mask_threshold, quantize
 from mmdat.models.utils import CheckpointError, check_weights_fit, load_checkpoint_file, trust_checkpoint
 from mmdat.utils import (adapt_to_cpu, add_checkpoint_arguments, check_dataset_files, check_file,
                          load_tool_config, one_line_errors)
@@ -96,7 +100,7 @@ def evaluate(cfg, model_path: str, reference: Optional[torch.nn.Module], tag: st
     reference_evaluator = None
     if reference is not None:
         reference_evaluator = Evaluator(copy.deepcopy(cfg.test_evaluator))
-    model = OnnxModel(model_path, build_preprocessor(cfg), reference, None)
+    model = OnnxModel(model_path, build_preprocessor(cfg), reference, None, mask_threshold(cfg))
     runner = Runner(model=model, work_dir=osp.join(cfg.work_dir, tag), test_dataloader=cfg.test_dataloader,
                     test_evaluator=cfg.test_evaluator, test_cfg=cfg.get('test_cfg') or dict(type='TestLoop'),
                     default_hooks=cfg.get('default_hooks'), env_cfg=cfg.get('env_cfg', dict()),
@@ -149,6 +153,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         print(f'PyTorch {args.checkpoint}: {format_metrics(fp32["pytorch"])}')
         agreement = fp32['agreement']
         what = ('PyTorch detections with score > 0.3 without an ONNX box of the same class at IoU >= 0.99'
+                + (f' and mask IoU >= {MASK_MIN_IOU}' if mask_threshold(cfg) is not None else '')
                 if fp32['kind'] == 'mmdet'
                 else 'pixels of another class in ONNX than in PyTorch')
         print(f'{what}: {agreement["missed"]} of {agreement["total"]}')

@@ -17,7 +17,8 @@ is ``max |onnx - torch| / max |torch|``; if any output at either size exceeds ``
 onnxruntime cannot run the model at one of the sizes) no file is written and the tool exits
 with status 1 and a one-line error. ``--part predict`` is checked by its predictions instead: at
 most :data:`PREDICT_TOL` of PyTorch's detections may lack an ONNX one of the same class at IoU
->= 0.99 (segmentors: of the pixels may differ).
+>= 0.99 (with masks: whose 28x28 mask binarised at 0.5 has an IoU >= 0.9 with PyTorch's;
+segmentors: of the pixels may differ).
 
 Exporters: torch.export (default, ``torch.onnx.export(dynamo=True)``) or, with ``--torchscript``,
 the deprecated TorchScript exporter. For torch.export the height and width are ``Dim`` s from the
@@ -30,8 +31,9 @@ Targets: an arch name builds a DAT backbone (outputs: the four stage outputs). A
 the whole model and exports ``extract_feat`` (backbone and neck: ``--part features``, the
 default), the raw head outputs of ``model(inputs, mode='tensor')`` (``--part tensor``: for
 single-stage detectors and segmentors; two-stage detectors need data samples there), or the
-whole model with its post-processing (``--part predict``: detections after NMS or class maps,
-see :mod:`mmdat.deployment.predict`; evaluate the file with ``tools/deployment/onnx_test.py``).
+whole model with its post-processing (``--part predict``: detections after NMS, with masks for
+Mask R-CNN and Cascade Mask R-CNN, or class maps, see :mod:`mmdat.deployment.predict`;
+evaluate the file with ``tools/deployment/onnx_test.py``).
 """
 import argparse
 import importlib
@@ -45,7 +47,7 @@ import torch
 import torch.nn as nn
 
 from mmdat.deployment import build_predict_module, full_image_sizes
-from mmdat.deployment.nms import ONNX_TRANSLATIONS, register_torchscript_symbolics
+from mmdat.deployment.ops import ONNX_TRANSLATIONS, register_torchscript_symbolics
 from mmdat.deployment.predict import match_predictions
 from mmdat.models import DAT
 from mmdat.models.backbones.dat import NUM_STAGES, STEM_STRIDE
@@ -183,6 +185,10 @@ def export_onnx(model: nn.Module, path: str, shape: Sequence[int], dynamo: bool 
     backbone = find_backbone(model)
     inputs = model_inputs(model, torch.randn(EXPORT_BATCH, backbone.in_channels if backbone is not None else 3,
                                              *shape))
+    min_opset = getattr(model, 'min_opset', None)
+    if min_opset is not None and opset < min_opset:
+        raise ExportError(f'--opset {opset}: this model needs opset {min_opset} or later '
+                          '(ONNX RoiAlign with half-pixel coordinates)')
     input_names = list(getattr(model, 'input_names', ('inputs', )))
     # predict modules name their outputs; the others keep the exporters' names
     output_names = list(getattr(model, 'output_names', ())) or None
