@@ -38,10 +38,10 @@ def run(command, shapes_root, cwd):
 
 
 def run_tool(tool, *args, shapes_root):
-    """``python tools/<tool> *args`` (forked from the session's preloaded process: the imports
-    are not what is tested here; the launcher test below starts real processes)."""
-    result = run_script(f'tools/{tool}', *args, cwd=REPO_ROOT, env={'SHAPES_ROOT': f'{shapes_root}/'},
-                        timeout=300)
+    """``python tools/<tool> *args`` with one OpenMP thread (two on a loaded 2-core machine ran
+    several times slower), in a process of its own."""
+    result = run_script(f'tools/{tool}', *args, cwd=REPO_ROOT,
+                        env={'SHAPES_ROOT': f'{shapes_root}/', 'OMP_NUM_THREADS': '1'}, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result.stdout + result.stderr
 

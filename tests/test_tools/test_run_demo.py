@@ -13,9 +13,10 @@ from tests.conftest import REPO_ROOT, run_script
 def test_run_demo_short(tmp_path):
     data_root, work_dir = tmp_path / 'shapes', tmp_path / 'work'
     # One batch of 8 images per step; 51 segmenter steps: the demo config's PolyLR starts at step 50.
+    # One thread: two OpenMP threads on a loaded 2-core machine ran several times slower.
     result = run_script('tools/run_demo.py', '--data-root', data_root, '--work-dir', work_dir,
                         '--train-images', '8', '--det-epochs', '1', '--seg-iters', '51', '--num-pictures', '2',
-                        cwd=REPO_ROOT, timeout=600)
+                        cwd=REPO_ROOT, env={'OMP_NUM_THREADS': '1'}, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert len(json.loads((data_root / 'annotations' / 'instances_train.json').read_text())['images']) == 8
 
