@@ -1,24 +1,27 @@
 """tools/run_demo.py end to end with a shortened schedule: data, untrained and trained
 evaluation of both models, results.json and the picture."""
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
 import pytest
 
-from tests.conftest import REPO_ROOT, run_script
+from tests.conftest import REPO_ROOT
 
 
 @pytest.mark.slow
 def test_run_demo_short(tmp_path):
     data_root, work_dir = tmp_path / 'shapes', tmp_path / 'work'
-    # One batch of 8 images per step; 51 segmenter steps: the demo config's PolyLR starts at step 50.
-    # One thread: two OpenMP threads on a loaded 2-core machine ran several times slower.
-    result = run_script('tools/run_demo.py', '--data-root', data_root, '--work-dir', work_dir,
-                        '--train-images', '8', '--det-epochs', '1', '--seg-iters', '51', '--num-pictures', '2',
-                        cwd=REPO_ROOT, env={'OMP_NUM_THREADS': '1'}, timeout=600)
+    env = {**os.environ, 'PYTHONPATH': str(REPO_ROOT), 'OMP_NUM_THREADS': '1'}
+    result = subprocess.run(
+        [sys.executable, 'tools/run_demo.py', '--data-root', str(data_root), '--work-dir', str(work_dir),
+         '--train-images', '40', '--det-epochs', '1', '--seg-iters', '60', '--num-pictures', '2'],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    assert len(json.loads((data_root / 'annotations' / 'instances_train.json').read_text())['images']) == 8
+    assert len(json.loads((data_root / 'annotations' / 'instances_train.json').read_text())['images']) == 40
 
     results = json.loads((work_dir / 'results.json').read_text())
     det, seg = results['detection'], results['segmentation']
