@@ -9,7 +9,7 @@ import torch
 
 import mmdat  # noqa: F401  (weights_only allow-list for mmengine checkpoints)
 from mmdat.datasets import make_synthetic_dataset
-from tests.conftest import REPO_ROOT, TEST_CONFIGS, run_script
+from tests.conftest import REPO_ROOT, TEST_CONFIGS
 
 pytestmark = pytest.mark.slow  # every test here starts other processes
 
@@ -37,33 +37,25 @@ def run(command, shapes_root, cwd):
     return result.stdout + result.stderr
 
 
-def run_tool(tool, *args, shapes_root):
-    """``python tools/<tool> *args`` with one OpenMP thread (two on a loaded 2-core machine ran
-    several times slower), in a process of its own."""
-    result = run_script(f'tools/{tool}', *args, cwd=REPO_ROOT,
-                        env={'SHAPES_ROOT': f'{shapes_root}/', 'OMP_NUM_THREADS': '1'}, timeout=300)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    return result.stdout + result.stderr
-
-
 def test_train_kill_resume_and_test(shapes_root, tmp_path):
     work = tmp_path / 'work'
-    run_tool('train.py', CONFIG, '--work-dir', work, shapes_root=shapes_root)
+    run([sys.executable, 'tools/train.py', str(CONFIG), '--work-dir', str(work)], shapes_root, REPO_ROOT)
     first = torch.load(work / 'epoch_2.pth', weights_only=True)
     assert first['meta']['epoch'] == 2 and first['meta']['iter'] == 8
 
     # As if the run had been killed during epoch 2: only epoch 1 was saved.
     (work / 'epoch_2.pth').unlink()
     (work / 'last_checkpoint').write_text(str(work / 'epoch_1.pth'))
-    log = run_tool('train.py', CONFIG, '--work-dir', work, '--resume', shapes_root=shapes_root)
+    log = run([sys.executable, 'tools/train.py', str(CONFIG), '--work-dir', str(work), '--resume'],
+              shapes_root, REPO_ROOT)
     assert 'resumed epoch: 1, iter: 4' in log
     resumed = torch.load(work / 'epoch_2.pth', weights_only=True)
     assert resumed['meta']['iter'] == 8
     assert resumed['param_schedulers'] == first['param_schedulers']
     assert resumed['state_dict'].keys() == first['state_dict'].keys()
 
-    log = run_tool('test.py', CONFIG, work / 'epoch_2.pth', '--amp', '--work-dir', tmp_path / 'test',
-                   shapes_root=shapes_root)
+    log = run([sys.executable, 'tools/test.py', str(CONFIG), str(work / 'epoch_2.pth'), '--amp',
+               '--work-dir', str(tmp_path / 'test')], shapes_root, REPO_ROOT)
     if not torch.cuda.is_available():
         assert 'No CUDA device: testing in float32.' in log
     # A model trained for 8 steps may predict nothing above the score threshold, so check that the
