@@ -4,10 +4,7 @@ model type; the training pipelines run on real (generated) images; mmdet's and m
 tools/train.py run the demo configs unchanged."""
 import copy
 import functools
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import mmengine.config.config as mmengine_config
@@ -23,7 +20,7 @@ import mmdat
 from mmdat.datasets import CLASSES, make_synthetic_dataset
 from mmdat.models.utils import resolve_pretrained
 from mmdat.utils import load_tool_config
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, run_script
 
 CONFIG_DIR = REPO_ROOT / 'configs'
 CONFIGS = sorted(p.name for p in CONFIG_DIR.glob('*.py'))
@@ -293,11 +290,10 @@ def test_train_stops_at_once_without_backbone_weights(tmp_path):
     for folder in ('images/training', 'annotations/training', 'images/validation',
                    'annotations/validation'):  # the dataset check comes first
         (tmp_path / 'ade' / folder).mkdir(parents=True)
-    result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / 'tools' / 'train.py'), str(CONFIG_DIR / 'upernet_datpp_s_ade20k.py'),
-         '--cfg-options', f'train_dataloader.dataset.data_root={tmp_path / "ade"}',
-         f'val_dataloader.dataset.data_root={tmp_path / "ade"}'],
-        cwd=tmp_path, capture_output=True, text=True, env={**os.environ, 'PYTHONPATH': str(REPO_ROOT)})
+    result = run_script(
+        REPO_ROOT / 'tools' / 'train.py', CONFIG_DIR / 'upernet_datpp_s_ade20k.py',
+        '--cfg-options', f'train_dataloader.dataset.data_root={tmp_path / "ade"}',
+        f'val_dataloader.dataset.data_root={tmp_path / "ade"}', cwd=tmp_path)
     assert result.returncode == 1 and 'Traceback' not in result.stderr
     message = result.stderr.strip().splitlines()[-1]
     assert message.startswith("Backbone weights file 'checkpoints/dat_pp_small_in1k_224.pth' not found")
@@ -316,12 +312,11 @@ def test_stock_train_tool_runs_the_demo_config(library, name, length, shapes_roo
     trailing '/'), here for two iterations on the generated images."""
     tool = Path(__import__(library).__file__).parent / '.mim' / 'tools' / 'train.py'
     work_dir = tmp_path / 'work'
-    result = subprocess.run(
-        [sys.executable, str(tool), str(CONFIG_DIR / 'demo' / name), '--work-dir', str(work_dir),
-         '--cfg-options', length, 'train_dataloader.batch_size=2', 'default_hooks.logger.interval=1',
-         'default_hooks.checkpoint.interval=1'],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
-        env={**os.environ, 'PYTHONPATH': str(REPO_ROOT), 'SHAPES_ROOT': str(shapes_root).rstrip('/')})
+    result = run_script(
+        tool, CONFIG_DIR / 'demo' / name, '--work-dir', work_dir,
+        '--cfg-options', length, 'train_dataloader.batch_size=2', 'default_hooks.logger.interval=1',
+        'default_hooks.checkpoint.interval=1',
+        cwd=tmp_path, timeout=300, env={'SHAPES_ROOT': str(shapes_root).rstrip('/')})
     assert result.returncode == 0, result.stderr[-3000:]
     logs = result.stdout + result.stderr
     assert re.search(r'Iter\(train\) \[2/2\]|Epoch\(train\) +\[1\]\[2/2\]', logs), logs[-3000:]

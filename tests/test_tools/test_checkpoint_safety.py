@@ -1,7 +1,5 @@
 """Every tool that reads a checkpoint: hostile files run no code, broken files and weights that do
 not fit stop the tool with one line naming the file."""
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -10,7 +8,7 @@ import torch
 
 from mmdat.datasets import make_synthetic_dataset
 from mmdat.models import DAT
-from tests.conftest import REPO_ROOT, TEST_CONFIGS, load_module, load_tool
+from tests.conftest import REPO_ROOT, TEST_CONFIGS, load_module, load_tool, run_script
 
 DETECTOR = str(TEST_CONFIGS / 'retinanet_dat_shapes_tiny.py')
 BACKBONE_ARCH = dict(embed_dims=8, depths=(1, 1, 2, 1), num_heads=(1, 2, 2, 4), offset_groups=(0, 0, 1, 2))
@@ -111,8 +109,7 @@ def test_broken_checkpoints_give_one_line_in_every_tool(kind, hostile_checkpoint
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, *map(str, args)], cwd=REPO_ROOT, capture_output=True,
-                          text=True, env={**os.environ, 'PYTHONPATH': str(REPO_ROOT)})
+    return run_script(*args, cwd=REPO_ROOT)
 
 
 @pytest.mark.slow

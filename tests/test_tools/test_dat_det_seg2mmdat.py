@@ -1,8 +1,5 @@
 """Official DAT++ detection/segmentation checkpoints (mmdet 2 / mmseg 0) -> mmdet 3 / mmseg 1."""
 import functools
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,7 +8,7 @@ from mmengine.registry import init_default_scope
 
 from mmdat.models import DAT
 from mmdat.models.utils import dat_det_seg_converter, is_official_dat_det_seg
-from tests.conftest import (REPO_ROOT, TEST_CONFIGS, load_tool, official_features, official_input,
+from tests.conftest import (REPO_ROOT, TEST_CONFIGS, load_tool, run_script, official_features, official_input,
                             official_state_dict)
 
 
@@ -77,9 +74,7 @@ def test_mask_rcnn_checkpoint_converts_and_reproduces_the_official_backbone():
 
 
 def run_converter(*args):
-    return subprocess.run([sys.executable, 'tools/model_converters/dat_det_seg2mmdat.py', *map(str, args)],
-                          cwd=REPO_ROOT, capture_output=True, text=True,
-                          env={**os.environ, 'PYTHONPATH': str(REPO_ROOT)})
+    return run_script('tools/model_converters/dat_det_seg2mmdat.py', *args, cwd=REPO_ROOT)
 
 
 @pytest.mark.slow
@@ -113,9 +108,8 @@ def test_cli_refuses_other_checkpoints(tmp_path):
 @pytest.mark.slow
 def test_backbone_converter_points_whole_models_to_this_tool(tmp_path):
     torch.save({'state_dict': {'backbone.patch_proj.0.weight': torch.zeros(1)}}, tmp_path / 'det.pth')
-    result = subprocess.run([sys.executable, 'tools/model_converters/dat2mmdat.py', tmp_path / 'det.pth',
-                             tmp_path / 'out.pth'], cwd=REPO_ROOT, capture_output=True, text=True,
-                            env={**os.environ, 'PYTHONPATH': str(REPO_ROOT)})
+    result = run_script('tools/model_converters/dat2mmdat.py', tmp_path / 'det.pth', tmp_path / 'out.pth',
+                        cwd=REPO_ROOT)
     assert result.returncode == 1 and 'convert it with tools/model_converters/dat_det_seg2mmdat.py' in result.stderr
 
 
@@ -173,10 +167,8 @@ def test_tools_test_evaluates_a_converted_checkpoint(tmp_path):
     result = run_converter(tmp_path / 'official.pth', tmp_path / 'converted.pth', '--config', config)
     assert result.returncode == 0, result.stderr
 
-    env = {**os.environ, 'PYTHONPATH': str(REPO_ROOT), 'SHAPES_ROOT': f'{tmp_path / "shapes"}/'}
-    result = subprocess.run([sys.executable, 'tools/test.py', str(config), str(tmp_path / 'converted.pth'),
-                             '--work-dir', str(tmp_path / 'work')], cwd=REPO_ROOT, env=env,
-                            capture_output=True, text=True, timeout=300)
+    result = run_script('tools/test.py', config, tmp_path / 'converted.pth', '--work-dir', tmp_path / 'work',
+                        cwd=REPO_ROOT, env={'SHAPES_ROOT': f'{tmp_path / "shapes"}/'}, timeout=300)
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-4000:]
     assert f'Load checkpoint from {tmp_path / "converted.pth"}' in log

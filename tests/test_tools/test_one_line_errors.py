@@ -5,7 +5,6 @@ The shared mechanism (mmdat.utils.one_line_errors) is tested in tests/test_utils
 """
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import REPO_ROOT, TEST_CONFIGS, load_tool
+from tests.conftest import REPO_ROOT, TEST_CONFIGS, load_tool, run_script
 
 TINY_DETECTOR = TEST_CONFIGS / 'retinanet_dat_shapes_tiny.py'
 
@@ -85,10 +84,8 @@ def test_train_resume_of_a_weights_only_file(files, monkeypatch):
 @pytest.mark.slow
 @pytest.mark.parametrize('tool', TOOLS)
 def test_as_a_command(files, tool):
-    result = subprocess.run([sys.executable, str(REPO_ROOT / 'tools' / tool),
-                             *tool_commands(files, str(files / 'syntax_error.py'))[tool]],
-                            capture_output=True, text=True, cwd=files,
-                            env={**os.environ, 'PYTHONPATH': str(REPO_ROOT)})
+    result = run_script(REPO_ROOT / 'tools' / tool, *tool_commands(files, str(files / 'syntax_error.py'))[tool],
+                        cwd=files)
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert 'Traceback' not in result.stderr and len(lines) == 1, result.stderr[-2000:]

@@ -1,17 +1,13 @@
 """tools/train.py and tools/test.py stop early, with a clear message, when inputs are missing."""
-import os
 import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import REPO_ROOT, load_tool
+from tests.conftest import REPO_ROOT, load_tool, run_script
 
 
 def run_tool(*args, cwd):
-    return subprocess.run([sys.executable, str(REPO_ROOT / 'tools' / args[0]), *map(str, args[1:])],
-                          cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, 'PYTHONPATH': str(REPO_ROOT)})
+    return run_script(REPO_ROOT / 'tools' / args[0], *args[1:], cwd=cwd)
 
 
 @pytest.mark.slow

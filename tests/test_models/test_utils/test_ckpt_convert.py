@@ -1,5 +1,3 @@
-import os
-import subprocess
 import sys
 import types
 
@@ -9,7 +7,7 @@ import torch
 from mmdat.models import DAT
 from mmdat.models.utils import dat_converter, is_official_dat, load_checkpoint_file
 from mmdat.models.utils.checkpoint import OmittedObject
-from tests.conftest import REPO_ROOT, official_features, official_input, official_state_dict
+from tests.conftest import REPO_ROOT, official_features, official_input, official_state_dict, run_script
 
 
 def relative_error(a, b):
@@ -101,9 +99,7 @@ def test_a_file_that_is_no_checkpoint(tmp_path):
 
 
 def run_converter(*args):
-    return subprocess.run([sys.executable, 'tools/model_converters/dat2mmdat.py', *map(str, args)],
-                          cwd=REPO_ROOT, capture_output=True, text=True,
-                          env={**os.environ, 'PYTHONPATH': str(REPO_ROOT)})
+    return run_script('tools/model_converters/dat2mmdat.py', *args, cwd=REPO_ROOT)
 
 
 @pytest.mark.slow

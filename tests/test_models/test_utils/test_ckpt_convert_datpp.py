@@ -1,15 +1,12 @@
 """Official DAT++ checkpoints: conversion, parameter counts and parity with pinned outputs."""
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from mmdat.models import DAT
 from mmdat.models.utils import dat_converter, is_official_dat, is_official_datpp
-from tests.conftest import (REPO_ROOT, official_features, official_input, official_layout,
+from tests.conftest import (REPO_ROOT, run_script, official_features, official_input, official_layout,
                             official_state_dict)
 
 
@@ -111,9 +108,8 @@ def test_init_cfg_resizes_the_tables_for_another_pretrain_size(tmp_path):
 @pytest.mark.slow
 def test_converter_cli_converts_datpp(tmp_path):
     save_official_file(tmp_path / 'official.pth')
-    result = subprocess.run(
-        [sys.executable, 'tools/model_converters/dat2mmdat.py', tmp_path / 'official.pth', tmp_path / 'mmdat.pth'],
-        cwd=REPO_ROOT, capture_output=True, text=True, env={**os.environ, 'PYTHONPATH': str(REPO_ROOT)})
+    result = run_script('tools/model_converters/dat2mmdat.py', tmp_path / 'official.pth', tmp_path / 'mmdat.pth',
+                        cwd=REPO_ROOT)
     assert result.returncode == 0, result.stderr
     assert 'DAT++' in result.stdout
     converted = torch.load(tmp_path / 'mmdat.pth')['state_dict']
