@@ -363,8 +363,9 @@ class TwoStageDetectorPredict(nn.Module):
         logits = stage_logits[0] if len(stage_logits) == 1 else sum(stage_logits) / float(len(stage_logits))
         scores = logits.softmax(-1)[:, :-1].view(batch, count, -1)
         num_classes = scores.shape[-1]
-        groups = 1 if head.reg_class_agnostic else num_classes
-        boxes = head.bbox_coder.decode(proposals.repeat_interleave(groups, dim=1).flatten(0, 1),
+        last = self.bbox_heads[-1]  # its deltas are the loop's last
+        groups = 1 if last.reg_class_agnostic else num_classes
+        boxes = last.bbox_coder.decode(proposals.repeat_interleave(groups, dim=1).flatten(0, 1),
                                        deltas.reshape(-1, 4))
         boxes = clip_to_images(boxes.view(batch, count, groups, 4), image_sizes).expand(-1, -1, num_classes, -1)
         # proposals padded after the RPN's NMS are no candidates

@@ -278,8 +278,11 @@ def runs_on(attn_impl: str, device: torch.device, dtype: torch.dtype) -> bool:
     impl = _check_name(attn_impl)
     if impl is None:
         return True
-    return all(any(kernel.module.supports(device, dtype) for kernel in impl.kernels if kernel.layer == layer)
-               or not any(kernel.layer == layer for kernel in impl.kernels) for layer in impl.layers)
+    for layer in impl.layers:
+        kernels = [kernel for kernel in impl.kernels if kernel.layer == layer]
+        if kernels and not any(kernel.module.supports(device, dtype) for kernel in kernels):
+            return False
+    return True
 
 
 def block_attn_impl(attn_impl: str, layer: str) -> str:
