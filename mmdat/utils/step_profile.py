@@ -37,7 +37,7 @@ MODULE_COMPONENTS = {
     'WindowAttention': 'window attention', 'ShiftWindowMSA': 'window attention',  # DAT's, mmdet Swin's
     'NeighborhoodAttention': 'neighborhood attention op',
     'OffsetNetwork': 'offsets and sampling',
-    'ConvMLP': 'MLP', 'FFN': 'MLP',
+    'MLP': 'MLP', 'FFN': 'MLP',  # DAT's, mmdet Swin's
     'LayerNorm': 'norms',
     'ConvDownsample': 'stem and downsampling', 'OverlappingDownsample': 'stem and downsampling',
     'ConvStem': 'stem and downsampling', 'PatchEmbed': 'stem and downsampling',
@@ -58,8 +58,8 @@ RANGE_PREFIX = 'component::'
 
 def module_components(model: nn.Module) -> Dict[nn.Module, str]:
     """The component each labelled module of ``model`` stands for: by class name
-    (:data:`MODULE_COMPONENTS`), plus DAT's plain MLP (a block's ``mlp``), DAT++'s local
-    perception unit (``lpu``) and the linear layers of attention modules (projections)."""
+    (:data:`MODULE_COMPONENTS`), plus DAT++'s local perception unit (``lpu``) and the linear
+    layers of attention modules (projections)."""
     labels = {}
 
     def visit(module: nn.Module, name: str, parent: Optional[str]) -> None:
@@ -67,9 +67,7 @@ def module_components(model: nn.Module) -> Dict[nn.Module, str]:
         label = next((MODULE_COMPONENTS[c.__name__] for c in type(module).__mro__ if c.__name__ in MODULE_COMPONENTS),
                      None)
         leaf = name.rsplit('.', 1)[-1]
-        if label is None and leaf == 'mlp':
-            label = 'MLP'
-        elif label is None and leaf == 'lpu':
+        if label is None and leaf == 'lpu':
             label = 'local perception unit'
         elif isinstance(module, nn.Linear) and (parent in ATTENTION_OPS or parent == 'neighborhood attention op'):
             label = 'attention projections'

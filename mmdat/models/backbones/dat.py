@@ -1,5 +1,4 @@
 """DAT (Xia et al., CVPR 2022) and DAT++ (arXiv 2309.01430) backbones."""
-from collections import OrderedDict
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -9,7 +8,7 @@ import torch.utils.checkpoint as cp
 from mmengine.model import BaseModule
 
 from mmdat.registry import register_model
-from ..layers import (IMPLEMENTATIONS, DeformableAttention, DeformableAttentionPP, NeighborhoodAttention,
+from ..layers import (IMPLEMENTATIONS, MLP, DeformableAttention, DeformableAttentionPP, NeighborhoodAttention,
                       WindowAttention, block_attn_impl, check_attn_impl)
 from ..layers.tracing import pad_to_multiple
 from ..utils import check_pretrained_file, load_backbone_weights
@@ -109,40 +108,19 @@ class OverlappingDownsample(nn.Module):
         return self.norm(self.conv(x).permute(0, 2, 3, 1))
 
 
-class ConvMLP(nn.Module):
-    """DAT++ MLP: ``fc2(gelu(h + dwconv3x3(h)))`` with ``h = fc1(x)``.
-
-    Args:
-        embed_dims (int): Input and output channels.
-        hidden_dims (int): Channels of the hidden layer.
-    """
-
-    def __init__(self, embed_dims: int, hidden_dims: int):
-        super().__init__()
-        self.fc1 = nn.Linear(embed_dims, hidden_dims)
-        self.dwconv = nn.Conv2d(hidden_dims, hidden_dims, 3, 1, 1, groups=hidden_dims)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden_dims, embed_dims)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Args: x (Tensor): ``(B, H, W, C)``. Returns: Tensor ``(B, H, W, C)``."""
-        x = self.fc1(x)
-        x = x + self.dwconv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        return self.fc2(self.act(x))
-
-
 class DATBlock(nn.Module):
     """Pre-norm transformer block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``.
 
     DAT++ blocks (``datpp=True``) start with a local perception unit, ``x + dwconv3x3(x)``,
-    and use :class:`ConvMLP`; v1 blocks use a plain two-layer MLP.
+    and their :class:`~mmdat.models.layers.MLP` has a depthwise conv; v1 blocks have a plain
+    two-layer MLP.
 
     Args:
         embed_dims (int): Channels.
         attn (nn.Module): Token mixer mapping ``(B, H, W, C)`` to the same shape.
         drop_path (float): Stochastic depth rate of both residual branches.
         with_cp (bool): Recompute the block in backward instead of storing its activations.
-        datpp (bool): DAT++ block (local perception unit and :class:`ConvMLP`).
+        datpp (bool): DAT++ block (local perception unit, MLP with a depthwise conv).
     """
 
     def __init__(self, embed_dims: int, attn: nn.Module, drop_path: float = 0.0,
@@ -153,12 +131,7 @@ class DATBlock(nn.Module):
         self.norm1 = nn.LayerNorm(embed_dims)
         self.attn = attn
         self.norm2 = nn.LayerNorm(embed_dims)
-        if datpp:
-            self.mlp = ConvMLP(embed_dims, MLP_RATIO * embed_dims)
-        else:
-            self.mlp = nn.Sequential(
-                OrderedDict(fc1=nn.Linear(embed_dims, MLP_RATIO * embed_dims), act=nn.GELU(),
-                            fc2=nn.Linear(MLP_RATIO * embed_dims, embed_dims)))
+        self.mlp = MLP(embed_dims, MLP_RATIO * embed_dims, dwconv=datpp)
         self.drop_path = DropPath(drop_path)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:

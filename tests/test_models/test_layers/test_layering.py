@@ -21,7 +21,7 @@ LEVELS = {
     'cpu_deformable': 2, 'cpu_neighborhood': 2, 'triton_deformable': 2, 'natten_kernel': 2,
     'neighborhood_tiles': 2,
     'policy': 3,
-    'window_attention': 4, 'neighborhood_attention': 4, 'deformable_attention': 4,
+    'window_attention': 4, 'neighborhood_attention': 4, 'deformable_attention': 4, 'mlp': 4,
     'deformable_attention_pp': 5,
     '__init__': 6,
 }

@@ -1,0 +1,147 @@
+"""The blocks' MLP, which keeps one hidden tensor for backward instead of three.
+
+DAT's MLP is ``fc2(gelu(fc1(x)))``; DAT++'s inserts a residual 3x3 depthwise conv,
+``fc2(gelu(h + dwconv(h)))`` with ``h = fc1(x)``. Plain autograd keeps every hidden tensor
+(4x the block's channels each) for backward: ``h`` (the conv's input), the activation's input
+and its output (``fc2``'s input). In training the MLPs then keep more than half of what a DAT++
+backbone stores (docs/benchmarks.md). :class:`MLP` keeps ``h`` alone and recomputes the conv
+and GELU from it in backward: the cheap, memory-bound operators, never the matmuls. Outputs
+and gradients are those of the plain operators (the same operators run, in the same dtypes).
+"""
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .tracing import is_tracing
+
+
+def _dwconv(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The depthwise 3x3 conv of ``h`` (``(B, H, W, C)``), a new tensor of ``h``'s layout.
+
+    The conv's parameters are cast to ``h``'s dtype, which is what autocast does to them in
+    forward and what backward, outside autocast, must repeat.
+    """
+    conv = F.conv2d(h.permute(0, 3, 1, 2), weight.to(h.dtype), bias.to(h.dtype), padding=weight.shape[-1] // 2,
+                    groups=h.shape[-1])
+    return conv.permute(0, 2, 3, 1)
+
+
+def _activation(h: torch.Tensor, dwconv_weight: Optional[torch.Tensor], dwconv_bias: Optional[torch.Tensor],
+                reuse_h: bool = False) -> torch.Tensor:
+    """``gelu(h)``, or ``gelu(h + dwconv3x3(h))``, for ``h`` of shape ``(B, H, W, C)``.
+
+    Where autograd does not record the call, the sum and the GELU run in place in one new
+    tensor (the conv's output), or in ``h`` itself with ``reuse_h`` and no conv: on CPU every
+    new tensor of this size costs page faults as well as the pass over it.
+    """
+    if dwconv_weight is not None:
+        hidden = _dwconv(h, dwconv_weight, dwconv_bias)
+        hidden += h
+    elif reuse_h:
+        hidden = h
+    else:
+        return F.gelu(h)
+    if torch.is_grad_enabled() and hidden.requires_grad:
+        return F.gelu(hidden)
+    return torch.ops.aten.gelu_(hidden)
+
+
+class _RecomputedActivationLinear(torch.autograd.Function):
+    """``F.linear(_activation(h, ...), weight, bias)``, keeping only ``h`` (and the weights).
+
+    Backward recomputes the activation from ``h`` and runs the operators autograd would run for
+    the GELU, the conv and the linear layer, in place where it can.
+    """
+
+    @staticmethod
+    def forward(ctx, h, dwconv_weight, dwconv_bias, weight, bias):
+        out = F.linear(_activation(h, dwconv_weight, dwconv_bias), weight, bias)
+        ctx.save_for_backward(h, dwconv_weight, dwconv_bias, weight)
+        ctx.bias_dtype = bias.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        h, dwconv_weight, dwconv_bias, weight = ctx.saved_tensors
+        needs_h, needs_dw_weight, needs_dw_bias, needs_weight, needs_bias = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph=True: a backward that can be differentiated again
+            return _RecomputedActivationLinear.differentiable_backward(ctx, grad_out)
+        hidden = h
+        if dwconv_weight is not None:
+            hidden = _dwconv(h, dwconv_weight, dwconv_bias)
+            hidden += h
+        activated = F.gelu(hidden)
+        # forward's linear ran in grad_out's dtype (autocast casts its inputs to it)
+        grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_weight = grad_bias = None
+        if needs_weight:
+            activated_2d = activated.reshape(-1, activated.shape[-1]).to(grad_out.dtype)
+            grad_weight = (grad_2d.t() @ activated_2d).to(weight.dtype)
+        if needs_bias:
+            grad_bias = grad_2d.sum(0).to(ctx.bias_dtype)
+        if not (needs_h or needs_dw_weight or needs_dw_bias):
+            return None, None, None, grad_weight, grad_bias
+        grad_activated = (grad_out @ weight.to(grad_out.dtype)).to(hidden.dtype)
+        # the GELU's gradient overwrites its output, no longer needed
+        grad_hidden = torch.ops.aten.gelu_backward.grad_input(grad_activated, hidden, grad_input=activated)
+        del grad_activated, hidden
+        if dwconv_weight is None:
+            return grad_hidden, None, None, grad_weight, grad_bias
+        channels = h.shape[-1]
+        grad_h, grad_dw_weight, grad_dw_bias = torch.ops.aten.convolution_backward(
+            grad_hidden.permute(0, 3, 1, 2), h.permute(0, 3, 1, 2), dwconv_weight.to(h.dtype), [channels],
+            [1, 1], [dwconv_weight.shape[-1] // 2] * 2, [1, 1], False, [0, 0], channels,
+            [needs_h, needs_dw_weight, needs_dw_bias])
+        if needs_h:
+            grad_h = grad_h.permute(0, 2, 3, 1)
+            grad_h += grad_hidden  # the residual path
+        return (grad_h, None if grad_dw_weight is None else grad_dw_weight.to(dwconv_weight.dtype),
+                None if grad_dw_bias is None else grad_dw_bias.to(dwconv_bias.dtype), grad_weight, grad_bias)
+
+
+    @staticmethod
+    def differentiable_backward(ctx, grad_out):
+        """Backward through autograd on the recomputed operators (for higher derivatives)."""
+        inputs = ctx.saved_tensors
+        with torch.enable_grad():
+            activated = _activation(*inputs[:3]).to(grad_out.dtype)
+            out = F.linear(activated, inputs[3].to(grad_out.dtype))
+        wanted = [t for t, needs in zip(inputs, ctx.needs_input_grad) if needs]
+        found = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True))
+        grads = [next(found) if needs else None for needs in ctx.needs_input_grad[:4]]
+        grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0) if ctx.needs_input_grad[4] else None
+        return (*grads, grad_bias)
+
+
+class MLP(nn.Module):
+    """Two linear layers with GELU between, on channels-last maps ``(B, H, W, C)``.
+
+    With ``dwconv=True`` (DAT++) the hidden map goes through a residual 3x3 depthwise conv
+    before the GELU. When gradients are recorded (eager mode), only the first layer's output is
+    kept for backward (see the module's docstring); otherwise the plain operators run.
+
+    Args:
+        embed_dims (int): Input and output channels.
+        hidden_dims (int): Channels of the hidden layer.
+        dwconv (bool): Add the residual depthwise conv of DAT++.
+    """
+
+    def __init__(self, embed_dims: int, hidden_dims: int, dwconv: bool = False):
+        super().__init__()
+        self.fc1 = nn.Linear(embed_dims, hidden_dims)
+        self.dwconv = nn.Conv2d(hidden_dims, hidden_dims, 3, 1, 1, groups=hidden_dims) if dwconv else None
+        self.fc2 = nn.Linear(hidden_dims, embed_dims)
+
+    def _dwconv_params(self) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        return (self.dwconv.weight, self.dwconv.bias) if self.dwconv is not None else (None, None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Args: x (Tensor): ``(B, H, W, C)``. Returns: Tensor ``(B, H, W, C)``."""
+        h = self.fc1(x)
+        if is_tracing():  # exporters and compilers record the plain operators
+            return self.fc2(_activation(h, *self._dwconv_params()))
+        if torch.is_grad_enabled():
+            return _RecomputedActivationLinear.apply(h, *self._dwconv_params(), self.fc2.weight, self.fc2.bias)
+        return self.fc2(_activation(h, *self._dwconv_params(), reuse_h=True))
