@@ -108,6 +108,19 @@ class OverlappingDownsample(nn.Module):
         return self.norm(self.conv(x).permute(0, 2, 3, 1))
 
 
+def _residual(x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+    """``x + branch``; without autograd, summed in place in ``branch``.
+
+    A branch's output (a conv's, a linear layer's, or DropPath's product) is a new tensor that
+    nothing else holds, so in inference the sum needs no new map: on CPU each new map of this
+    size costs page faults as well as the pass over it. Autograd would have to track the
+    in-place sum on a view (linear layers return one), so training sums out of place.
+    """
+    if (torch.is_grad_enabled() and (x.requires_grad or branch.requires_grad)) or branch.dtype != x.dtype:
+        return x + branch  # the dtype: e.g. a bfloat16 branch under autocast, a float32 stream
+    return branch.add_(x)
+
+
 class DATBlock(nn.Module):
     """Pre-norm transformer block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``.
 
@@ -136,9 +149,9 @@ class DATBlock(nn.Module):
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.lpu is not None:
-            x = x + self.lpu(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        x = x + self.drop_path(self.attn(self.norm1(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+            x = _residual(x, self.lpu(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+        x = _residual(x, self.drop_path(self.attn(self.norm1(x))))
+        return _residual(x, self.drop_path(self.mlp(self.norm2(x))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.with_cp and x.requires_grad:
