@@ -20,6 +20,7 @@ the signature of its layer's kernels, ``REQUIREMENT``), a :class:`Kernel` and an
 their tests.
 """
 import os
+import threading
 import warnings
 from types import ModuleType
 from typing import Dict, NamedTuple, Optional, Tuple
@@ -328,13 +329,35 @@ def kernel_error(kernel: Kernel, device: torch.device, dtype: torch.dtype, warn:
     if key not in _CHECKED:
         if is_tracing():
             return None
-        _CHECKED[key] = run_self_check(kernel, device, dtype)
+        _CHECKED[key] = _run_in_own_thread(kernel, device, dtype)
     if _CHECKED[key] is not None and warn and key not in _WARNED:
         _WARNED.add(key)
         warnings.warn(f'mmdat: the {kernel.name} kernel failed its self-check on {device.type} '
                       f"{_dtype_name(dtype)} ({_CHECKED[key]}); attn_impl='auto' uses the materialised "
                       f'attention instead in this process (set {SKIP_CHECK_VARIABLE}=1 to skip the check)')
     return _CHECKED[key]
+
+
+def _run_in_own_thread(kernel: Kernel, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """:func:`run_self_check` in a thread of its own, on the caller's CUDA device.
+
+    Autograd's state is per thread: the check's graph then stays out of the caller's, and out of
+    the bookkeeping of an enclosing non-reentrant checkpoint, which counts every tensor saved
+    during the forward it recomputes and fails in backward when the recomputation, where the
+    check does not run again, saves fewer.
+    """
+    cuda_index = torch.cuda.current_device() if device.type == 'cuda' else None
+    result = []
+
+    def check():
+        if cuda_index is not None:
+            torch.cuda.set_device(cuda_index)
+        result.append(run_self_check(kernel, device, dtype))
+
+    thread = threading.Thread(target=check, name=f'mmdat self-check of {kernel.name}')
+    thread.start()
+    thread.join()
+    return result[0] if result else 'the self-check stopped without a result'
 
 
 def _check_inputs(layer: str, device: torch.device, dtype: torch.dtype) -> Tuple[tuple, torch.Tensor]:

@@ -116,3 +116,26 @@ def test_cost_of_the_check():
         start = time.perf_counter()
         assert run_self_check(CPU_DEFORMABLE, cpu, dtype) is None
         assert time.perf_counter() - start < 0.5
+
+
+def test_the_first_check_may_run_inside_a_checkpointed_block():
+    """Non-reentrant checkpointing counts the tensors saved in the forward it recomputes; the
+    check runs in the first forward only, so its own tensors must not count (they made every
+    first training step with `with_cp=True` fail in backward)."""
+    torch.manual_seed(0)
+    module = DeformableAttention(16, 4, 2, 3, table_size=5, attn_impl='auto')
+    x = torch.randn(1, 32, 32, 16, requires_grad=True)
+    out = torch.utils.checkpoint.checkpoint(module, x, use_reentrant=False)
+    out.sum().backward()
+    assert policy._CHECKED == {(CPU_DEFORMABLE.name, 'cpu', torch.float32): None}
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_a_checkpointed_backbone_trains_from_its_first_step():
+    from tests.conftest import small_backbone
+    for version in (1, 2):
+        model = small_backbone(version, with_cp=True)
+        loss = sum(out.mean() for out in model(torch.randn(1, 3, 160, 160)))
+        loss.backward()
+    assert policy._CHECKED  # the kernels were checked inside the checkpointed blocks
+    assert all(param.grad is not None for param in model.parameters())
