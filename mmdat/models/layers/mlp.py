@@ -1,9 +1,9 @@
-"""The blocks' MLP, which keeps one hidden tensor for backward instead of three.
+"""The blocks' MLP, which keeps one hidden tensor for backward instead of two or three.
 
 DAT's MLP is ``fc2(gelu(fc1(x)))``; DAT++'s inserts a residual 3x3 depthwise conv,
 ``fc2(gelu(h + dwconv(h)))`` with ``h = fc1(x)``. Plain autograd keeps every hidden tensor
-(4x the block's channels each) for backward: ``h`` (the conv's input), the activation's input
-and its output (``fc2``'s input). In training the MLPs then keep more than half of what a DAT++
+(4x the block's channels each) for backward: ``h``, the GELU's output (``fc2``'s input) and, in
+DAT++, the GELU's input (the conv's sum). In training the MLPs then keep more than half of what a DAT++
 backbone stores (docs/benchmarks.md). :class:`MLP` keeps ``h`` alone and recomputes the conv
 and GELU from it in backward: the cheap, memory-bound operators, never the matmuls. Outputs
 and gradients are those of the plain operators (the same operators run, in the same dtypes).
