@@ -68,9 +68,19 @@ def train_and_evaluate(config: str, work_dir: str, length: Optional[int]) -> dic
     if length is not None:
         if length < 1:
             raise SystemExit(f'--det-epochs / --seg-iters must be >= 1, got {length}')
-        for scheduler in cfg.param_scheduler:  # the schedulers that span the whole run still do
-            if scheduler.get('end') == cfg.train_cfg[unit]:
+        # The schedulers counted in the run's unit that span the whole run still do; those that
+        # would start after a shorter run are dropped, and a warm-up longer than it ends with it.
+        schedulers = []
+        for scheduler in cfg.param_scheduler:
+            in_unit = scheduler.get('by_epoch', True) == (unit == 'max_epochs')
+            if in_unit and scheduler.get('end') == cfg.train_cfg[unit]:
                 scheduler.end = length
+            if in_unit and scheduler.get('begin', 0) >= length:
+                continue
+            if in_unit and scheduler.get('end', length) > length:
+                scheduler.end = length
+            schedulers.append(scheduler)
+        cfg.param_scheduler = schedulers
         cfg.train_cfg[unit] = length
     cfg.train_cfg.val_interval = cfg.train_cfg[unit]  # only at the end
     adapt_to_cpu(cfg)

@@ -2,12 +2,8 @@
 (--part predict), evaluated in onnxruntime with the config's evaluator and compared with
 PyTorch; bad inputs get one line."""
 import importlib
-import importlib.util
 import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,11 +11,11 @@ from mmengine.config import Config
 
 from mmdat.datasets import make_synthetic_dataset
 from mmdat.utils import register_scope
+from tests.conftest import REPO_ROOT, load_module, run_script
 
 pytest.importorskip('onnxruntime')
 pytest.importorskip('onnxscript')
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 EXPORT = REPO_ROOT / 'tools' / 'deployment' / 'pytorch2onnx.py'
 TEST = REPO_ROOT / 'tools' / 'deployment' / 'onnx_test.py'
 DEMO = REPO_ROOT / 'tools' / 'deployment' / 'onnx_demo.py'
@@ -50,9 +46,8 @@ def random_checkpoint(config, path, shapes_root):
 
 
 def run(args, shapes_root, expect=0):
-    env = {**os.environ, 'PYTHONPATH': str(REPO_ROOT), 'SHAPES_ROOT': f'{shapes_root}/'}
-    result = subprocess.run([sys.executable, *map(str, args)], cwd=REPO_ROOT, env=env, capture_output=True,
-                            text=True, timeout=900)
+    """A tool's command line (in a child of the preloaded process: see ``run_script``)."""
+    result = run_script(*args, cwd=REPO_ROOT, env={'SHAPES_ROOT': f'{shapes_root}/'}, timeout=900)
     assert result.returncode == expect, result.stdout[-2000:] + result.stderr[-3000:]
     return result
 
@@ -70,15 +65,15 @@ def test_detector_exported_whole_gives_pytorchs_boxes_and_metrics(shapes_root, t
     result = run([EXPORT, DETECTOR, model, '--part', 'predict', '--checkpoint', checkpoint, '--torchscript',
                   '--shape', '192', '256', '--check-shape', '160', '224'], shapes_root)
     assert '0.0% of the predictions missed' in result.stdout
-    result = run([TEST, DETECTOR, model, '--checkpoint', checkpoint, '--work-dir', tmp_path / 'work'], shapes_root)
+    # one evaluation of the fp32 model for both the comparison with PyTorch and the int8 copy
+    result = run([TEST, DETECTOR, model, '--checkpoint', checkpoint, '--work-dir', tmp_path / 'work',
+                  '--quantize', 'dynamic'], shapes_root)
     compared = re.search(r'score > 0.3 without an ONNX box of the same class at IoU >= 0.99: (\d+) of (\d+)',
                          result.stdout)
     assert compared and int(compared[1]) == 0 and int(compared[2]) > 50
     onnx_metrics = metrics_line(result.stdout, 'ONNX (onnxruntime fp32)')
     assert onnx_metrics[0][0] == 'coco/bbox_mAP'
     assert onnx_metrics == metrics_line(result.stdout, 'PyTorch')
-
-    result = run([TEST, DETECTOR, model, '--quantize', 'dynamic', '--work-dir', tmp_path / 'work'], shapes_root)
     assert (tmp_path / 'det_int8_dynamic.onnx').is_file()
     assert metrics_line(result.stdout, 'int8 - fp32')[0][0] == 'coco/bbox_mAP'
 
@@ -123,22 +118,15 @@ def test_segmenter_exported_whole_gives_pytorchs_class_maps(shapes_root, tmp_pat
     assert 'int8 - fp32: aAcc' in result.stdout
 
 
-def load_tool(path):
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_bad_inputs_get_one_line(shapes_root, tmp_path, monkeypatch):
     monkeypatch.setenv('SHAPES_ROOT', f'{shapes_root}/')
     not_predict = tmp_path / 'features.onnx'
-    load_tool(EXPORT).main([str(DETECTOR), str(not_predict), '--torchscript', '--shape', '64',
+    load_module(EXPORT).main([str(DETECTOR), str(not_predict), '--torchscript', '--shape', '64',
                             '--check-shape', '96'])
     image = next((shapes_root / 'val' / 'images').iterdir())
     text_file = tmp_path / 'notes.png'
     text_file.write_text('not an image')
-    onnx_test, onnx_demo = load_tool(TEST), load_tool(DEMO)
+    onnx_test, onnx_demo = load_module(TEST), load_module(DEMO)
     # an earlier segmenter in the process leaves mmseg's scope current; the detector's config
     # must still build in mmdet's
     from mmengine.registry import init_default_scope

@@ -1,7 +1,5 @@
 """tools/deployment/pytorch2onnx.py: dynamic-size ONNX exports checked by onnxruntime."""
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -10,7 +8,7 @@ import torch.nn as nn
 from mmdat.deployment import build_predict_module
 from mmdat.models.layers import DeformableAttention
 from tests.conftest import (CASCADE_CONFIG, MASK_RCNN_CONFIG, MINIMAL_ARCHS, REPO_ROOT, TEST_CONFIGS, load_tool,
-                            small_backbone, small_two_stage)
+                            run_script, small_backbone, small_two_stage)
 
 pytest.importorskip('onnxruntime')
 pytest.importorskip('onnx')
@@ -146,9 +144,8 @@ def test_cli_exports_a_whole_detector(tmp_path):
     """A RetinaNet config (small DAT, FPN, head): the raw head outputs, checked at two sizes."""
     output = tmp_path / 'retinanet.onnx'
     config = TEST_CONFIGS / 'retinanet_dat_shapes_tiny.py'
-    result = subprocess.run([sys.executable, str(TOOL), str(config), str(output), '--part', 'tensor',
-                             '--shape', '64', '--check-shape', '96', '136', '--torchscript'], capture_output=True,
-                            text=True, cwd=REPO_ROOT)
+    result = run_script(TOOL, config, output, '--part', 'tensor', '--shape', '64', '--check-shape', '96', '136',
+                        '--torchscript', cwd=REPO_ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
     assert output.is_file()
     # 3 FPN levels x (class scores, box deltas)
