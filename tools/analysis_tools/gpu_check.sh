@@ -87,7 +87,8 @@ fi
 if "$python" -c 'import pytest' 2>/dev/null; then
     step tests "${limits[0]}" "$python" -m pytest -v -p no:cacheprovider -k on_gpu \
         tests/test_models/test_layers/test_triton_deformable.py \
-        tests/test_models/test_layers/test_neighborhood_attention.py
+        tests/test_models/test_layers/test_neighborhood_attention.py \
+        tests/test_models/test_layers/test_mlp.py
 else
     status+=("tests: NOT RUN: pytest is not installed (pass --wheels DIR; see the top of this script)")
     echo "   ${status[-1]}"
