@@ -52,6 +52,16 @@ def run(args, shapes_root, expect=0):
     return result
 
 
+def export_whole(config, name, tmp_path, shapes_root, *args):
+    """A seeded random checkpoint of ``config`` (``NAME.pth``) and its whole-model export
+    (``--part predict``, ``NAME.onnx``) with the export's further ``args``: both paths and the
+    export's output."""
+    checkpoint = random_checkpoint(config, tmp_path / f'{name}.pth', shapes_root)
+    model = tmp_path / f'{name}.onnx'
+    result = run([EXPORT, config, model, '--part', 'predict', '--checkpoint', checkpoint, *args], shapes_root)
+    return checkpoint, model, result.stdout
+
+
 def metrics_line(stdout, prefix):
     line = next(line for line in stdout.splitlines() if line.startswith(prefix))
     return re.findall(r'(\S+): (-?[\d.]+)', line.split(': ', 1)[1])
@@ -59,12 +69,10 @@ def metrics_line(stdout, prefix):
 
 @pytest.mark.slow
 def test_detector_exported_whole_gives_pytorchs_boxes_and_metrics(shapes_root, tmp_path):
-    checkpoint = random_checkpoint(DETECTOR, tmp_path / 'det.pth', shapes_root)
-    model = tmp_path / 'det.onnx'
     # the test images are 240x192 after resizing, padded to 256x192 in batches
-    result = run([EXPORT, DETECTOR, model, '--part', 'predict', '--checkpoint', checkpoint, '--torchscript',
-                  '--shape', '192', '256', '--check-shape', '160', '224'], shapes_root)
-    assert '0.0% of the predictions missed' in result.stdout
+    checkpoint, model, exported = export_whole(DETECTOR, 'det', tmp_path, shapes_root, '--torchscript',
+                                               '--shape', '192', '256', '--check-shape', '160', '224')
+    assert '0.0% of the predictions missed' in exported
     # one evaluation of the fp32 model for both the comparison with PyTorch and the int8 copy
     result = run([TEST, DETECTOR, model, '--checkpoint', checkpoint, '--work-dir', tmp_path / 'work',
                   '--quantize', 'dynamic'], shapes_root)
@@ -84,11 +92,9 @@ def test_detector_exported_whole_gives_pytorchs_boxes_and_metrics(shapes_root, t
 
 @pytest.mark.slow
 def test_mask_rcnn_exported_whole_gives_pytorchs_boxes_masks_and_metrics(shapes_root, tmp_path):
-    checkpoint = random_checkpoint(MASK_RCNN, tmp_path / 'mask_rcnn.pth', shapes_root)
-    model = tmp_path / 'mask_rcnn.onnx'
-    result = run([EXPORT, MASK_RCNN, model, '--part', 'predict', '--checkpoint', checkpoint,
-                  '--shape', '256', '--check-shape', '233', '301'], shapes_root)  # torch.export
-    assert 'torch.export' in result.stdout and result.stdout.count('0.0% of the predictions missed') == 2
+    checkpoint, model, exported = export_whole(MASK_RCNN, 'mask_rcnn', tmp_path, shapes_root, '--shape', '256',
+                                               '--check-shape', '233', '301')  # torch.export
+    assert 'torch.export' in exported and exported.count('0.0% of the predictions missed') == 2
     result = run([TEST, MASK_RCNN, model, '--checkpoint', checkpoint, '--work-dir', tmp_path / 'work'], shapes_root)
     compared = re.search(r'score > 0.3 without an ONNX box of the same class at IoU >= 0.99 and mask IoU '
                          r'>= 0.9: (\d+) of (\d+)', result.stdout)
@@ -104,11 +110,9 @@ def test_mask_rcnn_exported_whole_gives_pytorchs_boxes_masks_and_metrics(shapes_
 
 @pytest.mark.slow
 def test_segmenter_exported_whole_gives_pytorchs_class_maps(shapes_root, tmp_path):
-    checkpoint = random_checkpoint(SEGMENTER, tmp_path / 'seg.pth', shapes_root)
-    model = tmp_path / 'seg.onnx'
-    result = run([EXPORT, SEGMENTER, model, '--part', 'predict', '--checkpoint', checkpoint,
-                  '--shape', '256', '--check-shape', '256', '320'], shapes_root)  # torch.export
-    assert 'torch.export' in result.stdout
+    checkpoint, model, exported = export_whole(SEGMENTER, 'seg', tmp_path, shapes_root, '--shape', '256',
+                                               '--check-shape', '256', '320')  # torch.export
+    assert 'torch.export' in exported
     result = run([TEST, SEGMENTER, model, '--checkpoint', checkpoint, '--work-dir', tmp_path / 'work',
                   '--quantize', 'static', '--calib-images', '2'], shapes_root)
     compared = re.search(r'pixels of another class in ONNX than in PyTorch: (\d+) of (\d+)', result.stdout)
@@ -122,7 +126,7 @@ def test_bad_inputs_get_one_line(shapes_root, tmp_path, monkeypatch):
     monkeypatch.setenv('SHAPES_ROOT', f'{shapes_root}/')
     not_predict = tmp_path / 'features.onnx'
     load_module(EXPORT).main([str(DETECTOR), str(not_predict), '--torchscript', '--shape', '64',
-                            '--check-shape', '96'])
+                              '--check-shape', '96'])
     image = next((shapes_root / 'val' / 'images').iterdir())
     text_file = tmp_path / 'notes.png'
     text_file.write_text('not an image')

@@ -2,9 +2,9 @@
 
 DAT's MLP is ``fc2(gelu(fc1(x)))``; DAT++'s inserts a residual 3x3 depthwise conv,
 ``fc2(gelu(h + dwconv(h)))`` with ``h = fc1(x)``. Plain autograd keeps every hidden tensor
-(4x the block's channels each) for backward: ``h``, the GELU's output (``fc2``'s input) and, in
-DAT++, the GELU's input (the conv's sum). In training the MLPs then keep more than half of what a DAT++
-backbone stores (docs/benchmarks.md). :class:`MLP` keeps ``h`` alone and recomputes the conv
+(4x the block's channels each) for backward: ``h``, the GELU's output (``fc2``'s input) and,
+in DAT++, the GELU's input (the conv's sum). In training the MLPs then keep more than half of
+what a DAT++ backbone stores (docs/benchmarks.md). :class:`MLP` keeps ``h`` alone and recomputes the conv
 and GELU from it in backward: the cheap, memory-bound operators, never the matmuls. Outputs
 and gradients are those of the plain operators (the same operators run, in the same dtypes).
 """
@@ -28,6 +28,16 @@ def _dwconv(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.
     return conv.permute(0, 2, 3, 1)
 
 
+def _preactivation(h: torch.Tensor, dwconv_weight: Optional[torch.Tensor],
+                   dwconv_bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """The GELU's input: ``h``, or ``h + dwconv3x3(h)`` in a new tensor (the conv's output)."""
+    if dwconv_weight is None:
+        return h
+    hidden = _dwconv(h, dwconv_weight, dwconv_bias)
+    hidden += h
+    return hidden
+
+
 def _activation(h: torch.Tensor, dwconv_weight: Optional[torch.Tensor], dwconv_bias: Optional[torch.Tensor],
                 reuse_h: bool = False) -> torch.Tensor:
     """``gelu(h)``, or ``gelu(h + dwconv3x3(h))``, for ``h`` of shape ``(B, H, W, C)``.
@@ -36,14 +46,8 @@ def _activation(h: torch.Tensor, dwconv_weight: Optional[torch.Tensor], dwconv_b
     tensor (the conv's output), or in ``h`` itself with ``reuse_h`` and no conv: on CPU every
     new tensor of this size costs page faults as well as the pass over it.
     """
-    if dwconv_weight is not None:
-        hidden = _dwconv(h, dwconv_weight, dwconv_bias)
-        hidden += h
-    elif reuse_h:
-        hidden = h
-    else:
-        return F.gelu(h)
-    if torch.is_grad_enabled() and hidden.requires_grad:
+    hidden = _preactivation(h, dwconv_weight, dwconv_bias)
+    if (hidden is h and not reuse_h) or (torch.is_grad_enabled() and hidden.requires_grad):
         return F.gelu(hidden)
     return torch.ops.aten.gelu_(hidden)
 
@@ -68,10 +72,7 @@ class _RecomputedActivationLinear(torch.autograd.Function):
         needs_h, needs_dw_weight, needs_dw_bias, needs_weight, needs_bias = ctx.needs_input_grad
         if torch.is_grad_enabled():  # create_graph=True: a backward that can be differentiated again
             return _RecomputedActivationLinear.differentiable_backward(ctx, grad_out)
-        hidden = h
-        if dwconv_weight is not None:
-            hidden = _dwconv(h, dwconv_weight, dwconv_bias)
-            hidden += h
+        hidden = _preactivation(h, dwconv_weight, dwconv_bias)
         activated = F.gelu(hidden)
         # forward's linear ran in grad_out's dtype (autocast casts its inputs to it)
         grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
@@ -99,7 +100,6 @@ class _RecomputedActivationLinear(torch.autograd.Function):
             grad_h += grad_hidden  # the residual path
         return (grad_h, None if grad_dw_weight is None else grad_dw_weight.to(dwconv_weight.dtype),
                 None if grad_dw_bias is None else grad_dw_bias.to(dwconv_bias.dtype), grad_weight, grad_bias)
-
 
     @staticmethod
     def differentiable_backward(ctx, grad_out):
