@@ -83,7 +83,7 @@ setup(
     'semantic segmentation, openmmlab',
     packages=find_packages(exclude=('tests', 'tests.*', 'configs', 'tools')),
     # the C++ source of the CPU deformable attention kernel, compiled on first use
-    package_data={'mmdat': ['models/layers/csrc/*.cpp']},
+    package_data={'mmdat': ['models/layers/csrc/*.cpp', 'models/layers/csrc/*.h']},
     python_requires='>=3.8',
     install_requires=parse_requirements('requirements/runtime.txt'),
     extras_require={

@@ -1,9 +1,10 @@
-"""The attention math that every path is checked against, written once.
+"""The math that every path is checked against, written once.
 
 Used by the model's layers, by the kernels (their reference and input checks), by the recorder
 (:mod:`mmdat.models.utils.recording`) and by the tests: the attention probabilities, attention
-with a materialised bias, the deformable position bias and the reference deformable and
-neighborhood attention. Nothing here chooses a path: the caller names it.
+with a materialised bias, the deformable position bias, the reference deformable and
+neighborhood attention, and the hidden map of DAT++'s MLP (its depthwise conv and GELU). Nothing
+here chooses a path: the caller names it.
 """
 from typing import Dict, Optional, Tuple
 
@@ -200,3 +201,24 @@ def reference_neighborhood_attention(query: torch.Tensor, key: torch.Tensor, val
     out = biased_attention(query.reshape(batch, heads, height * width, 1, head_dims),
                            neighborhoods(key), neighborhoods(value), bias, 'reference')
     return out.view(batch, heads, height, width, head_dims)
+
+
+def depthwise_conv(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The depthwise ``K x K`` conv (stride 1, zero padding ``K // 2``) of a channels-last map.
+
+    Args:
+        h (Tensor): ``(B, H, W, C)``.
+        weight (Tensor): ``(C, 1, K, K)``, cast to ``h``'s dtype (as autocast does in forward).
+        bias (Tensor): ``(C, )``, cast alike.
+
+    Returns:
+        Tensor: ``(B, H, W, C)``, a new tensor of ``h``'s layout.
+    """
+    conv = F.conv2d(h.permute(0, 3, 1, 2), weight.to(h.dtype), bias.to(h.dtype), padding=weight.shape[-1] // 2,
+                    groups=h.shape[-1])
+    return conv.permute(0, 2, 3, 1)
+
+
+def reference_dwconv_gelu(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """DAT++'s MLP between its linear layers: ``gelu(h + depthwise_conv(h))`` (exact GELU)."""
+    return F.gelu(h + depthwise_conv(h, weight, bias))

@@ -6,6 +6,7 @@ needed and cached in torch's extension directory (``TORCH_EXTENSIONS_DIR``, by d
 the CPU's instruction sets. Where that fails (no C++ compiler), :func:`build_or_warn` gives one
 warning and the kernel's layer uses a PyTorch path instead.
 """
+import glob
 import hashlib
 import os
 import os.path as osp
@@ -32,12 +33,13 @@ def source_path(source: str) -> str:
 
 
 def build_name(source: str, prefix: str, cflags: Sequence[str]) -> str:
-    """Name of a build of ``source``: ``prefix`` and a digest that changes with the source, the
-    flags, torch and the CPU's instruction sets, so a build cached in a home directory shared by
-    different machines is not reused."""
+    """Name of a build of ``source``: ``prefix`` and a digest that changes with the source (and
+    the shared headers of ``csrc``), the flags, torch and the CPU's instruction sets, so a build
+    cached in a home directory shared by different machines is not reused."""
     digest = hashlib.sha1()
-    with open(source_path(source), 'rb') as f:
-        digest.update(f.read())
+    for path in [source_path(source)] + sorted(glob.glob(osp.join(SOURCES, '*.h'))):  # the headers it may include
+        with open(path, 'rb') as f:
+            digest.update(f.read())
     digest.update(' '.join(list(cflags) + [torch.__version__, platform.machine()]).encode())
     try:
         with open('/proc/cpuinfo') as f:

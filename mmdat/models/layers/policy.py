@@ -1,4 +1,5 @@
-"""Which attention implementation each call runs: one table, read by every rule.
+"""Which attention implementation each call runs: one table, read by every rule (and which
+kernel DAT++'s MLPs run, :func:`mlp_activation_kernel`).
 
 :data:`IMPLEMENTATIONS` names each implementation a user may ask for with ``attn_impl``, the
 layers that have it, its kernels (per layer and device, in order of preference), whether they
@@ -27,13 +28,16 @@ from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 
-from . import cpu_deformable, cpu_neighborhood, natten_kernel, neighborhood_tiles, triton_deformable
-from .attention_math import reference_deformable_attention, reference_neighborhood_attention
+from . import cpu_deformable, cpu_dwconv_gelu, cpu_neighborhood, natten_kernel, neighborhood_tiles, triton_deformable
+from .attention_math import reference_deformable_attention, reference_dwconv_gelu, reference_neighborhood_attention
 from .tracing import is_exporting, is_tracing
 
 #: The layers, by what they compute: kernels serve one of them (their ``op`` signature).
 WINDOW, NEIGHBORHOOD, DEFORMABLE = 'window', 'neighborhood', 'deformable'
 LAYERS = (WINDOW, NEIGHBORHOOD, DEFORMABLE)
+#: DAT++'s MLP between its linear layers, ``gelu(h + dwconv(h))``: not an attention layer (no
+#: ``attn_impl`` names it), but its kernel is chosen and checked by the same rules.
+MLP_ACTIVATION = 'mlp activation'
 
 #: Under ``'auto'`` on CPU, attention over fewer keys than this runs the matmul path: there the
 #: window blocks (49 keys) ran 1.13-1.23x faster through matmuls than through SDPA in
@@ -59,15 +63,16 @@ CHECK_TOLERANCES = {torch.float64: 1e-8, torch.float32: 1e-4, torch.bfloat16: 5e
 
 
 class Kernel(NamedTuple):
-    """A kernel: a module computing one layer's attention on some devices.
+    """A kernel: a module computing one layer (an attention, or the MLP's activation) on some
+    devices.
 
     Attributes:
         name (str): Its name in warnings and errors.
         module (ModuleType): ``installed()``, ``supports(device, dtype)``, ``op(...)`` and
             ``REQUIREMENT``; ``op`` takes the layer's kernel arguments (deformable: ``query,
             key, value, queries (H, W, 2), positions, table``; neighborhood: ``query, key,
-            value, rpb, kernel_size``).
-        layer (str): The layer it computes (one of :data:`LAYERS`).
+            value, rpb, kernel_size``; MLP activation: ``h, weight, bias``).
+        layer (str): The layer it computes (one of :data:`LAYERS`, or :data:`MLP_ACTIVATION`).
         auto_min_row_scores (dict): Device type (``'*'``: any) -> ``'auto'`` picks the kernel
             there from this many scores per query row (``row_queries * num_keys``); not on the
             devices absent.
@@ -119,6 +124,11 @@ NEIGHBORHOOD_TILES = Kernel('neighborhood tiles', neighborhood_tiles, NEIGHBORHO
 #: alone, batch 1, one thread, in turns; faster still with two); docs/benchmarks.md.
 CPU_NEIGHBORHOOD = Kernel('C++ neighborhood attention', cpu_neighborhood, NEIGHBORHOOD,
                           auto_min_row_scores={'cpu': 0})
+#: DAT++'s MLPs run it on CPU wherever it builds: at every DAT-T++ stage map of 800x1333 (batch
+#: 2) it ran the MLP's conv and GELU 1.2-4.0x faster than the plain operators in forward and
+#: 1.4-1.5x in backward (with the matmul that feeds it); docs/benchmarks.md.
+CPU_DWCONV_GELU = Kernel('C++ depthwise conv and GELU', cpu_dwconv_gelu, MLP_ACTIVATION,
+                         auto_min_row_scores={'cpu': 0})
 #: The tiles again, for ``'fused'`` neighborhood blocks where the C++ kernel does not take the
 #: input (CUDA, half precision): never picked by ``'auto'`` under this name.
 FUSED_TILES = NEIGHBORHOOD_TILES._replace(auto_min_row_scores={})
@@ -286,6 +296,17 @@ def runs_on(attn_impl: str, device: torch.device, dtype: torch.dtype) -> bool:
     return True
 
 
+def mlp_activation_kernel(device: torch.device, dtype: torch.dtype) -> Optional[Kernel]:
+    """The kernel DAT++'s MLP computes ``gelu(h + dwconv(h))`` with on this device and dtype, or
+    None for the plain operators: :data:`CPU_DWCONV_GELU` where it supports the input, may run in
+    this call (not while exporting or compiling) and passed its self-check."""
+    kernel = CPU_DWCONV_GELU
+    if (_may_run_now(kernel) and _auto_picks(kernel, device, 1, 1, False) and kernel.module.supports(device, dtype)
+            and kernel_error(kernel, device, dtype) is None):
+        return kernel
+    return None
+
+
 def block_attn_impl(attn_impl: str, layer: str) -> str:
     """What a block of kind ``layer`` runs when its backbone is asked for ``attn_impl``: the same
     value when the layer has it (``'auto'`` always), otherwise the implementation's way of
@@ -376,6 +397,10 @@ def _check_inputs(layer: str, device: torch.device, dtype: torch.dtype) -> Tuple
         args = (rand(batch, heads, height * width, dims), rand(batch, heads, keys, dims),
                 rand(batch, heads, keys, dims), queries, rand(batch * groups, keys, 2) * 1.2, rand(heads, 5, 5))
         grad_out = rand(batch, heads, height * width, dims)
+    elif layer == MLP_ACTIVATION:
+        batch, height, width, channels = 1, 4, 5, 6
+        args = (rand(batch, height, width, channels), rand(channels, 1, 3, 3), rand(channels))
+        grad_out = rand(batch, height, width, channels)
     else:
         batch, heads, size, kernel_size, dims = 1, 2, 5, 3, 16
         args = (*(rand(batch, heads, size, size, dims) for _ in range(3)),
@@ -385,9 +410,10 @@ def _check_inputs(layer: str, device: torch.device, dtype: torch.dtype) -> Tuple
 
 
 #: What the kernels of each layer are checked against.
-REFERENCES = {DEFORMABLE: reference_deformable_attention, NEIGHBORHOOD: reference_neighborhood_attention}
+REFERENCES = {DEFORMABLE: reference_deformable_attention, NEIGHBORHOOD: reference_neighborhood_attention,
+              MLP_ACTIVATION: reference_dwconv_gelu}
 #: The arguments of a layer's kernels that take gradients.
-GRAD_ARGUMENTS = {DEFORMABLE: (0, 1, 2, 4, 5), NEIGHBORHOOD: (0, 1, 2, 3)}
+GRAD_ARGUMENTS = {DEFORMABLE: (0, 1, 2, 4, 5), NEIGHBORHOOD: (0, 1, 2, 3), MLP_ACTIVATION: (0, 1, 2)}
 
 
 def _outputs_and_grads(fn, args: tuple, grads: Tuple[int, ...], dtype: torch.dtype, device: torch.device,

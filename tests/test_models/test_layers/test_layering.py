@@ -18,7 +18,7 @@ FOLDER = Path(layers_package.__file__).parent
 LEVELS = {
     'tracing': 0, 'cpu_build': 0,
     'attention_math': 1,
-    'cpu_deformable': 2, 'cpu_neighborhood': 2, 'triton_deformable': 2, 'natten_kernel': 2,
+    'cpu_deformable': 2, 'cpu_neighborhood': 2, 'cpu_dwconv_gelu': 2, 'triton_deformable': 2, 'natten_kernel': 2,
     'neighborhood_tiles': 2,
     'policy': 3,
     'window_attention': 4, 'neighborhood_attention': 4, 'deformable_attention': 4, 'mlp': 4,
@@ -94,7 +94,8 @@ def test_layers_import_downwards():
     assert layering_errors(graph, LEVELS) == []
     assert set(graph) == set(LEVELS)  # no level for a module that is gone
     # the kernels import only the math and the build code of the C++ kernels
-    for kernel in ('cpu_deformable', 'cpu_neighborhood', 'triton_deformable', 'natten_kernel', 'neighborhood_tiles'):
+    for kernel in ('cpu_deformable', 'cpu_neighborhood', 'cpu_dwconv_gelu', 'triton_deformable', 'natten_kernel',
+                   'neighborhood_tiles'):
         assert graph[kernel] <= {'tracing', 'attention_math', 'cpu_build'}, kernel
     assert 'policy' not in graph['attention_math']
 

@@ -1,10 +1,25 @@
-"""The blocks' MLP: the plain operators' outputs and gradients, one hidden tensor kept."""
+"""The blocks' MLP: the plain operators' outputs and gradients, one hidden tensor kept, with
+DAT++'s conv and GELU through the C++ kernel and through the plain operators."""
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.autograd.graph import saved_tensors_hooks
 
-from mmdat.models.layers import MLP
+from mmdat.models.layers import MLP, cpu_dwconv_gelu
+from mmdat.models.layers import mlp as mlp_module
+
+
+@pytest.fixture(autouse=True, params=['kernel', 'plain operators'])
+def activation_path(request, monkeypatch):
+    """Every test runs twice: with the CPU kernel of DAT++'s conv and GELU where it builds, and
+    without it (what runs where it does not build, or for dtypes it does not take)."""
+    if request.param == 'plain operators':
+        monkeypatch.setattr(mlp_module, 'mlp_activation_kernel', lambda device, dtype: None)
+    elif request.node.get_closest_marker('gpu'):
+        pytest.skip('the kernel runs on CPU only')
+    elif not cpu_dwconv_gelu.kernel_available():
+        pytest.skip('the CPU kernel does not build here')
+    return request.param
 
 
 def plain_mlp(mlp: MLP, x: torch.Tensor) -> torch.Tensor:

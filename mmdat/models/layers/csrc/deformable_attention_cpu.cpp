@@ -43,6 +43,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "vector_math.h"
+
 #if defined(__AVX512F__) && !defined(MMDAT_DA_PORTABLE)
 #define MMDAT_DA_AVX512 1
 #include <immintrin.h>
@@ -262,48 +264,12 @@ void gemm(int64_t M, int64_t depth, int64_t vectors, const T* A, int64_t ars, in
 }
 
 // ---------------------------------------------------------------------------------------------
-// exp(x) = 2^n p(r), n = round(x / ln2), r = x - n ln2 in [-ln2 / 2, ln2 / 2] (ln2 in two parts),
-// p Cephes' degree-6 polynomial for expf (about 1 ulp). For float only; double calls std::exp.
-constexpr float LOG2E = 1.44269504088896341f, LN2_HI = 0.693359375f, LN2_LO = -2.12194440e-4f;
-constexpr float EXP_POLY[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
-                               4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
-
+// exp: exp_of (scalar) and exp_ps (AVX-512 float vectors) are in vector_math.h.
+using mmdat_math::exp_of;
 #if MMDAT_DA_AVX512
-// For float vectors; x below -104 gives 0 (scalef underflows exactly).
-inline __m512 exp_ps(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.f)), _mm512_set1_ps(88.f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(LOG2E)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
-  __m512 p = _mm512_set1_ps(EXP_POLY[0]);
-  for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(EXP_POLY[i]));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  return _mm512_scalef_ps(p, n);
-}
+using mmdat_math::exp_ps;
 #endif
 
-// Scalar, written so that the compiler vectorises loops over it (std::exp does not vectorise).
-template <typename T>
-inline T exp_of(T x) {
-  return std::exp(x);
-}
-
-template <>
-inline float exp_of<float>(float x) {
-  // exp(-87) = 1.6e-38 is still normal, so 2^n below is a normal float; it stands for 0 here
-  x = std::min(std::max(x, -87.f), 88.f);
-  const float n = (x * LOG2E + 12582912.f) - 12582912.f;  // round to nearest: 1.5 * 2^23
-  float r = x - n * LN2_HI;
-  r = r - n * LN2_LO;
-  float p = EXP_POLY[0];
-  for (int i = 1; i < 6; ++i) p = p * r + EXP_POLY[i];
-  p = p * (r * r) + (r + 1.f);
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, 4);
-  return p * scale;
-}
 
 // Rows of table[h] interpolated along y at query row coordinate qy for keys n < count (y
 // coordinates ky): ty[n * stride + PAD + j], j < tw (the rest of each row stays zero). Also each
