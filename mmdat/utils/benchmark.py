@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from mmdat.models import DAT
 from mmdat.models.layers import DeformableAttention, deformable_attention_op, pixel_centre_grid
-from mmdat.models.layers.policy import DEFORMABLE, layer_impls
+from mmdat.models.layers.policy import CPU_DWCONV_GELU, DEFORMABLE, layer_impls
 
 AMP_DTYPES = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 #: How failed allocations read (CUDA, and torch's CPU allocator in its versions).
@@ -497,6 +497,54 @@ def blocks_cell(cell: dict) -> dict:
     return dict(blocks=results)
 
 
+#: How the MLPs' benchmark runs DAT++'s depthwise conv and GELU (``--mlps``).
+MLP_PATHS = ('kernel', 'plain operators')
+
+
+def mlps_cell(cell: dict) -> dict:
+    """The MLP of the first block of every stage, each timed alone on the input it receives in
+    the backbone (captured in one forward), with DAT++'s conv and GELU through the C++ kernel
+    and through the plain operators (:data:`MLP_PATHS`) in turns: seconds per stage and path."""
+    device, amp = cell['device'], cell['amp']
+    torch.manual_seed(0)
+    model = DAT(arch=cell['arch'], drop_path_rate=0.0).to(device)
+    mlps = [stage.blocks[0].mlp for stage in model.stages]
+    if mlps[0].dwconv is None:
+        raise ValueError(f"--mlps compares the kernel of DAT++'s MLPs: {cell['arch']!r} is a DAT v1 arch")
+    with autocast(device, amp):
+        inputs = capture_inputs(model, mlps, torch.randn(cell['batch'], 3, *cell['size'], device=device))
+    results = []
+    for mlp in mlps:
+        x = inputs[mlp].detach()
+        hidden_dtype = AMP_DTYPES[amp] or x.dtype
+        if not CPU_DWCONV_GELU.module.supports(x.device, hidden_dtype):
+            raise ValueError(f'the CPU kernel does not run on {device} {str(hidden_dtype).replace("torch.", "")} '
+                             'hidden maps')
+        steps = {path: _mlp_step(mlp, x, cell['mode'], amp, CPU_DWCONV_GELU.module if path == 'kernel' else None)
+                 for path in MLP_PATHS}
+        seconds = time_in_turns(steps, device, cell['warmup'], cell['repeats'])
+        results.append(dict(map='x'.join(map(str, x.shape[1:3])), channels=mlp.fc1.out_features, seconds=seconds))
+    return dict(mlps=results)
+
+
+def _mlp_step(mlp: nn.Module, x: torch.Tensor, mode: str, amp: str, kernel) -> Callable[[], None]:
+    device = x.device.type
+    if mode == 'infer':
+        def step():
+            with torch.inference_mode(), autocast(device, amp):
+                mlp.from_hidden(mlp.fc1(x), kernel)
+    else:
+        x = x.detach().requires_grad_(True)
+
+        def step():
+            with autocast(device, amp):
+                out = mlp.from_hidden(mlp.fc1(x), kernel)
+            out.float().sum().backward()
+            x.grad = None
+            mlp.zero_grad(set_to_none=True)
+    return step
+
+
 def probe_cell(cell: dict) -> dict:
     """One training step (forward + backward) at one size: does it fit?"""
     return backbone_cell(dict(cell, mode='train', warmup=0, repeats=1))
@@ -527,7 +575,7 @@ def profile_cell(cell: dict) -> dict:
 
 
 CELL_FUNCTIONS = dict(backbone=backbone_cell, interleaved=interleaved_cell, op=op_cell, probe=probe_cell,
-                      blocks=blocks_cell, profile=profile_cell, scaling=scaling_cell)
+                      blocks=blocks_cell, mlps=mlps_cell, profile=profile_cell, scaling=scaling_cell)
 
 
 def _limit_memory(gib: float) -> None:

@@ -6,7 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from mmengine.analysis import FlopAnalyzer
 
-from mmdat.models.layers import cpu_kernel_available
+from mmdat.models.layers import cpu_dwconv_gelu, cpu_kernel_available
 from mmdat.utils import benchmark as lib
 from tests.conftest import TEST_CONFIGS, load_tool
 
@@ -112,6 +112,33 @@ def test_blocks_benchmark_times_each_attention_module_on_its_backbone_input(keep
     assert not [r for r in rows if 'error' in r]
     assert '| tiny | 64x96 | 3 | deformable | 4x6 | fwd+bwd | reference |' in table
     assert 'memory: not measured (--blocks)' in table
+
+
+@pytest.mark.skipif(not cpu_dwconv_gelu.kernel_available(), reason='the CPU kernel does not build here')
+def test_mlps_benchmark_times_each_stages_mlp_with_and_without_the_kernel(keep_num_threads, monkeypatch):
+    calls, per_step = [], {}
+    real = cpu_dwconv_gelu.activation
+    monkeypatch.setattr(cpu_dwconv_gelu, 'activation', lambda *args: calls.append(1) or real(*args))
+    real_turns = lib.time_in_turns
+
+    def counted_turns(steps, *args):  # each step once more, counting the kernel's calls
+        for name, step in steps.items():
+            before = len(calls)
+            step()
+            per_step.setdefault(name, []).append(len(calls) - before)
+        return real_turns(steps, *args)
+
+    monkeypatch.setattr(lib, 'time_in_turns', counted_turns)
+    rows, table = benchmark.main(['--mlps', '--device', 'cpu', '--archs', 'tiny++', '--sizes', '64x96',
+                                  '--batch', '1', '--warmup', '0', '--repeats', '1', '--no-isolate', '--threads', '1'])
+    assert [(r['mode'], r['stage'], r['map'], r['channels']) for r in rows] == [
+        (mode, stage, side, 128 * 2**stage) for mode in ('infer', 'train')
+        for stage, side in zip((1, 2, 3, 4), ('16x24', '8x12', '4x6', '2x3'))]
+    assert all(set(r['seconds']) == {'kernel', 'plain operators'} and min(r['seconds'].values()) > 0 for r in rows)
+    # the kernel ran in the kernel's steps only: once per inference step, twice per training step
+    assert per_step == {'kernel': [1] * 4 + [2] * 4, 'plain operators': [0] * 8}
+    assert '| tiny++ | 64x96 | 3 | 4x6 x 1024 | fwd+bwd |' in table
+    assert 'kernel and plain operators in turns' in table and 'memory: not measured (--mlps)' in table
 
 
 def test_cells_follow_the_attention_policy(monkeypatch):
@@ -244,6 +271,11 @@ def test_out_writes_the_file_it_names(tmp_path, capsys, keep_num_threads):
     (['--op', '--with-cp'], 'whole backbones'),
     (['--peers', '--op'], 'not allowed with'),
     (['--blocks', '--op'], 'not allowed with'),
+    (['--mlps', '--blocks'], 'not allowed with'),
+    (['--mlps', '--device', 'cpu', '--archs', 'tiny'], 'DAT v1 archs'),
+    (['--mlps', '--device', 'cpu', '--archs', 'tiny++', '--paths', 'auto'], 'no --paths'),
+    (['--mlps', '--device', 'cpu', '--archs', 'tiny++', '--with-cp'], 'whole backbones'),
+    (['--mlps', '--device', 'cpu', '--archs', 'tiny++', '--interleave'], 'backbone table only'),
     (['--device', 'cpu', '--memory-limit', '0'], '--memory-limit'),
     (['--scaling', '--device', 'cpu'], 'needs --op and --device cpu'),
     (['--op', '--scaling', '--device', 'cpu', '--paths', 'fused'], 'no --paths or --amp'),

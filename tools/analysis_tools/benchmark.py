@@ -1,8 +1,8 @@
 """Speed and memory of the DAT backbone and of its deformable attention, per attention path.
 
 A command line over :mod:`mmdat.utils.benchmark` (models, inputs, timing, one process per
-cell). Five modes; all but ``--peers`` import only torch, mmengine and mmdat, so they run where
-mmcv/mmdet are absent:
+cell). Seven modes; all but ``--peers`` and ``--profile`` (for Swin) import only torch,
+mmengine and mmdat, so they run where mmcv/mmdet are absent:
 
 * default: backbone throughput (images/s) and peak memory for inference and for a training
   step (forward + backward of the backbone, no optimizer), for each arch x input size x
@@ -33,6 +33,12 @@ mmcv/mmdet are absent:
   backbone at that input size, per path: where each path is fast::
 
       python tools/analysis_tools/benchmark.py --blocks --archs tiny --sizes 224 512 --paths reference sdpa auto
+
+* ``--mlps``: the MLP of the first block of every stage of a DAT++ arch alone, fed what it
+  gets in the backbone, with its depthwise conv and GELU through the C++ kernel and through the
+  plain operators in turns in one process (CPU)::
+
+      python tools/analysis_tools/benchmark.py --mlps --device cpu --archs tiny++ --sizes 224 800x1333
 
 * ``--max-size``: for each path, the largest input (aspect 800:1333, sides multiples of 32) whose
   training step fits in GPU memory at the given batch::
@@ -145,6 +151,7 @@ def header(args: argparse.Namespace) -> str:
     memory = ('not measured (--interleave)' if args.interleave else
               'not measured (--scaling)' if args.scaling else
               'not measured (--blocks)' if args.blocks else
+              'not measured (--mlps)' if args.mlps else
               'not measured (--profile)' if args.profile else
               'peak allocated (torch.cuda.max_memory_allocated)' if args.device == 'cuda' else
               'peak RSS growth of the process' if args.isolated else 'not measured (--no-isolate)')
@@ -152,6 +159,7 @@ def header(args: argparse.Namespace) -> str:
     timing = ('paths in turns, ' if args.interleave else
               f'1 and {args.threads} threads and torch.mm in turns, ' if args.scaling else
               'models in turns, ' if args.peers else
+              'kernel and plain operators in turns, ' if args.mlps else
               'models in turns, one profiled step each per round, ' if args.profile else '')
     load = lib.load_average()
     load = f'; load average at the start {load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f}' if load else ''
@@ -321,6 +329,35 @@ def benchmark_blocks(args: argparse.Namespace) -> Tuple[List[dict], List[str]]:
     return rows, lines
 
 
+def benchmark_mlps(args: argparse.Namespace) -> Tuple[List[dict], List[str]]:
+    """``--mlps``: per DAT++ arch, size and mode, the first MLP of every stage with its conv and
+    GELU through the C++ kernel and through the plain operators, in turns."""
+    rows = []
+    for arch in args.archs:
+        for size in args.sizes:
+            for mode in args.modes:
+                result = run_cell(dict(kind='mlps', arch=arch, size=size, mode=mode, **_common(args)))
+                print(f"  {arch} {_format_size(size)} {mode}: {result.get('error', 'done')}", flush=True)
+                row = dict(arch=arch, size=size, mode=mode)
+                if 'error' in result:
+                    rows.append(dict(row, error=result['error']))
+                for stage, mlp in enumerate(result.get('mlps', []), 1):
+                    rows.append(dict(row, stage=stage, **mlp))
+    table = []
+    for row in rows:
+        cells = [row['arch'], _format_size(row['size'])]
+        if 'error' in row:
+            table.append(cells + ['', '', row['mode'], row['error'], '', ''])
+            continue
+        kernel, plain = (row['seconds'][path] for path in lib.MLP_PATHS)
+        table.append(cells + [str(row['stage']), f"{row['map']} x {row['channels']}",
+                              'fwd' if row['mode'] == 'infer' else 'fwd+bwd', f'{kernel * 1e3:.2f}',
+                              f'{plain * 1e3:.2f}', f'{plain / kernel:.2f}x'])
+    lines = markdown_table(['arch', 'input', 'stage', 'hidden map', 'mode', 'ms, kernel', 'ms, plain operators',
+                            'speed-up'], table, right=(2, 5, 6, 7))
+    return rows, lines
+
+
 def benchmark_peers(args: argparse.Namespace) -> Tuple[List[dict], List[str]]:
     """The peer table: every model of each size and mode timed in turns in one process, then
     the memory of each model in a process of its own."""
@@ -485,6 +522,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                              'with its parallel tasks and its GFLOP/s against a torch.mm\'s')
     task.add_argument('--blocks', action='store_true',
                       help='benchmark the attention module of the first two blocks of each stage alone')
+    task.add_argument('--mlps', action='store_true',
+                      help="DAT++'s MLPs alone (first block of each stage), their conv and GELU through the "
+                           'C++ kernel and through the plain operators (CPU)')
     task.add_argument('--max-size', action='store_true',
                       help='search the largest input whose training step fits (CUDA only)')
     task.add_argument('--peers', action='store_true',
@@ -539,6 +579,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             args.threads = os.cpu_count() or 1
         if args.threads < 2:
             parser.error('--scaling compares 1 thread with --threads N: N must be >= 2')
+    if args.mlps:
+        if args.device != 'cpu' or args.paths is not None:
+            parser.error('--mlps times the CPU kernel of the MLPs: it needs --device cpu and no --paths')
+        v1 = [arch for arch in args.archs if not arch.endswith('++')]
+        if v1:
+            parser.error(f"--mlps compares DAT++'s MLPs (a depthwise conv): {v1} are DAT v1 archs")
     allowed = OP_PATHS if args.op else BACKBONE_PATHS
     args.paths = args.paths or [p for p in allowed if p != 'auto']
     bad = [p for p in args.paths if p not in allowed]
@@ -549,14 +595,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error('--device cuda: CUDA is not available')
     if args.max_size and args.device != 'cuda':
         parser.error('--max-size searches GPU memory; it needs --device cuda')
-    if args.interleave and (args.op or args.blocks or args.max_size or args.peers or args.profile):
+    if args.interleave and (args.op or args.blocks or args.mlps or args.max_size or args.peers or args.profile):
         parser.error('--interleave applies to the backbone table only (--peers always times in turns)')
     if args.memory_limit is not None and (args.device != 'cpu' or not args.isolated
                                           or args.memory_limit <= 0):
         parser.error('--memory-limit is a positive number of GiB, for CPU cells in their own '
                      'processes (not with --device cuda or --no-isolate)')
-    if args.with_cp and (args.op or args.blocks):
-        parser.error('--with-cp applies to whole backbones (not --op or --blocks)')
+    if args.with_cp and (args.op or args.blocks or args.mlps):
+        parser.error('--with-cp applies to whole backbones (not --op, --blocks or --mlps)')
     if args.threads is not None and args.threads < 1:
         parser.error('--threads must be >= 1')
     if args.batch < 1 or args.repeats < 1 or args.warmup < 0:
@@ -585,6 +631,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Tuple[List[dict], str]:
         rows, lines = benchmark_op(args)
     elif args.blocks:
         rows, lines = benchmark_blocks(args)
+    elif args.mlps:
+        rows, lines = benchmark_mlps(args)
     elif args.max_size:
         rows, lines = benchmark_max_size(args)
     elif args.peers:

@@ -160,10 +160,21 @@ class MLP(nn.Module):
         h = self.fc1(x)
         if is_tracing():  # exporters and compilers record the plain operators
             return self.fc2(_activation(h, *self._dwconv_params()))
-        kernel = None
-        if self.dwconv is not None:
-            found = mlp_activation_kernel(h.device, h.dtype)
-            kernel = found.module if found is not None else None
+        found = mlp_activation_kernel(h.device, h.dtype) if self.dwconv is not None else None
+        return self.from_hidden(h, found.module if found is not None else None)
+
+    def from_hidden(self, h: torch.Tensor, kernel: Optional[ModuleType]) -> torch.Tensor:
+        """The MLP after its first linear layer, in eager mode: what :meth:`forward` runs with
+        the kernel :func:`~mmdat.models.layers.policy.mlp_activation_kernel` picks, and what the
+        benchmark times with and without it.
+
+        Args:
+            h (Tensor): ``fc1``'s output, ``(B, H, W, hidden_dims)``.
+            kernel (ModuleType, optional): The module of the kernel for DAT++'s conv and GELU
+                (:mod:`~mmdat.models.layers.cpu_dwconv_gelu`), or None for the plain operators.
+        """
+        if kernel is not None and self.dwconv is None:
+            raise ValueError('kernel applies to the MLP of DAT++ (dwconv=True) only')
         if torch.is_grad_enabled():
             return _RecomputedActivationLinear.apply(h, *self._dwconv_params(), self.fc2.weight, self.fc2.bias, kernel)
         return self.fc2(_activation(h, *self._dwconv_params(), reuse_h=True, kernel=kernel))

@@ -194,3 +194,9 @@ def test_autocast_matches_the_plain_operators_on_gpu(dtype):
         assert got.dtype == want.dtype
         torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
     assert kept[0] < kept[1] * 0.6, kept  # one hidden tensor (and the output) against three
+
+
+def test_a_kernel_is_refused_for_an_mlp_without_the_conv():
+    mlp = make_mlp(False)
+    with pytest.raises(ValueError, match='dwconv=True'):
+        mlp.from_hidden(torch.zeros(1, 2, 2, 20, dtype=torch.float64), cpu_dwconv_gelu)
