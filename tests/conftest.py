@@ -187,6 +187,21 @@ def _write_hostile_checkpoints(folder):
     return hostile, broken, marker
 
 
+def run_without_compiler(code: str, folder: Path) -> None:
+    """Run Python ``code`` in a fresh process where no C++ compiler is found and the extension
+    folder (``folder``, empty) holds no cached kernel build; fails if the code fails."""
+    env = dict(os.environ, CXX=str(Path(folder) / 'no-such-compiler'), TORCH_EXTENSIONS_DIR=str(folder))
+    subprocess.run([sys.executable, '-c', code], check=True, env=env)
+
+
+@pytest.fixture
+def threads():
+    """``torch.set_num_threads`` for one test: the count is restored after it."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope='session')
 def hostile_checkpoints(tmp_path_factory):
     """``(hostile, broken, marker)``: dicts of kind -> path and the file a payload would create."""

@@ -43,15 +43,7 @@ def test_flops_of_a_whole_config():
         get_flops.main(['tiny.yaml'])
 
 
-@pytest.fixture
-def keep_num_threads():
-    """--threads sets torch's thread count of the process that runs a cell: restore it."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_backbone_benchmark_table_on_cpu(keep_num_threads):
+def test_backbone_benchmark_table_on_cpu(threads):
     rows, table = benchmark.main(['--archs', 'tiny', '--sizes', '32', '--batch', '1', '--warmup', '0',
                                   '--repeats', '1', '--no-isolate', '--threads', '1',
                                   '--paths', 'reference', 'sdpa', 'fused'])
@@ -62,14 +54,14 @@ def test_backbone_benchmark_table_on_cpu(keep_num_threads):
     assert 'Device: ' in table and '| tiny | 32x32 | train | fused |' in table
 
 
-def test_backbone_benchmark_with_checkpointing(keep_num_threads):
+def test_backbone_benchmark_with_checkpointing(threads):
     rows, table = benchmark.main(['--archs', 'tiny', '--sizes', '32', '--batch', '1', '--warmup', '0',
                                   '--repeats', '1', '--no-isolate', '--threads', '1', '--paths', 'auto',
                                   '--modes', 'train', '--with-cp'])
     assert rows[0]['seconds'] > 0 and 'with_cp=True; ' in table
 
 
-def test_interleaved_timing(keep_num_threads):
+def test_interleaved_timing(threads):
     rows, table = benchmark.main(['--archs', 'tiny', '--sizes', '32', '--batch', '1', '--warmup', '0',
                                   '--repeats', '2', '--no-isolate', '--threads', '1', '--interleave',
                                   '--modes', 'infer', '--paths', 'reference', 'auto', 'fused'])
@@ -86,7 +78,7 @@ def test_op_benchmark_on_cpu():
 
 
 @pytest.mark.skipif(not cpu_kernel_available(), reason='the CPU kernel does not build here')
-def test_op_scaling_table_on_cpu(keep_num_threads):
+def test_op_scaling_table_on_cpu(threads):
     rows, table = benchmark.main(['--op', '--scaling', '--device', 'cpu', '--archs', 'tiny', '--sizes', '64',
                                   '--batch', '1', '--warmup', '0', '--repeats', '1', '--no-isolate',
                                   '--threads', '2'])
@@ -99,7 +91,7 @@ def test_op_scaling_table_on_cpu(keep_num_threads):
     assert len([line for line in table.splitlines() if line.startswith('| tiny |')]) == 4
 
 
-def test_blocks_benchmark_times_each_attention_module_on_its_backbone_input(keep_num_threads):
+def test_blocks_benchmark_times_each_attention_module_on_its_backbone_input(threads):
     rows, table = benchmark.main(['--blocks', '--archs', 'tiny', '--sizes', '64x96', '--batch', '1',
                                   '--warmup', '0', '--repeats', '1', '--no-isolate', '--threads', '1',
                                   '--paths', 'reference', 'auto', 'fused'])
@@ -115,7 +107,7 @@ def test_blocks_benchmark_times_each_attention_module_on_its_backbone_input(keep
 
 
 @pytest.mark.skipif(not cpu_dwconv_gelu.kernel_available(), reason='the CPU kernel does not build here')
-def test_mlps_benchmark_times_each_stages_mlp_with_and_without_the_kernel(keep_num_threads, monkeypatch):
+def test_mlps_benchmark_times_each_stages_mlp_with_and_without_the_kernel(threads, monkeypatch):
     calls, per_step = [], {}
     real = cpu_dwconv_gelu.activation
     monkeypatch.setattr(cpu_dwconv_gelu, 'activation', lambda *args: calls.append(1) or real(*args))
@@ -160,7 +152,7 @@ def test_cells_follow_the_attention_policy(monkeypatch):
     assert benchmark.skip_reason('natten', 'cpu', arch='tiny++') is None
 
 
-def test_op_benchmark_on_cpu_runs_every_path_through_the_model_dispatcher(monkeypatch, keep_num_threads):
+def test_op_benchmark_on_cpu_runs_every_path_through_the_model_dispatcher(monkeypatch, threads):
     """Without TRITON_INTERPRET: 'fused' is the C++ kernel, as in the model (the policy's
     kernel for CPU), and 'auto' runs too."""
     monkeypatch.delenv('TRITON_INTERPRET', raising=False)
@@ -218,7 +210,7 @@ def test_peer_table_gives_ratios_to_swin_t(tmp_path):
     assert out.read_text() == table + '\n'
 
 
-def test_profile_table_gives_components_and_differences_from_the_peer(keep_num_threads):
+def test_profile_table_gives_components_and_differences_from_the_peer(threads):
     pytest.importorskip('mmdet')
     rows, table = benchmark.main(['--profile', '--models', 'Swin-T', 'DAT-T', '--sizes', '64', '--modes', 'train',
                                   '--batch', '1', '--warmup', '0', '--repeats', '1', '--threads', '1',
@@ -245,7 +237,7 @@ def test_out_into_a_missing_folder_fails_before_the_run(tmp_path, capsys):
     assert 'is a folder' in capsys.readouterr().err
 
 
-def test_out_writes_the_file_it_names(tmp_path, capsys, keep_num_threads):
+def test_out_writes_the_file_it_names(tmp_path, capsys, threads):
     out = tmp_path / 'table'
     _, table = benchmark.main(['--op', '--archs', 'tiny', '--sizes', '32', '--batch', '1', '--warmup', '0',
                                '--repeats', '1', '--no-isolate', '--modes', 'infer', '--paths', 'sdpa-no-bias',

@@ -1,9 +1,5 @@
 """The C++ CPU kernel of attn_impl='fused' against the reference path (the model's own bias and
 softmax), and the bias sampling grid against the formula it replaced."""
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,6 +11,8 @@ from mmdat.models.layers import cpu_deformable
 from mmdat.models.layers.attention_math import reference_deformable_attention
 from mmdat.models.layers.cpu_build import CFLAGS
 from mmdat.models.layers.cpu_deformable import load_kernel
+
+from tests.conftest import run_without_compiler
 
 needs_kernel = pytest.mark.skipif(not cpu_kernel_available(), reason='the CPU kernel does not build here')
 GRAD_NAMES = ('query', 'key', 'value', 'positions', 'table')
@@ -148,14 +146,6 @@ def test_gradcheck():
                                     leaves, eps=1e-6, atol=1e-7)
 
 
-@pytest.fixture
-def threads():
-    """Sets torch's CPU threads for one test (the kernel's backward splits its rows by them)."""
-    before = torch.get_num_threads()
-    yield torch.set_num_threads
-    torch.set_num_threads(before)
-
-
 # (shape, threads): backward cuts batch x heads x rows query rows into one run per thread, and
 # the cases put the cuts inside a (batch, head) (3 heads x 5 rows on 2 threads: a cut in head 1),
 # several runs through one (batch, head) and a run through two (4 threads on 15 rows: runs of
@@ -287,9 +277,7 @@ def test_without_a_compiler_the_model_falls_back_with_one_warning(tmp_path):
         'with torch.no_grad():',
         '    assert torch.equal(auto, module(x))',  # the former rule: SDPA
     ])
-    # an empty extension directory too: a build cached there would load without a compiler
-    env = dict(os.environ, CXX=str(tmp_path / 'no-such-compiler'), TORCH_EXTENSIONS_DIR=str(tmp_path))
-    subprocess.run([sys.executable, '-c', code], check=True, env=env)
+    run_without_compiler(code, tmp_path)
 
 
 def test_bias_grid_is_bitwise_the_former_formula():

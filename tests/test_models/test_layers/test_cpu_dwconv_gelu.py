@@ -1,8 +1,5 @@
 """The C++ CPU kernel of DAT++'s MLP activation, ``gelu(h + dwconv(h))``, against the plain
 operators, and how the policy picks it."""
-import os
-import subprocess
-import sys
 import warnings
 
 import pytest
@@ -12,6 +9,8 @@ from mmdat.models.layers import MLP, cpu_dwconv_gelu, policy
 from mmdat.models.layers import mlp as mlp_module
 from mmdat.models.layers.attention_math import reference_dwconv_gelu
 from mmdat.models.layers.cpu_dwconv_gelu import activation, activation_backward, kernel_available, op
+
+from tests.conftest import run_without_compiler
 
 pytestmark = pytest.mark.skipif(not kernel_available(), reason='the CPU kernel does not build here')
 
@@ -73,14 +72,6 @@ def test_gelu_in_float32_is_as_accurate_as_torchs():
     assert ((got - exact).abs() / x.double().abs().clamp_min(1)).max() < 2e-7
     tail = x < -3
     assert ((got - exact).abs() / exact.abs())[tail].max() < 0.02
-
-
-@pytest.fixture
-def threads():
-    """Sets torch's CPU threads for one test."""
-    before = torch.get_num_threads()
-    yield torch.set_num_threads
-    torch.set_num_threads(before)
 
 
 def test_one_and_two_threads_give_identical_results(threads):
@@ -206,5 +197,4 @@ def test_without_a_compiler_the_plain_operators_run_after_one_warning(tmp_path):
         "assert 'depthwise conv and GELU on CPU uses the plain operators' in str(caught[0].message), caught",
         'assert mlp.dwconv.weight.grad is not None',
     ])
-    env = dict(os.environ, CXX=str(tmp_path / 'no-such-compiler'), TORCH_EXTENSIONS_DIR=str(tmp_path))
-    subprocess.run([sys.executable, '-c', code], check=True, env=env)
+    run_without_compiler(code, tmp_path)

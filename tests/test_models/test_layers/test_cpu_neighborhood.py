@@ -1,8 +1,5 @@
 """The C++ CPU neighborhood attention kernel against the gathered reference (NATTEN 0.14
 semantics), and how the attention policy picks it."""
-import os
-import subprocess
-import sys
 import warnings
 
 import pytest
@@ -14,7 +11,7 @@ from mmdat.models.layers.cpu_neighborhood import (cpu_neighborhood_attention, ke
                                                   CPUNeighborhoodAttentionFunction)
 from mmdat.models.layers.policy import NEIGHBORHOOD, resolve_attn_impl
 
-from tests.conftest import SMALL_ARCHS, small_backbone
+from tests.conftest import SMALL_ARCHS, run_without_compiler, small_backbone
 
 pytestmark = pytest.mark.skipif(not kernel_available(), reason='the CPU kernel does not build here')
 
@@ -70,14 +67,6 @@ def test_views_as_the_module_passes_them():
     q, k, v = qkv.permute(3, 0, 4, 1, 2, 5).unbind(0)
     rpb = torch.randn(2, 9, 9, dtype=torch.float64, generator=gen)
     assert_matches_reference((q, k, v, rpb), 5)
-
-
-@pytest.fixture
-def threads():
-    """Sets torch's CPU threads for one test."""
-    before = torch.get_num_threads()
-    yield torch.set_num_threads
-    torch.set_num_threads(before)
 
 
 def test_one_and_two_threads_give_identical_results(threads):
@@ -239,5 +228,4 @@ def test_without_a_compiler_the_tiles_run_after_one_warning(tmp_path):
         'with torch.no_grad():',
         '    torch.testing.assert_close(auto, module(x), rtol=1e-5, atol=1e-6)',
     ])
-    env = dict(os.environ, CXX=str(tmp_path / 'no-such-compiler'), TORCH_EXTENSIONS_DIR=str(tmp_path))
-    subprocess.run([sys.executable, '-c', code], check=True, env=env)
+    run_without_compiler(code, tmp_path)

@@ -69,27 +69,35 @@ at::Tensor mirrored(const at::Tensor& weight) { return weight.flip({0}).contiguo
 // ---------------------------------------------------------------------------------------------
 // Portable code: any dtype and kernel side.
 
-// out[c] = f(bias[c] + map(y, x)[c] + sum over taps of weight[tap][c] * map(y + dy, x + dx)[c]),
-// zero outside the map; f is gelu or the identity.
-template <typename T, bool GELU>
-void conv_pixel(const Shapes& s, const T* map, const T* weight, const T* bias, int64_t b, int64_t y, int64_t x,
-                T* out) {
-  const int64_t C = s.channels, pad = s.kernel / 2;
-  const T* centre = map + ((b * s.rows + y) * s.cols + x) * C;
-  _Pragma("omp simd")
-  for (int64_t c = 0; c < C; ++c) out[c] = centre[c] + bias[c];
+// Calls visit(tap, pixel) for each tap (ky * K + kx) of the kernel at pixel x of row (b, y) whose
+// source pixel (y + ky - K / 2, x + kx - K / 2) is inside the map; pixel is its index in the map.
+template <typename Visit>
+inline void for_each_tap(const Shapes& s, int64_t b, int64_t y, int64_t x, Visit visit) {
+  const int64_t pad = s.kernel / 2;
   for (int64_t ky = 0; ky < s.kernel; ++ky) {
     const int64_t yy = y + ky - pad;
     if (yy < 0 || yy >= s.rows) continue;
     for (int64_t kx = 0; kx < s.kernel; ++kx) {
       const int64_t xx = x + kx - pad;
-      if (xx < 0 || xx >= s.cols) continue;
-      const T* source = map + ((b * s.rows + yy) * s.cols + xx) * C;
-      const T* w = weight + (ky * s.kernel + kx) * C;
-      _Pragma("omp simd")
-      for (int64_t c = 0; c < C; ++c) out[c] += w[c] * source[c];
+      if (xx >= 0 && xx < s.cols) visit(ky * s.kernel + kx, (b * s.rows + yy) * s.cols + xx);
     }
   }
+}
+
+// out[c] = f(bias[c] + map(y, x)[c] + sum over taps of weight[tap][c] * map(y + dy, x + dx)[c]),
+// zero outside the map; f is gelu or the identity.
+template <typename T, bool GELU>
+void conv_pixel(const Shapes& s, const T* map, const T* weight, const T* bias, int64_t b, int64_t y, int64_t x,
+                T* out) {
+  const int64_t C = s.channels;
+  const T* centre = map + ((b * s.rows + y) * s.cols + x) * C;
+  _Pragma("omp simd")
+  for (int64_t c = 0; c < C; ++c) out[c] = centre[c] + bias[c];
+  for_each_tap(s, b, y, x, [&](int64_t tap, int64_t pixel) {
+    const T *source = map + pixel * C, *w = weight + tap * C;
+    _Pragma("omp simd")
+    for (int64_t c = 0; c < C; ++c) out[c] += w[c] * source[c];
+  });
   if (GELU) {
     _Pragma("omp simd")
     for (int64_t c = 0; c < C; ++c) out[c] = out[c] * normal_cdf(out[c]);
@@ -105,7 +113,7 @@ void conv_row(const Shapes& s, const T* map, const T* weight, const T* bias, int
 // in part[tap] and its bias gradient sum in part[K * K].
 template <typename T>
 void gradient_row(const Shapes& s, const T* h, const T* weight, const T* bias, int64_t b, int64_t y, T* g, T* part) {
-  const int64_t C = s.channels, pad = s.kernel / 2, taps = s.kernel * s.kernel;
+  const int64_t C = s.channels, taps = s.kernel * s.kernel;
   std::vector<T> p(C);
   for (int64_t x = 0; x < s.cols; ++x) {
     conv_pixel<T, false>(s, h, weight, bias, b, y, x, p.data());
@@ -117,18 +125,12 @@ void gradient_row(const Shapes& s, const T* h, const T* weight, const T* bias, i
       d[c] *= normal_cdf(v) + v * normal_pdf(v);
       bias_part[c] += d[c];
     }
-    for (int64_t ky = 0; ky < s.kernel; ++ky) {
-      const int64_t yy = y + ky - pad;
-      if (yy < 0 || yy >= s.rows) continue;
-      for (int64_t kx = 0; kx < s.kernel; ++kx) {
-        const int64_t xx = x + kx - pad;
-        if (xx < 0 || xx >= s.cols) continue;
-        const T* source = h + ((b * s.rows + yy) * s.cols + xx) * C;
-        T* w_part = part + (ky * s.kernel + kx) * C;
-        _Pragma("omp simd")
-        for (int64_t c = 0; c < C; ++c) w_part[c] += d[c] * source[c];
-      }
-    }
+    for_each_tap(s, b, y, x, [&](int64_t tap, int64_t pixel) {
+      const T* source = h + pixel * C;
+      T* w_part = part + tap * C;
+      _Pragma("omp simd")
+      for (int64_t c = 0; c < C; ++c) w_part[c] += d[c] * source[c];
+    });
   }
 }
 
