@@ -215,8 +215,11 @@ _PRELOADED = ('torch', 'numpy', 'cv2', 'matplotlib', 'mmengine.config', 'mmengin
               'mmdat.utils')
 
 #: Environment variables read when the interpreter or a native library starts, not later: a
-#: command whose value differs from the runner's runs in a fresh process.
+#: command whose value differs from the runner's runs in a fresh process. Except
+#: ``OMP_NUM_THREADS``: the child sets torch's thread count to it (``torch.set_num_threads``), as
+#: torch does at start-up.
 _STARTUP_VARIABLES = ('PYTHON', 'OMP_', 'MKL_', 'OPENBLAS_', 'TRITON_', 'CUDA_', 'LD_')
+_SET_IN_THE_CHILD = ('OMP_NUM_THREADS', )
 
 # The runner: imports _PRELOADED, then for each request (a JSON line: argv, cwd, env, stdout and
 # stderr files) forks; the child runs the script as ``__main__`` in the requested folder and
@@ -239,6 +242,8 @@ for line in protocol_in:
         os.chdir(request['cwd'])
         os.environ.clear()
         os.environ.update(request['env'])
+        if 'OMP_NUM_THREADS' in os.environ:
+            sys.modules['torch'].set_num_threads(int(os.environ['OMP_NUM_THREADS']))
         for fd, path, mode in ((0, os.devnull, os.O_RDONLY), (1, request['stdout'], os.O_WRONLY),
                                (2, request['stderr'], os.O_WRONLY | os.O_APPEND)):
             os.dup2(os.open(path, mode), fd)
@@ -270,7 +275,8 @@ class _CommandRunner:
 
     def handles(self, env: dict) -> bool:
         def startup(variables):
-            return {k: v for k, v in variables.items() if k.startswith(_STARTUP_VARIABLES)}
+            return {k: v for k, v in variables.items()
+                    if k.startswith(_STARTUP_VARIABLES) and k not in _SET_IN_THE_CHILD}
         return self.process.poll() is None and startup(env) == startup(self.env)
 
     def run(self, argv, cwd, env, timeout):
@@ -308,7 +314,7 @@ def run_script(script, *args, cwd, env: Optional[dict] = None,
     mmdat once for the whole session (3-8 s saved per command), as ``__main__`` with the same
     ``sys.argv``, ``sys.path[0]``, folder, environment, output and exit status; where ``env``
     differs in a variable read at start-up (``PYTHON*``, ``OMP_*``, ...) it runs in a fresh
-    process. For tests of a tool's command line; a test of what a fresh interpreter does (imports,
+    process, but for ``OMP_NUM_THREADS``, which the child applies to torch. For tests of a tool's command line; a test of what a fresh interpreter does (imports,
     start-up) starts its own process.
     """
     global _runner

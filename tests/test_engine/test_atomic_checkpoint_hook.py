@@ -4,7 +4,6 @@ import builtins
 import os
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from mmdat.engine import (AtomicCheckpointHook, AtomicLocalBackend, WorkDirInUse
 from mmdat.engine import work_dir as work_dir_module
 from mmdat.engine.hooks import atomic_checkpoint_hook
 from mmdat.utils import error_line, use_atomic_checkpoints
-from tests.conftest import REPO_ROOT, TEST_CONFIGS
+from tests.conftest import REPO_ROOT, TEST_CONFIGS, run_script
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_resume import make_runner  # noqa: E402  (the tiny mmengine runner of those tests)
@@ -188,11 +187,11 @@ def test_training_killed_during_a_save_resumes(tmp_path):
     shapes = tmp_path / 'shapes'
     make_synthetic_dataset(str(shapes), {'train': 4, 'val': 2}, seed=0)  # 2 steps an epoch
     work = tmp_path / 'work'
-    env = {**os.environ, 'PYTHONPATH': str(REPO_ROOT), 'SHAPES_ROOT': f'{shapes}/', 'OMP_NUM_THREADS': '1'}
+    # each run is a process of its own (a child of the preloaded process: see ``run_script``)
+    env = {'SHAPES_ROOT': f'{shapes}/', 'OMP_NUM_THREADS': '1'}
     options = ['--work-dir', str(work), '--cfg-options', 'default_hooks.checkpoint.max_keep_ckpts=1']
-    killed = subprocess.run([sys.executable, str(Path(__file__).parent / 'train_killed_during_save.py'),
-                             '2', str(CONFIG), *options], env=env, capture_output=True, text=True,
-                            timeout=300)
+    killed = run_script(Path(__file__).parent / 'train_killed_during_save.py', '2', CONFIG, *options,
+                        cwd=REPO_ROOT, env=env, timeout=300)
     assert killed.returncode == -9, killed.stderr[-3000:]
     assert 'Saving checkpoint at 2 epochs' in killed.stdout + killed.stderr
     assert sorted(p.name for p in work.glob('*.pth')) == ['epoch_1.pth']
@@ -200,9 +199,8 @@ def test_training_killed_during_a_save_resumes(tmp_path):
     assert torch.load(work / 'epoch_1.pth', weights_only=True)['meta']['epoch'] == 1
 
     (work / 'last_checkpoint').unlink()
-    resumed = subprocess.run([sys.executable, str(REPO_ROOT / 'tools' / 'train.py'), str(CONFIG),
-                              '--resume', *options], env=env, capture_output=True, text=True,
-                             timeout=300)
+    resumed = run_script(REPO_ROOT / 'tools' / 'train.py', CONFIG, '--resume', *options, cwd=REPO_ROOT, env=env,
+                         timeout=300)
     log = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0, log[-3000:]
     assert 'resumed epoch: 1, iter: 2' in log

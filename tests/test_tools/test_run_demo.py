@@ -1,15 +1,12 @@
 """tools/run_demo.py end to end with a shortened schedule: data, untrained and trained
 evaluation of both models, results.json and the picture."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import cv2
 import pytest
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, run_script
 
 
 @pytest.mark.slow
@@ -17,11 +14,9 @@ def test_run_demo_short(tmp_path):
     # two detector iterations (16 images, the config's batch of 8); 5 segmenter iterations end
     # inside the config's 50-iteration warm-up, and its polynomial decay is dropped
     data_root, work_dir = tmp_path / 'shapes', tmp_path / 'work'
-    env = {**os.environ, 'PYTHONPATH': str(REPO_ROOT), 'OMP_NUM_THREADS': '1'}
-    result = subprocess.run(
-        [sys.executable, 'tools/run_demo.py', '--data-root', str(data_root), '--work-dir', str(work_dir),
-         '--train-images', '16', '--det-epochs', '1', '--seg-iters', '5', '--num-pictures', '2'],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    result = run_script(REPO_ROOT / 'tools' / 'run_demo.py', '--data-root', data_root, '--work-dir', work_dir,
+                        '--train-images', '16', '--det-epochs', '1', '--seg-iters', '5', '--num-pictures', '2',
+                        cwd=REPO_ROOT, env={'OMP_NUM_THREADS': '1'}, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert len(json.loads((data_root / 'annotations' / 'instances_train.json').read_text())['images']) == 16
 
