@@ -77,7 +77,7 @@ def activation(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> tor
     """
     _check(h, weight, bias)
     return torch.ops.mmdat_dwconv_gelu_cpu.forward(h.detach().contiguous(), _taps(weight, h.dtype),
-                                                   bias.detach().to(h.dtype).contiguous(), True)
+                                                   bias.detach().to(h.dtype).contiguous())
 
 
 def activation_backward(grad: torch.Tensor, h: torch.Tensor, weight: torch.Tensor,

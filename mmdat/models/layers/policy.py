@@ -124,11 +124,12 @@ NEIGHBORHOOD_TILES = Kernel('neighborhood tiles', neighborhood_tiles, NEIGHBORHO
 #: alone, batch 1, one thread, in turns; faster still with two); docs/benchmarks.md.
 CPU_NEIGHBORHOOD = Kernel('C++ neighborhood attention', cpu_neighborhood, NEIGHBORHOOD,
                           auto_min_row_scores={'cpu': 0})
-#: DAT++'s MLPs run it on CPU wherever it builds: at every DAT-T++ stage map of 800x1333 (batch
-#: 2) it ran the MLP's conv and GELU 1.2-4.0x faster than the plain operators in forward and
-#: 1.4-1.5x in backward (with the matmul that feeds it); docs/benchmarks.md.
-CPU_DWCONV_GELU = Kernel('C++ depthwise conv and GELU', cpu_dwconv_gelu, MLP_ACTIVATION,
-                         auto_min_row_scores={'cpu': 0})
+#: DAT++'s MLPs run it on CPU wherever it builds: DAT-T++'s whole MLPs (batch 2, 2 threads) ran
+#: 1.09-1.21x faster in training at the large maps of 512 and 800x1333, 0.97-1.16x elsewhere,
+#: and 0.95-1.13x in inference; the backbone 6% faster in inference at 800x1333
+#: (docs/benchmarks.md). No ``attn_impl`` names it, so no ``'auto'`` threshold:
+#: :func:`mlp_activation_kernel` is its rule.
+CPU_DWCONV_GELU = Kernel('C++ depthwise conv and GELU', cpu_dwconv_gelu, MLP_ACTIVATION, auto_min_row_scores={})
 #: The tiles again, for ``'fused'`` neighborhood blocks where the C++ kernel does not take the
 #: input (CUDA, half precision): never picked by ``'auto'`` under this name.
 FUSED_TILES = NEIGHBORHOOD_TILES._replace(auto_min_row_scores={})
@@ -301,8 +302,7 @@ def mlp_activation_kernel(device: torch.device, dtype: torch.dtype) -> Optional[
     None for the plain operators: :data:`CPU_DWCONV_GELU` where it supports the input, may run in
     this call (not while exporting or compiling) and passed its self-check."""
     kernel = CPU_DWCONV_GELU
-    if (_may_run_now(kernel) and _auto_picks(kernel, device, 1, 1, False) and kernel.module.supports(device, dtype)
-            and kernel_error(kernel, device, dtype) is None):
+    if _may_run_now(kernel) and kernel.module.supports(device, dtype) and kernel_error(kernel, device, dtype) is None:
         return kernel
     return None
 

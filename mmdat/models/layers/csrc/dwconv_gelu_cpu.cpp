@@ -245,7 +245,7 @@ void any_gradient_row(const Shapes& s, const T* h, const T* weight, const T* bia
 
 // ---------------------------------------------------------------------------------------------
 
-at::Tensor forward(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias, bool activate) {
+at::Tensor forward(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias) {
   const Shapes s = shapes_of(h, weight, bias);
   at::Tensor out = at::empty_like(h);
   AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "dwconv_gelu_forward", [&] {
@@ -253,12 +253,7 @@ at::Tensor forward(const at::Tensor& h, const at::Tensor& weight, const at::Tens
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, s.batch * s.rows, 1, [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
-        scalar_t* out_row = op + row * s.cols * s.channels;
-        if (activate) {
-          any_conv_row<scalar_t, true>(s, hp, wp, bp, row / s.rows, row % s.rows, out_row);
-        } else {
-          any_conv_row<scalar_t, false>(s, hp, wp, bp, row / s.rows, row % s.rows, out_row);
-        }
+        any_conv_row<scalar_t, true>(s, hp, wp, bp, row / s.rows, row % s.rows, op + row * s.cols * s.channels);
       }
     });
   });
@@ -313,7 +308,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(at::Tensor grad, const a
 }  // namespace
 
 TORCH_LIBRARY(mmdat_dwconv_gelu_cpu, m) {
-  m.def("forward(Tensor h, Tensor weight, Tensor bias, bool activate) -> Tensor");
+  m.def("forward(Tensor h, Tensor weight, Tensor bias) -> Tensor");
   m.def("backward(Tensor(a!) grad, Tensor h, Tensor weight, Tensor bias) -> (Tensor, Tensor, Tensor)");
 }
 
