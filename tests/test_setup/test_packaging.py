@@ -25,6 +25,9 @@ def test_wheel_carries_configs_tools_and_model_index(built):
     configs = {p.relative_to(REPO_ROOT).as_posix() for p in (REPO_ROOT / 'configs').rglob('*.py')
                if '__pycache__' not in p.parts}
     assert {'mmdat/.mim/' + c for c in configs} <= names  # every config, _base_ ones included
+    # the C++ kernels' sources and their shared header: the kernels are built from them on first use
+    kernel_sources = {p.relative_to(REPO_ROOT).as_posix() for p in (REPO_ROOT / 'mmdat/models/layers/csrc').iterdir()}
+    assert kernel_sources and {s for s in kernel_sources if s.endswith('.h')} and kernel_sources <= names
     assert not [n for n in names if '__pycache__' in n or n.endswith('.pyc')]
     metadata = zipfile.ZipFile(wheel).read(f'{wheel.name.split("-py3")[0]}.dist-info/METADATA').decode()
     assert 'License: Apache License 2.0' in metadata
@@ -36,7 +39,8 @@ def test_sdist_has_the_sources_of_mim_but_no_copies(built):
     sdist, _ = built
     names = {n.split('/', 1)[1] for n in tarfile.open(sdist).getnames() if '/' in n}
     assert {'LICENSE', 'model-index.yml', 'configs/retinanet_dat_t_coco.py', 'tools/train.py',
-            'requirements/runtime.txt'} <= names
+            'requirements/runtime.txt', 'mmdat/models/layers/csrc/vector_math.h',
+            'mmdat/models/layers/csrc/dwconv_gelu_cpu.cpp'} <= names
     assert not [n for n in names if '.mim' in n]
 
 
