@@ -10,8 +10,9 @@ does not disturb the next, or in this process with ``isolated=False``.
 
 Common cell keys: ``device`` (``'cpu'``/``'cuda'``), ``amp`` (a key of :data:`AMP_DTYPES`),
 ``batch``, ``warmup``, ``repeats``, ``isolated``, ``threads`` (torch's CPU threads or None),
-``memory_limit_gib`` (CPU, isolated cells: the most the process's address space may grow) and
-``with_cp`` (gradient checkpointing of every block of the backbones built; default False).
+``memory_limit_gib`` (CPU, isolated cells: the most the process's address space may grow),
+``with_cp`` (gradient checkpointing of every block of the backbones built; default False) and
+``malloc`` (isolated cells: a key of :data:`MALLOC_SETTINGS`; default ``'system'``).
 """
 import json
 import os
@@ -37,6 +38,17 @@ AMP_DTYPES = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 ALLOCATION_FAILURES = ('out of memory', 'not enough memory', "can't allocate memory", 'bad_alloc')
 #: Stage whose deformable maps are the largest (stride 16): the shapes of the ``op`` cells.
 OP_STAGE = 2
+#: The C library's allocator settings of a cell's process (``GLIBC_TUNABLES``, glibc only).
+#: ``'system'``: glibc's defaults, under which every block over 32 MiB is a fresh ``mmap``,
+#: unmapped when freed: each large tensor of each step faults in new zeroed pages, which on a
+#: VM can cost more system time than the step's arithmetic (docs/benchmarks.md). ``'kept'``:
+#: no ``mmap`` for large blocks and no trimming of the heap, so freed memory stays in the
+#: process and later steps reuse touched pages, as a caching allocator (jemalloc, tcmalloc,
+#: CUDA's) would; the process never gives memory back.
+MALLOC_SETTINGS = {
+    'system': None,
+    'kept': 'glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1099511627776',
+}
 #: The paths of the ``op`` cells: every ``attn_impl`` of the deformable layers, run by the
 #: layer's own dispatcher, and SDPA without the bias on the same q, k, v.
 OP_PATHS = layer_impls(DEFORMABLE) + ('sdpa-no-bias', )
@@ -611,15 +623,31 @@ def run_here(cell: dict) -> dict:
             torch.cuda.empty_cache()
 
 
+def malloc_environment(malloc: str, environ: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    """``environ`` (default: this process's) for a child process with the allocator settings
+    ``malloc`` (a key of :data:`MALLOC_SETTINGS`), added to any tunables already set."""
+    if malloc not in MALLOC_SETTINGS:
+        raise ValueError(f'malloc must be one of {sorted(MALLOC_SETTINGS)}, got {malloc!r}')
+    env = dict(os.environ if environ is None else environ)
+    tunables = MALLOC_SETTINGS[malloc]
+    if tunables is not None:
+        env['GLIBC_TUNABLES'] = ':'.join(filter(None, [env.get('GLIBC_TUNABLES'), tunables]))
+    return env
+
+
 def run_cell(cell: dict) -> dict:
     """Run a cell in a fresh Python process (or here with ``isolated=False``)."""
     if cell['kind'] not in CELL_FUNCTIONS:
         raise ValueError(f'cell kind must be one of {sorted(CELL_FUNCTIONS)}, got {cell["kind"]!r}')
+    malloc = cell.get('malloc', 'system')
     if not cell['isolated']:
+        if malloc != 'system':
+            raise ValueError('malloc applies to isolated cells (it sets up a new process)')
         return run_here(cell)
     # The child imports the mmdat this process uses, wherever it comes from.
     root = str(Path(__file__).resolve().parents[2])
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root] + os.environ.get('PYTHONPATH', '').split(os.pathsep)))
+    env = malloc_environment(malloc)
+    env['PYTHONPATH'] = os.pathsep.join([root] + env.get('PYTHONPATH', '').split(os.pathsep))
     child = subprocess.run([sys.executable, '-m', 'mmdat.utils.benchmark', '--cell', json.dumps(cell)],
                            env=env, capture_output=True, text=True)
     lines = child.stdout.strip().splitlines()

@@ -274,6 +274,8 @@ def test_out_writes_the_file_it_names(tmp_path, capsys, threads):
     (['--op', '--scaling', '--device', 'cpu', '--amp', 'bf16'], 'no --paths or --amp'),
     (['--op', '--scaling', '--device', 'cpu', '--threads', '1'], 'N must be >= 2'),
     (['--device', 'cpu', '--memory-limit', '8', '--no-isolate'], '--memory-limit'),
+    (['--device', 'cpu', '--malloc', 'kept', '--no-isolate'], '--malloc kept'),
+    (['--device', 'cpu', '--malloc', 'jemalloc'], 'invalid choice'),
 ])
 def test_bad_benchmark_arguments(argv, match, capsys):
     with pytest.raises(SystemExit):

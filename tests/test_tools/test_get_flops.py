@@ -61,3 +61,16 @@ def test_bad_options(tmp_path):
         get_flops.main(['tiny', '--cfg-options', 'model.backbone.arch=small'])
     with pytest.raises(SystemExit, match='target must be one of'):
         get_flops.main(['configs/no_such_config.py'])
+
+
+@pytest.mark.slow
+def test_peer_models(capsys):
+    swin = get_flops.main(['Swin-T'])
+    assert 'Model: Swin-T' in capsys.readouterr().out
+    # Swin-T's published count at 224x224 is 4.5 G (28 M parameters with its classifier)
+    assert 4.45e9 < swin['flops'] < 4.55e9
+    assert set(swin['by_op']) >= {'linear', 'matmul'}  # the window attention's products
+    # a DAT of the peer table is the arch of that name
+    assert get_flops.main(['DAT-T'])['flops'] == get_flops.main(['tiny'])['flops']
+    with pytest.raises(SystemExit, match='--cfg-options applies to a config'):
+        get_flops.main(['Swin-T', '--cfg-options', 'model.backbone.depths=[2,2,2,2]'])

@@ -1,4 +1,7 @@
 """mmdat.utils.benchmark: shapes from built models, timing, cells in fresh processes."""
+import platform
+import subprocess
+import sys
 import threading
 import time
 
@@ -82,9 +85,48 @@ def test_a_cell_over_its_memory_limit_is_out_of_memory():
     assert benchmark.run_cell(cell)['seconds'] > 0
 
 
+def test_malloc_environment_adds_the_tunables():
+    assert benchmark.malloc_environment('system', {'A': '1'}) == {'A': '1'}
+    kept = benchmark.MALLOC_SETTINGS['kept']
+    assert benchmark.malloc_environment('kept', {'A': '1'}) == {'A': '1', 'GLIBC_TUNABLES': kept}
+    # a user's own tunables stay
+    env = benchmark.malloc_environment('kept', {'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2'})
+    assert env['GLIBC_TUNABLES'] == 'glibc.malloc.arena_max=2:' + kept
+    with pytest.raises(ValueError, match='malloc must be one of'):
+        benchmark.malloc_environment('jemalloc')
+
+
+# Allocates and touches 64 MiB (more than glibc's largest mmap threshold) twice and prints the
+# page faults of the second time.
+REALLOCATE = """
+import resource
+def touch():
+    block = bytearray(64 << 20)
+    block[::4096] = b'x' * len(block[::4096])
+touch()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+touch()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != 'glibc', reason='the settings are glibc tunables')
+def test_kept_malloc_reuses_freed_memory():
+    def faults(malloc):
+        env = benchmark.malloc_environment(malloc)
+        return int(subprocess.run([sys.executable, '-c', REALLOCATE], env=env, capture_output=True, text=True,
+                                  check=True).stdout)
+
+    pages = (64 << 20) // 4096
+    assert faults('system') >= pages  # a fresh mapping, faulted in page by page
+    assert faults('kept') < pages // 100  # the same pages again
+
+
 def test_bad_cells():
     with pytest.raises(ValueError, match='cell kind must be one of'):
         benchmark.run_cell(dict(kind='nope', isolated=False))
+    with pytest.raises(ValueError, match='malloc applies to isolated cells'):
+        benchmark.run_cell(dict(kind='op', isolated=False, malloc='kept'))
     with pytest.raises(ValueError, match='for isolated cells'):
         benchmark.run_here(dict(kind='op', isolated=False, memory_limit_gib=1))
     with pytest.raises(ValueError, match="model type must be 'dat' or 'swin'"):

@@ -70,13 +70,18 @@ runs them in this process (faster; then CPU memory is not reported). Peak memory
 ``torch.cuda.max_memory_allocated`` over the timed steps (weights, input and activations
 included); on CPU, the growth of the process's peak resident set size over its size before the
 first step; ``--memory-limit`` caps the growth of a CPU cell's address space so that it fails
-with "out of memory" instead of waking the kernel's OOM killer. The paths are the model's ``attn_impl``
-values, run by its own dispatcher; a path without a kernel for the device and dtype here, or for
-layers the arch lacks (the attention policy's table), is listed as skipped, and a cell that fails
+with "out of memory" instead of waking the kernel's OOM killer. ``--malloc kept`` (CPU, glibc)
+starts every cell's process with glibc's allocator keeping freed memory in its heap: under
+glibc's defaults each tensor over 32 MiB is a fresh mapping whose pages fault in anew at every
+step, which on a VM can cost more than the step's arithmetic and varies from process to
+process. The paths are the model's ``attn_impl`` values, run by its own dispatcher; a path
+without a kernel for the device and dtype here, or for layers the arch lacks (the attention
+policy's table), is listed as skipped, and a cell that fails
 as an error row. ``--out FILE`` also writes the table there (its folder must exist).
 """
 import argparse
 import os
+import platform
 import sys
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -88,7 +93,7 @@ from mmdat.models.backbones.dat import BLOCK_TYPES
 from mmdat.models.layers import IMPLEMENTATIONS, attn_impls, triton_deformable
 from mmdat.models.layers.policy import runs_on
 from mmdat.utils import benchmark as lib
-from mmdat.utils.benchmark import (AMP_DTYPES, OP_PATHS, PEER_MODELS, PEER_OF, markdown_table,
+from mmdat.utils.benchmark import (AMP_DTYPES, MALLOC_SETTINGS, OP_PATHS, PEER_MODELS, PEER_OF, markdown_table,
                                    run_cell)
 from mmdat.utils.step_profile import COMPONENTS
 
@@ -163,9 +168,11 @@ def header(args: argparse.Namespace) -> str:
               'models in turns, one profiled step each per round, ' if args.profile else '')
     load = lib.load_average()
     load = f'; load average at the start {load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f}' if load else ''
+    malloc = ('; malloc: freed memory kept in the heap (GLIBC_TUNABLES ' + MALLOC_SETTINGS['kept'] + ')'
+              if args.malloc == 'kept' else '')
     return (f'Device: {lib.device_name(args.device, args.threads)} ({args.device}){load}; {versions}; '
             f'amp: {args.amp}; batch {args.batch}; {checkpointing}{timing}warm-up {args.warmup}, median of {args.repeats}; '
-            f'memory: {memory}.')
+            f'memory: {memory}{malloc}.')
 
 
 def benchmark_backbone(args: argparse.Namespace) -> Tuple[List[dict], List[str]]:
@@ -509,7 +516,7 @@ def benchmark_max_size(args: argparse.Namespace) -> Tuple[List[dict], List[str]]
 def _common(args: argparse.Namespace) -> dict:
     return dict(device=args.device, amp=args.amp, batch=args.batch, warmup=args.warmup,
                 repeats=args.repeats, isolated=args.isolated, threads=args.threads,
-                memory_limit_gib=args.memory_limit, with_cp=args.with_cp)
+                memory_limit_gib=args.memory_limit, with_cp=args.with_cp, malloc=args.malloc)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -564,6 +571,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--with-cp', action='store_true',
                         help='gradient checkpointing of every block (with_cp=True) in the backbones built '
                              '(default mode, --peers, --profile)')
+    parser.add_argument('--malloc', default='system', choices=list(MALLOC_SETTINGS),
+                        help='CPU, glibc: the allocator settings of every cell\'s process. system: the C '
+                             'library\'s defaults (each tensor over 32 MiB is fresh memory, faulted in '
+                             'anew at every step); kept: freed memory stays in the heap, so steps after '
+                             'the first reuse touched pages, as a caching allocator would')
     parser.add_argument('--no-isolate', dest='isolated', action='store_false',
                         help='run every cell in this process (no per-cell CPU memory)')
     parser.add_argument('--min-height', type=int, default=224, help='--max-size: smallest height tried')
@@ -601,6 +613,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                                           or args.memory_limit <= 0):
         parser.error('--memory-limit is a positive number of GiB, for CPU cells in their own '
                      'processes (not with --device cuda or --no-isolate)')
+    if args.malloc != 'system' and (args.device != 'cpu' or not args.isolated
+                                    or platform.libc_ver()[0] != 'glibc'):
+        parser.error(f'--malloc {args.malloc} sets glibc\'s allocator in each cell\'s process: it needs '
+                     '--device cpu, cells in their own processes (not --no-isolate) and glibc')
     if args.with_cp and (args.op or args.blocks or args.mlps):
         parser.error('--with-cp applies to whole backbones (not --op, --blocks or --mlps)')
     if args.threads is not None and args.threads < 1:

@@ -1,4 +1,5 @@
-"""Parameters and FLOPs of a DAT backbone or of a whole mmdet/mmseg config at one input size.
+"""Parameters and FLOPs of a DAT backbone, of a backbone of the benchmark's peer table (mmdet's
+Swin Transformer) or of a whole mmdet/mmseg config at one input size.
 
 Examples::
 
@@ -6,6 +7,7 @@ Examples::
     python tools/analysis_tools/get_flops.py base --shape 800 1333
     python tools/analysis_tools/get_flops.py configs/retinanet_dat_t_coco.py --shape 800 1333
     python tools/analysis_tools/get_flops.py configs/mask_rcnn_dat_t_coco.py --shape 800 1333
+    python tools/analysis_tools/get_flops.py Swin-T --shape 800 1333   # a model of the peer table
 
 What is counted (mmengine.analysis.FlopAnalyzer, fvcore's convention): one multiply-add is one
 FLOP. Convolutions, linear layers and matmuls (with the attention scores ``q k^T`` and the
@@ -34,6 +36,8 @@ from mmengine.config import DictAction
 
 from mmdat.models import DAT
 from mmdat.utils import one_line_errors, read_config, register_scope
+from mmdat.utils.benchmark import PEER_MODELS
+from mmdat.utils.benchmark import build_model as build_peer_model
 
 
 def sdpa_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
@@ -77,15 +81,22 @@ def image_data_samples(scope: str, shape: Sequence[int]) -> Optional[list]:
 
 
 def build_model(target: str, shape: Sequence[int] = (224, 224), cfg_options: Optional[dict] = None) -> nn.Module:
-    """A DAT backbone from an arch name, or the whole model of an mmdet/mmseg config (with
-    ``cfg_options`` merged in) wrapped for one ``shape`` input."""
-    if target in DAT.arch_zoo:
+    """A DAT backbone from an arch name, a backbone of the benchmark's peer table from its name
+    (``'Swin-T'``, ``'DAT-T'``, ...: the models ``benchmark.py --peers`` times), or the whole
+    model of an mmdet/mmseg config (with ``cfg_options`` merged in) wrapped for one ``shape``
+    input."""
+    if target in DAT.arch_zoo or target in PEER_MODELS:
         if cfg_options:
-            raise SystemExit('--cfg-options applies to a config, not to a DAT arch name')
-        return DAT(arch=target, attn_impl='sdpa')
+            raise SystemExit('--cfg-options applies to a config, not to an arch or model name')
+        if target in DAT.arch_zoo:
+            return DAT(arch=target, attn_impl='sdpa')
+        spec = dict(PEER_MODELS[target])
+        if spec['type'] == 'dat':
+            spec['attn_impl'] = 'sdpa'
+        return build_peer_model(spec)
     if not target.endswith('.py') or not osp.isfile(target):
-        raise SystemExit(f'target must be one of {sorted(DAT.arch_zoo)} or an existing config '
-                         f'file (.py), got {target!r}')
+        raise SystemExit(f'target must be one of {sorted(DAT.arch_zoo)}, a model of the peer table '
+                         f'{list(PEER_MODELS)} or an existing config file (.py), got {target!r}')
     cfg = read_config(target, cfg_options)
     scope = register_scope(cfg)
     backbone = cfg.model.get('backbone', {})
@@ -125,7 +136,8 @@ def count(model: nn.Module, shape: Sequence[int]) -> dict:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('target', help=f'a DAT arch ({", ".join(DAT.arch_zoo)}) or an mmdet/mmseg config')
+    parser.add_argument('target', help=f'a DAT arch ({", ".join(DAT.arch_zoo)}), a model of the benchmark\'s '
+                        f'peer table ({", ".join(PEER_MODELS)}) or an mmdet/mmseg config')
     parser.add_argument('--shape', type=int, nargs='+', default=[224],
                         help='input size: H, or H W (default 224)')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction, metavar='KEY=VALUE',
