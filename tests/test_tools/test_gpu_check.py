@@ -28,7 +28,7 @@ def test_dry_run_writes_one_report_with_every_step(tmp_path):
     assert 'test_tiles_match_the_reference_on_gpu SKIPPED' in report  # the GPU-only tests, collected
     assert 'test_real_size_on_gpu' in report
     assert '| tiny++ | 64x64 | train | sdpa |' in report
-    # on CPU the fused path runs the C++ kernel (DAT++ too)
+    # 'fused' in bfloat16 on CPU: the Triton kernels in Triton's interpreter (DAT++ too)
     assert '| tiny | 64x64 | infer | fused |' in report and '| tiny++ | 64x64 | train | fused |' in report
     assert '| fused | skipped' not in report
     assert '| tiny | 64x64 | 16 | fwd+bwd | sdpa-no-bias |' in report

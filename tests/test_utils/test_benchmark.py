@@ -79,7 +79,7 @@ def test_a_cell_runs_in_a_fresh_process_and_measures_its_peak_memory():
 def test_a_cell_over_its_memory_limit_is_out_of_memory():
     # The reference op at 1536x1536 materialises a 4 GiB bias (12 heads x 9,216^2 x 4 bytes).
     cell = dict(kind='op', arch='tiny', size=(1536, 1536), mode='infer', path='reference', device='cpu',
-                amp='none', batch=1, warmup=0, repeats=1, isolated=True, threads=1, memory_limit_gib=2)
+                amp='none', batch=1, warmup=0, repeats=1, isolated=True, threads=1, memory_limit_gib=1)
     assert benchmark.run_cell(cell) == dict(error='out of memory')
     cell.update(size=(64, 64))
     assert benchmark.run_cell(cell)['seconds'] > 0
