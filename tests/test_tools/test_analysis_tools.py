@@ -276,6 +276,8 @@ def test_out_writes_the_file_it_names(tmp_path, capsys, threads):
     (['--device', 'cpu', '--memory-limit', '8', '--no-isolate'], '--memory-limit'),
     (['--device', 'cpu', '--malloc', 'kept', '--no-isolate'], '--malloc kept'),
     (['--device', 'cpu', '--malloc', 'jemalloc'], 'invalid choice'),
+    (['--op', '--archs', 'tiny', 'tiny++'], "DAT v1's deformable op"),
+    (['--op', '--scaling', '--device', 'cpu', '--archs', 'small++'], "DAT v1's deformable op"),
 ])
 def test_bad_benchmark_arguments(argv, match, capsys):
     with pytest.raises(SystemExit):

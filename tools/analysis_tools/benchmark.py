@@ -12,7 +12,7 @@ mmengine and mmdat, so they run where mmcv/mmdet are absent:
           --sizes 224 512 800x1333 --paths reference sdpa fused --batch 2 --amp bf16
 
 * ``--op``: the attention op alone at the shapes of stage 3 (the largest deformable maps) for one
-  arch and input size, forward and forward + backward: the fused kernel against the
+  DAT v1 arch (as many keys as queries; DAT++ archs are refused) and input size, forward and forward + backward: the fused kernel against the
   materialised paths and against plain SDPA *without* bias on the same q/k/v (the flash
   attention floor)::
 
@@ -591,6 +591,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             args.threads = os.cpu_count() or 1
         if args.threads < 2:
             parser.error('--scaling compares 1 thread with --threads N: N must be >= 2')
+    if args.op:
+        v2 = [arch for arch in args.archs if arch.endswith('++')]
+        if v2:
+            # its cells model DAT v1's deformable blocks, whose keys are sampled on the query map
+            parser.error(f"--op times DAT v1's deformable op (as many keys as queries); {v2} are DAT++ "
+                         'archs, whose keys are a strided grid: time them whole (default mode, --peers)')
     if args.mlps:
         if args.device != 'cpu' or args.paths is not None:
             parser.error('--mlps times the CPU kernel of the MLPs: it needs --device cpu and no --paths')
