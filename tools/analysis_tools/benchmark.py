@@ -13,8 +13,8 @@ mmengine and mmdat, so they run where mmcv/mmdet are absent:
 
 * ``--op``: the attention op alone at the shapes of stage 3 (the largest deformable maps) for one
   DAT v1 arch (as many keys as queries; DAT++ archs are refused) and input size, forward and
-  forward + backward: the fused kernel against the materialised paths and against plain SDPA *without* bias on the same q/k/v (the flash
-  attention floor)::
+  forward + backward: the fused kernel against the materialised paths and against plain SDPA
+  *without* bias on the same q/k/v (the flash attention floor)::
 
       python tools/analysis_tools/benchmark.py --op --archs tiny --sizes 800x1333 --batch 2 --amp bf16
 
