@@ -126,21 +126,21 @@ def deformable_stages(arch: str) -> List[int]:
 def op_shapes(arch: str, size: Tuple[int, int], batch: int, stage: int = OP_STAGE) -> dict:
     """The shapes of the first deformable block of ``stage`` (default: stage 3) of a DAT built
     at ``arch``, read from the module and from its input in a forward on the meta device."""
-    return dict(_op_shapes(arch, tuple(size), batch, stage))
+    return dict(_op_shapes(arch, tuple(size), batch, stage))  # a copy: the cached dict stays as it is
 
 
 # Building the model and its meta forward take ~0.3-0.6 s on a CPU; an op table asks for the
 # same shapes for every cell and row, so they are worked out once per process.
 @functools.lru_cache(maxsize=None)
-def _op_shapes(arch: str, size: Tuple[int, int], batch: int, stage: int) -> Tuple[Tuple[str, object], ...]:
+def _op_shapes(arch: str, size: Tuple[int, int], batch: int, stage: int) -> dict:
     model = DAT(arch=arch).to('meta')
     attn = next((m for m in model.stages[stage].modules() if isinstance(m, DeformableAttention)), None)
     if attn is None:
         raise ValueError(f'stage {stage + 1} of {arch} has no deformable blocks')
     x = capture_inputs(model, [attn], torch.empty(batch, 3, *size, device='meta'))[attn]
     _, height, width, channels = x.shape
-    return tuple(dict(batch=batch, heads=attn.num_heads, groups=attn.num_groups, height=height, width=width,
-                      head_dims=channels // attn.num_heads, table=tuple(attn.rpe_table.shape)).items())
+    return dict(batch=batch, heads=attn.num_heads, groups=attn.num_groups, height=height, width=width,
+                head_dims=channels // attn.num_heads, table=tuple(attn.rpe_table.shape))
 
 
 def op_inputs(arch: str, size: Tuple[int, int], batch: int, dtype: torch.dtype,

@@ -88,9 +88,7 @@ def build_model(target: str, shape: Sequence[int] = (224, 224), cfg_options: Opt
     if target in DAT.arch_zoo or target in PEER_MODELS:
         if cfg_options:
             raise SystemExit('--cfg-options applies to a config, not to an arch or model name')
-        if target in DAT.arch_zoo:
-            return DAT(arch=target, attn_impl='sdpa')
-        spec = dict(PEER_MODELS[target])
+        spec = dict(PEER_MODELS.get(target, dict(type='dat', arch=target)))
         if spec['type'] == 'dat':
             spec['attn_impl'] = 'sdpa'
         return build_peer_model(spec)
