@@ -76,14 +76,19 @@ def test_float32_matches_float64_reference(shape):
 
 # More float32 cases for the kernel's branches: rows of several vectors (37 queries: 3 vectors of
 # 16; 120: 8 vectors, split into two register tiles), key blocks with a partial last one (70, 45
-# keys against blocks of 32), a table row wider than two AVX-512 registers (31 columns: gathers in
-# place of permutes), and columns in decreasing order (the x-lerp gradient without runs).
+# keys against blocks of 32), columns in decreasing order (the x-lerp gradient without runs), and
+# table rows wider than two AVX-512 registers: read through a 32-entry window where a vector's
+# queries span few table cells (31 columns for 120 queries; 61 for 37, in decreasing order), and
+# gathered where they do not (111 columns for 20 queries: the first vector spans 44 cells, the
+# second, padded by repeating the last query, 9).
 def flipped_grid(rows, cols, device, dtype):
     return pixel_centre_grid(rows, cols, device, dtype).flip(1)
 
 
 BRANCH_CASES = [((1, 4, 2, 3, 37, 70, 16, (27, 27)), pixel_centre_grid),
                 ((1, 2, 1, 2, 120, 45, 8, (9, 31)), pixel_centre_grid),
+                ((1, 2, 1, 3, 20, 45, 8, (9, 111)), pixel_centre_grid),
+                ((1, 2, 1, 3, 37, 45, 8, (9, 61)), flipped_grid),
                 ((1, 4, 2, 3, 37, 70, 16, (27, 27)), flipped_grid)]
 
 

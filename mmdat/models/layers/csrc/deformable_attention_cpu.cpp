@@ -12,8 +12,8 @@
 // transposed, keys x queries, with the queries along the vector lanes (W padded to a multiple of
 // L = 16). For a key n, all W queries of the row share iy, so they read the same table row
 // interpolated along y (`ty`, zero-padded); only the x lerp differs per query, and it is a
-// contiguous vector operation: with AVX-512 the (<= 32-entry) row sits in two registers and the
-// two corners come from register permutes, not memory gathers.
+// contiguous vector operation: with AVX-512 the two corners come from register permutes, not
+// memory gathers, of the whole row when it has <= 32 entries, else of a 32-entry window of it.
 //
 // Forward is a flash-attention loop over blocks of KB keys: scores^T = K_blk (Q * scale)^T
 // (KB x W, small enough for L1), the bias added in place, an online softmax down the columns
@@ -112,10 +112,17 @@ Shapes shapes_of(const at::Tensor& query, const at::Tensor& key, const at::Tenso
   return s;
 }
 
-// Table coordinates, pre-scaled: query rows/columns (with the centring term) and keys.
+// A vector of queries whose x coordinates span at most this many table cells finds both corners
+// of every lane in the 32 row entries from its lowest lane's (see row_corners).
+constexpr float WINDOW_SPAN = 29;
+
+// Table coordinates, pre-scaled: query rows/columns (with the centring term) and keys. Per vector
+// of L queries: the lane of its lowest x, and whether its x span fits a 32-entry row window.
 template <typename T>
 struct Coords {
   std::vector<T> qy, qx, ky, kx;  // qx padded to wp (by repeating the last); ky, kx: (B * groups, Nk)
+  std::vector<int32_t> low_lane;
+  std::vector<uint8_t> narrow;
 };
 
 template <typename T>
@@ -128,6 +135,11 @@ Coords<T> coords_of(const Shapes& s, const at::Tensor& ys, const at::Tensor& xs,
   const T* p = positions.data_ptr<T>();
   for (int64_t r = 0; r < s.rows; ++r) c.qy.push_back(y[r] * sy + T(s.th - 1) / 2);
   for (int64_t q = 0; q < s.wp; ++q) c.qx.push_back(x[std::min(q, s.cols - 1)] * sx + T(s.tw - 1) / 2);
+  for (auto v = c.qx.begin(); v != c.qx.end(); v += L) {
+    const auto [low, high] = std::minmax_element(v, v + L);
+    c.low_lane.push_back(static_cast<int32_t>(low - v));
+    c.narrow.push_back(*high - *low <= T(WINDOW_SPAN));
+  }
   const int64_t n = s.batch * s.groups * s.keys;
   c.ky.resize(n);
   c.kx.resize(n);
@@ -293,15 +305,47 @@ void interpolate_rows(const Shapes& s, const T* table, T qy, const T* ky, int64_
   }
 }
 
+#if MMDAT_DA_AVX512
+// The corners t0 = row[i], t1 = row[i + 1] of each lane of the queries' vector `vec`. A padded row
+// of at most 32 entries is in two registers (lo, hi: loaded once per key; i + 1 <= padded - 1 <=
+// 31). A longer row (a table made for a larger map than the one attended, as DAT++'s first
+// stages at detection size) is read through the 32 entries from the lowest lane's index, which
+// hold every lane's corners when the vector is narrow (i - i0 + 1 <= WINDOW_SPAN + 2), and is
+// gathered otherwise. Rows in `ty` are followed by >= 2 * L readable entries (see ty_size).
+inline void row_corners(const Shapes& s, const Coords<float>& co, int64_t vec, const float* row,
+                        __m512 lo, __m512 hi, __m512i i, __m512& t0, __m512& t1) {
+  const __m512i one = _mm512_set1_epi32(1);
+  if (s.padded <= 32) {
+    t0 = _mm512_permutex2var_ps(lo, i, hi);
+    t1 = _mm512_permutex2var_ps(lo, _mm512_add_epi32(i, one), hi);
+  } else if (co.narrow[vec]) {
+    // the lowest x has the lowest index (clamping and truncation keep the order)
+    const int32_t i0 = _mm_cvtsi128_si32(
+        _mm512_castsi512_si128(_mm512_permutexvar_epi32(_mm512_set1_epi32(co.low_lane[vec]), i)));
+    const __m512i j = _mm512_sub_epi32(i, _mm512_set1_epi32(i0));
+    const __m512 a = _mm512_loadu_ps(row + i0), b = _mm512_loadu_ps(row + i0 + L);
+    t0 = _mm512_permutex2var_ps(a, j, b);
+    t1 = _mm512_permutex2var_ps(a, _mm512_add_epi32(j, one), b);
+  } else {
+    t0 = _mm512_i32gather_ps(i, row, 4);
+    t1 = _mm512_i32gather_ps(_mm512_add_epi32(i, one), row, 4);
+  }
+}
+#endif
+
+// Entries of the `ty` scratch (KB rows): a window read from a row's last corner may run 2 * L
+// entries past it.
+inline int64_t ty_size(const Shapes& s) { return KB * s.stride + 2 * L; }
+
 // scores (count x wp) += bias of keys n < count (x coordinates kx, rows ty) for the row's queries.
 template <typename T>
-void add_bias(const Shapes& s, const T* __restrict qx, const T* __restrict kx, const T* __restrict ty,
+void add_bias(const Shapes& s, const Coords<T>& co, const T* __restrict kx, const T* __restrict ty,
               int64_t count, T* __restrict scores) {
+  const T* __restrict qx = co.qx.data();
 #if MMDAT_DA_AVX512
   if constexpr (std::is_same_v<T, float>) {
     const __m512 low = _mm512_set1_ps(-PAD), high = _mm512_set1_ps(float(s.tw + 1));
     const __m512 pad = _mm512_set1_ps(PAD);
-    const __m512i one = _mm512_set1_epi32(1);
     for (int64_t n = 0; n < count; ++n) {
       const float* row = ty + n * s.stride;
       const __m512 lo = _mm512_loadu_ps(row), hi = _mm512_loadu_ps(row + L);
@@ -313,13 +357,7 @@ void add_bias(const Shapes& s, const T* __restrict qx, const T* __restrict kx, c
         const __m512i i = _mm512_cvttps_epi32(c);
         const __m512 w = _mm512_sub_ps(c, _mm512_cvtepi32_ps(i));
         __m512 t0, t1;
-        if (s.padded <= 32) {  // the row is in two registers (i + 1 <= padded - 1 <= 31)
-          t0 = _mm512_permutex2var_ps(lo, i, hi);
-          t1 = _mm512_permutex2var_ps(lo, _mm512_add_epi32(i, one), hi);
-        } else {
-          t0 = _mm512_i32gather_ps(i, row, 4);
-          t1 = _mm512_i32gather_ps(_mm512_add_epi32(i, one), row, 4);
-        }
+        row_corners(s, co, x / L, row, lo, hi, i, t0, t1);
         _mm512_storeu_ps(out + x, _mm512_add_ps(_mm512_loadu_ps(out + x),
                                                 _mm512_fmadd_ps(w, _mm512_sub_ps(t1, t0), t0)));
       }
@@ -438,17 +476,17 @@ inline __m512 prefix_sum(__m512 x) {
 // corners' shares where that makes the updates of one row independent. `sorted`: qx is
 // nondecreasing.
 template <typename T>
-void bias_backward_x(const Shapes& s, const T* qx, const T* kx, const T* ty, const T* dscores,
+void bias_backward_x(const Shapes& s, const Coords<T>& co, const T* kx, const T* ty, const T* dscores,
                      int64_t count, bool sorted, T* dty, T* dpos) {
+  const T* qx = co.qx.data();
 #if MMDAT_DA_AVX512
   if constexpr (std::is_same_v<T, float>) {
-    if (sorted && s.padded <= 32) {
+    if (sorted) {
       // Sorted queries fall into nondecreasing table cells, so each vector's corner updates are
       // runs of equal cells: a prefix sum over the lanes and one scalar update per run (at its
       // last lane), instead of a read-modify-write per (query, key) that waits on the previous.
       const __m512 low = _mm512_set1_ps(-PAD), high = _mm512_set1_ps(float(s.tw + 1));
       const __m512 pad = _mm512_set1_ps(PAD);
-      const __m512i one = _mm512_set1_epi32(1);
       alignas(64) float sa[L], sb[L];
       alignas(64) int32_t cell[L];
       for (int64_t n = 0; n < count; ++n) {
@@ -465,8 +503,8 @@ void bias_backward_x(const Shapes& s, const T* qx, const T* kx, const T* ty, con
               _mm512_min_ps(_mm512_max_ps(_mm512_sub_ps(_mm512_loadu_ps(qx + x), k), low), high), pad);
           const __m512i i = _mm512_cvttps_epi32(c);
           const __m512 w = _mm512_sub_ps(c, _mm512_cvtepi32_ps(i));
-          const __m512 t0 = _mm512_permutex2var_ps(lo, i, hi);
-          const __m512 t1 = _mm512_permutex2var_ps(lo, _mm512_add_epi32(i, one), hi);
+          __m512 t0, t1;
+          row_corners(s, co, x / L, row, lo, hi, i, t0, t1);
           dx = _mm512_fmadd_ps(g, _mm512_sub_ps(t1, t0), dx);
           const __m512 gw = _mm512_mul_ps(g, w);
           _mm512_store_ps(sa, prefix_sum(_mm512_sub_ps(g, gw)));
@@ -555,7 +593,7 @@ void block_scores(const Shapes& s, const Coords<T>& co, const T* table, int64_t 
                   T* scores) {
   interpolate_rows<T>(s, table, co.qy[row], co.ky.data() + group * s.keys + n0, count, ty, y0, wy);
   gemm<T>(count, s.dims, s.wp / L, k + n0 * s.dims, s.dims, 1, qt, s.wp, scores, s.wp, false);
-  add_bias<T>(s, co.qx.data(), co.kx.data() + group * s.keys + n0, ty, count, scores);
+  add_bias<T>(s, co, co.kx.data() + group * s.keys + n0, ty, count, scores);
 }
 
 // The work split, in one place: the kernels use these, and `work_split` reports them.
@@ -597,7 +635,7 @@ std::vector<at::Tensor> forward(const at::Tensor& query, const at::Tensor& key, 
       T* qt = scratch<T>(keep, d * wp);
       T* acc = scratch<T>(keep, d * wp);
       T* scores = scratch<T>(keep, KB * wp);
-      T* ty = scratch<T>(keep, KB * s.stride);
+      T* ty = scratch<T>(keep, ty_size(s));
       T* wy = scratch<T>(keep, KB);
       T* m = scratch<T>(keep, wp);
       T* l = scratch<T>(keep, wp);
@@ -717,7 +755,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
       T* dopad = scratch<T>(keep, W * dp);    // dO, alike
       T* probs = scratch<T>(keep, KB * wp);   // P^T of a block
       T* dscores = scratch<T>(keep, KB * wp); // dP^T, then dS^T
-      T* ty = scratch<T>(keep, KB * s.stride);
+      T* ty = scratch<T>(keep, ty_size(s));
       T* dty = scratch<T>(keep, 2 * KB * s.stride);  // two halves: see bias_backward_x
       T* wy = scratch<T>(keep, KB);
       T* lse_row = scratch<T>(keep, wp);
@@ -763,7 +801,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
               gemm<T>(count, W, dp / L, dscores, wp, 1, qpad, dp, g.dk + n0 * dp, dp, true);   // dK += dS Q
               gemm<T>(d, count, wp / L, k + n0 * d, 1, d, dscores, wp, dqt, wp, true);         // dQ^T += K^T dS^T
 
-              bias_backward_x<T>(s, co.qx.data(), kx + n0, ty, dscores, count, sorted, dty, g.dpos + 2 * n0);
+              bias_backward_x<T>(s, co, kx + n0, ty, dscores, count, sorted, dty, g.dpos + 2 * n0);
               bias_backward_y<T>(s, tab, y0.data(), wy, count, dty, g.dtab, g.dpos + 2 * n0);
             }
             T* dq = grad_query.data_ptr<T>() + first * d;
