@@ -3,12 +3,14 @@ first use.
 
 The kernel (``csrc/neighborhood_attention_cpu.cpp``) computes what
 :func:`~mmdat.models.layers.attention_math.reference_neighborhood_attention` computes (NATTEN
-0.14 semantics, dilation 1) without copying any key: each query scores its ``K x K`` keys in
-place, where the tiles (:mod:`~mmdat.models.layers.neighborhood_tiles`) score a halo of
-``(T + K - 1)**2`` and recompute it in backward. Forward keeps each query's ``K**2``
-probabilities when gradients will be needed; backward gives gradients for the query, key, value
-and bias table, with results that do not depend on the number of threads. Work is split over
-(batch, head, query row). It is built on first use by :mod:`~mmdat.models.layers.cpu_build`;
+0.14 semantics, dilation 1) without copying any key: 16 queries of a row at a time score their
+``K x K`` keys as vector products with shifted key rows, where the tiles
+(:mod:`~mmdat.models.layers.neighborhood_tiles`) score a halo of ``(T + K - 1)**2`` and
+recompute it in backward. It reads q, k and v with their strides (the module's views of one
+qkv projection). Forward keeps each query's log-sum-exp when gradients will be needed; backward
+recomputes the scores and gives gradients for the query, key, value and bias table, with results
+that do not depend on the number of threads. Work is split over runs of query rows of each
+(batch, head). It is built on first use by :mod:`~mmdat.models.layers.cpu_build`;
 where that fails, the neighborhood blocks use the tiles.
 
 The kernel interface of :mod:`mmdat.models.layers.policy`: :func:`installed`, :func:`supports`
@@ -41,19 +43,18 @@ class CPUNeighborhoodAttentionFunction(torch.autograd.Function):
     """Autograd function of :func:`cpu_neighborhood_attention` (inputs already validated)."""
 
     @staticmethod
-    def forward(ctx, query, key, value, rpb, kernel_size, keep_probabilities):
-        out, probabilities = torch.ops.mmdat_neighborhood_cpu.forward(query, key, value, rpb, kernel_size,
-                                                                      keep_probabilities)
+    def forward(ctx, query, key, value, rpb, kernel_size, with_lse):
+        out, lse = torch.ops.mmdat_neighborhood_cpu.forward(query, key, value, rpb, kernel_size, with_lse)
         ctx.kernel_size = kernel_size
-        ctx.save_for_backward(query, key, value, probabilities)
+        ctx.save_for_backward(query, key, value, rpb, lse)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        query, key, value, probabilities = ctx.saved_tensors
-        dq, dk, dv, drpb = torch.ops.mmdat_neighborhood_cpu.backward(grad_out.contiguous(), query, key, value,
-                                                                     probabilities, ctx.kernel_size)
+        query, key, value, rpb, lse = ctx.saved_tensors
+        dq, dk, dv, drpb = torch.ops.mmdat_neighborhood_cpu.backward(grad_out, query, key, value, rpb, lse,
+                                                                     ctx.kernel_size)
         return dq, dk, dv, drpb, None, None
 
 
@@ -101,9 +102,9 @@ def cpu_neighborhood_attention(query: torch.Tensor, key: torch.Tensor, value: to
     if not kernel_available():
         raise RuntimeError('The CPU neighborhood attention kernel is not available (see the warning given '
                            'when it failed to build)')
-    keep_probabilities = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, rpb))
-    query, key, value, rpb = (t.contiguous() for t in (query, key, value, rpb))
-    return CPUNeighborhoodAttentionFunction.apply(query, key, value, rpb, kernel_size, keep_probabilities)
+    with_lse = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, rpb))
+    # the kernel reads query, key and value with their strides (views of one qkv projection)
+    return CPUNeighborhoodAttentionFunction.apply(query, key, value, rpb.contiguous(), kernel_size, with_lse)
 
 
 def installed() -> bool:

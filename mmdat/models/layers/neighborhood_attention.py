@@ -45,8 +45,8 @@ def neighborhood_attention(query: torch.Tensor,
             halo (``(T + kernel_size - 1)**2``, masked to each query's neighborhood) through
             SDPA, with no per-query copies; in training the tiles are recomputed in backward,
             so only the inputs are kept. ``'fused'``: on CPU (float32, float64) a C++ kernel
-            that scores each query's ``kernel_size**2`` keys in place and keeps their
-            probabilities for backward; elsewhere the tiles through SDPA. ``'auto'``: on CPU
+            that scores each query's ``kernel_size**2`` keys in place and keeps one
+            log-sum-exp a query for backward; elsewhere the tiles through SDPA. ``'auto'``: on CPU
             the C++ kernel where it builds; otherwise natten's kernels where installed (not
             with ``with_cp``), otherwise the tiles, their attention through SDPA or matmuls as
             :func:`~mmdat.models.layers.policy.materialised_attention` picks (on CPU, matmuls

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mmdat.models.layers import neighborhood_attention, policy
-from mmdat.models.layers.attention_math import reference_neighborhood_attention
+from mmdat.models.layers.attention_math import build_neighborhood_indices, reference_neighborhood_attention
 from mmdat.models.layers.cpu_neighborhood import (cpu_neighborhood_attention, kernel_available,
                                                   CPUNeighborhoodAttentionFunction)
 from mmdat.models.layers.policy import NEIGHBORHOOD, resolve_attn_impl
@@ -41,11 +41,12 @@ def assert_matches_reference(inputs, kernel_size, tol=1e-10):
 
 # (batch, heads, H, W, d, K): maps of exactly the kernel (one neighborhood for all), a single row
 # of neighborhoods (H = K), maps narrower than 2K - 1 (every query border-shifted), non-square,
-# sides that are multiples of nothing, kernels 3-9, batch > 1, several heads, head dims of one
-# and several vectors and none
+# sides that are multiples of nothing, kernels 3-13, batch > 1, several heads, head dims of one
+# and several register chunks and none, rows of one to three vectors of 16 queries (the middle
+# one of 40 without border queries)
 SHAPES = [(1, 1, 3, 3, 4, 3), (1, 2, 3, 11, 8, 3), (2, 3, 5, 7, 16, 5), (1, 2, 7, 13, 32, 7),
           (1, 2, 9, 9, 5, 9), (2, 1, 11, 8, 3, 7), (1, 4, 23, 17, 32, 7), (1, 2, 13, 30, 12, 5),
-          (3, 2, 10, 9, 1, 9)]
+          (3, 2, 10, 9, 1, 9), (1, 1, 8, 40, 40, 7), (1, 1, 14, 13, 4, 13)]
 
 
 @pytest.mark.parametrize('shape', SHAPES)
@@ -80,15 +81,35 @@ def test_one_and_two_threads_give_identical_results(threads):
         assert torch.equal(one, two)
 
 
-def test_keeps_the_inputs_and_the_probabilities_for_backward():
-    """Saved for backward: q, k, v and K*K probabilities a query; nothing without gradients."""
-    q, k, v, rpb = (t.requires_grad_() for t in make_inputs(1, 2, 9, 10, 8, 5))
+def reference_log_sum_exp(q, k, rpb, kernel_size):
+    """Each query's log-sum-exp of its K*K scaled, biased scores, spelt out: (B, heads, H, W)."""
+    height, width = q.shape[2:4]
+    rows, row_bias = build_neighborhood_indices(height, kernel_size, q.device)
+    cols, col_bias = build_neighborhood_indices(width, kernel_size, q.device)
+    keys = k[:, :, rows[:, None, :, None], cols[None, :, None, :]]  # B, heads, H, W, K, K, d
+    scores = torch.einsum('bhijd,bhijacd->bhijac', q, keys) / q.shape[-1]**0.5
+    scores = scores + rpb[:, row_bias[:, None, :, None], col_bias[None, :, None, :]]
+    return scores.flatten(-2).logsumexp(-1)
+
+
+def test_keeps_the_inputs_and_each_querys_log_sum_exp_for_backward():
+    """Saved for backward: q, k and v as given (views of one qkv tensor, not copies), the bias
+    table and one log-sum-exp a query; no log-sum-exp without gradients."""
+    qkv = torch.randn(1, 9, 10, 3, 2, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    qkv.requires_grad_()
+    q, k, v = qkv.permute(3, 0, 4, 1, 2, 5).unbind(0)
+    rpb = torch.randn(2, 9, 9, dtype=torch.float64, requires_grad=True)
     out = cpu_neighborhood_attention(q, k, v, rpb, 5)
     saved = out.grad_fn.saved_tensors
-    assert [tuple(t.shape) for t in saved] == [tuple(q.shape)] * 3 + [(1, 2, 9, 10, 25)]
-    torch.testing.assert_close(saved[3].sum(-1), torch.ones(1, 2, 9, 10, dtype=torch.float64))
+    for got, given in zip(saved[:3], (q, k, v)):
+        assert got.data_ptr() == given.data_ptr() and got.stride() == given.stride()
+    assert saved[3].shape == rpb.shape
+    torch.testing.assert_close(saved[4], reference_log_sum_exp(q, k, rpb, 5))
+    # laid out (B, H, W, heads, d): the module merges the heads without a copy
+    assert out.permute(0, 2, 3, 1, 4).is_contiguous()
     with torch.no_grad():
         assert torch.equal(cpu_neighborhood_attention(q, k, v, rpb, 5), out.detach())
+        assert torch.ops.mmdat_neighborhood_cpu.forward(q, k, v, rpb, 5, False)[1].numel() == 0
 
 
 def test_checkpointed_gradients_match():
