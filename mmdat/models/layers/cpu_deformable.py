@@ -66,10 +66,16 @@ class CPUDeformableAttentionFunction(torch.autograd.Function):
         batch, heads = query.shape[:2]
         groups = positions.shape[0] // batch
         dq, dk, dv, dpos, dtable = torch.ops.mmdat_deformable_cpu.backward(
-            grad_out.contiguous(), query, key, value, out, lse, ys, xs, positions, table)
+            _rows(grad_out), query, key, value, out, lse, ys, xs, positions, table)
         # heads of one offset group share its positions; every batch entry reads the same table
         dpos = dpos.view(batch, groups, heads // groups, -1, 2).sum(2).view(batch * groups, -1, 2)
         return dq, dk, dv, None, None, dpos, dtable.sum(0)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` ``(B, heads, Nq, d)`` as the kernel reads it: any strides but contiguous head dims
+    (the module's heads are a view of ``(B, Nq, heads, d)``, which needs no copy)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def _check_inputs(query, key, value, ys, xs, positions, table) -> None:
@@ -108,15 +114,15 @@ def cpu_deformable_attention(query: torch.Tensor, key: torch.Tensor, value: torc
         table (Tensor): Per-head bias table ``(heads, Th, Tw)``.
 
     Returns:
-        Tensor: ``(B, heads, Nq, head_dims)``.
+        Tensor: ``(B, heads, Nq, head_dims)``, laid out as ``(B, Nq, heads, head_dims)`` so that
+        merging the heads is a view.
     """
     _check_inputs(query, key, value, ys, xs, positions, table)
     if not cpu_kernel_available():
         raise RuntimeError('The CPU deformable attention kernel is not available (see the warning '
                            'given when it failed to build)')
-    query, key, value, ys, xs, positions, table = (
-        t.contiguous() for t in (query, key, value, ys, xs, positions, table))
-    return CPUDeformableAttentionFunction.apply(query, key, value, ys, xs, positions, table)
+    key, value, ys, xs, positions, table = (t.contiguous() for t in (key, value, ys, xs, positions, table))
+    return CPUDeformableAttentionFunction.apply(_rows(query), key, value, ys, xs, positions, table)
 
 
 def work_split(batch: int, heads: int, rows: int, threads: int) -> Tuple[int, int]:

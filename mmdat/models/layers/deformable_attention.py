@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from .attention_math import biased_attention, sampled_position_bias
 from .policy import DEFORMABLE, check_attn_impl, resolve_attn_impl
-from .tracing import copy_view
+from .tracing import copy_view, is_tracing
 
 
 def pixel_centre_grid(height: int, width: int, device: torch.device,
@@ -192,5 +192,8 @@ class DeformableAttention(nn.Module):
             self.recorder(reference, positions, query, key, bias, (height, width))
         out = deformable_attention_op(query, key, value, queries, positions.flatten(1, 2), self.rpe_table,
                                    self.attn_impl, bias)
-        out = copy_view(out.transpose(1, 2), batch, height, width, channels)
+        out = out.transpose(1, 2)
+        # the CPU kernel's output is laid out (B, N, heads, d) already: merging the heads is a view
+        out = (out.view(batch, height, width, channels) if not is_tracing() and out.is_contiguous()
+               else copy_view(out, batch, height, width, channels))
         return self.proj_out(out)

@@ -143,6 +143,24 @@ def test_float64_matches_reference_exactly(shape):
 
 
 @needs_kernel
+def test_heads_as_views_of_the_token_layout():
+    """The module's query is a view of (B, Nq, heads, d), as is the gradient reaching backward:
+    the kernel reads both in place, and its output and query gradient are laid out alike, so
+    that merging the heads is a view."""
+    inputs = make_inputs(2, 4, 2, 5, 7, 13, 8, (9, 9))
+    query = inputs[0].transpose(1, 2).contiguous().transpose(1, 2)
+    grad_out = torch.randn(2, 35, 4, 8, dtype=torch.float64).transpose(1, 2)
+    assert not query.is_contiguous() and not grad_out.is_contiguous()
+    inputs = (query,) + inputs[1:]
+    out, grads = run(kernel, inputs, torch.float64, grad_out)
+    ref_out, ref_grads = run(reference, inputs, torch.float64, grad_out)
+    assert relative_error(out, ref_out) < 1e-12
+    for name, grad, ref_grad in zip(GRAD_NAMES, grads, ref_grads):
+        assert relative_error(grad, ref_grad) < 1e-12, name
+    assert out.transpose(1, 2).is_contiguous() and grads[0].transpose(1, 2).is_contiguous()
+
+
+@needs_kernel
 def test_gradcheck():
     q, k, v, queries, positions, table = make_inputs(1, 2, 1, 3, 4, 5, 4, (5, 5), spread=0.9)
     leaves = [t.requires_grad_(True) for t in (q, k, v, positions, table)]

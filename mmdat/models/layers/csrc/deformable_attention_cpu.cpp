@@ -579,11 +579,31 @@ void bias_backward_y(const Shapes& s, const T* __restrict tab, const int64_t* y0
   }
 }
 
-// Query row `row` of q (W x dims), transposed and scaled into qt (dims x wp, zero padded).
+// Query row `row` of q (W x dims, queries `stride` apart), transposed and scaled into qt (dims x
+// wp, zero padded).
 template <typename T>
-void transpose_row(const Shapes& s, const T* q, T scale, T* qt) {
+void transpose_row(const Shapes& s, const T* q, int64_t stride, T scale, T* qt) {
   for (int64_t j = 0; j < s.cols; ++j)
-    for (int64_t k = 0; k < s.dims; ++k) qt[k * s.wp + j] = q[j * s.dims + k] * scale;
+    for (int64_t k = 0; k < s.dims; ++k) qt[k * s.wp + j] = q[j * stride + k] * scale;
+}
+
+// A (B, heads, Nq, dims) tensor whose head dims are contiguous, with any other strides (a view of
+// (B, Nq, heads, dims), as the module's heads are): the first query of each query row.
+template <typename T>
+struct QueryRows {
+  T* data;
+  int64_t batch_stride, head_stride, stride;  // stride: from one query to the next
+  QueryRows(const at::Tensor& t)
+      : data(t.data_ptr<std::remove_const_t<T>>()), batch_stride(t.stride(0)), head_stride(t.stride(1)), stride(t.stride(2)) {}
+  T* row(const Shapes& s, int64_t bh, int64_t row) const {
+    return data + bh / s.heads * batch_stride + bh % s.heads * head_stride + row * s.cols * stride;
+  }
+};
+
+// A new (B, heads, Nq, dims) tensor laid out (B, Nq, heads, dims), so that merging the heads
+// afterwards is a view.
+at::Tensor heads_merged_like(const at::Tensor& query) {
+  return at::empty({query.size(0), query.size(2), query.size(1), query.size(3)}, query.options()).permute({0, 2, 1, 3});
 }
 
 // Scores^T of keys [n0, n0 + count) for one query row, bias included: K_blk qt + bias.
@@ -615,7 +635,8 @@ std::vector<at::Tensor> forward(const at::Tensor& query, const at::Tensor& key, 
                                 const at::Tensor& ys, const at::Tensor& xs, const at::Tensor& positions,
                                 const at::Tensor& table) {
   const Shapes s = shapes_of(query, key, ys, xs, positions, table);
-  at::Tensor out = at::empty_like(query);
+  TORCH_CHECK(query.stride(3) == 1, "query's head dims must be contiguous");
+  at::Tensor out = heads_merged_like(query);
   at::Tensor lse = at::empty({s.batch, s.heads, s.queries()}, query.options());
   AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "deformable_attention_cpu_forward", [&] {
     using T = scalar_t;
@@ -623,11 +644,11 @@ std::vector<at::Tensor> forward(const at::Tensor& query, const at::Tensor& key, 
     const T scale = T(1) / std::sqrt(T(s.dims));
     const int64_t heads_per_group = s.heads / s.groups;
     const int64_t d = s.dims, wp = s.wp;
-    const T* q_all = query.data_ptr<T>();
+    const QueryRows<const T> q_rows(query);
+    const QueryRows<T> out_rows(out);
     const T* k_all = key.data_ptr<T>();
     const T* v_all = value.data_ptr<T>();
     const T* tab_all = table.data_ptr<T>();
-    T* out_all = out.data_ptr<T>();
     T* lse_all = lse.data_ptr<T>();
     at::parallel_for(0, forward_tasks(s.batch, s.heads, s.rows), 1, [&](int64_t begin, int64_t end) {
       const c10::InferenceMode guard;  // per thread: the scratch tensors need no autograd
@@ -648,7 +669,7 @@ std::vector<at::Tensor> forward(const at::Tensor& query, const at::Tensor& key, 
         const int64_t first = bh * s.queries() + row * s.cols;  // the row's first query
         const T* k = k_all + bh * s.keys * d;
         const T* v = v_all + bh * s.keys * d;
-        transpose_row<T>(s, q_all + first * d, scale, qt);
+        transpose_row<T>(s, q_rows.row(s, bh, row), q_rows.stride, scale, qt);
         std::fill(acc, acc + d * wp, T(0));
         // a finite start, so that the first rescaling is exp(very negative) = 0, not NaN
         std::fill(m, m + wp, -std::numeric_limits<T>::max() / 2);
@@ -660,10 +681,10 @@ std::vector<at::Tensor> forward(const at::Tensor& query, const at::Tensor& key, 
           softmax_block<T>(s, count, scores, m, l, acc, work);
           gemm<T>(d, count, wp / L, v + n0 * d, 1, d, scores, wp, acc, wp, true);  // acc += V^T P^T
         }
-        T* o = out_all + first * d;
+        T* o = out_rows.row(s, bh, row);
         for (int64_t j = 0; j < s.cols; ++j) {
           const T inv = T(1) / l[j];
-          for (int64_t c = 0; c < d; ++c) o[j * d + c] = acc[c * wp + j] * inv;
+          for (int64_t c = 0; c < d; ++c) o[j * out_rows.stride + c] = acc[c * wp + j] * inv;
           lse_all[first + j] = m[j] + std::log(l[j]);
         }
       }
@@ -698,7 +719,8 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
                                  const at::Tensor& xs, const at::Tensor& positions,
                                  const at::Tensor& table) {
   const Shapes s = shapes_of(query, key, ys, xs, positions, table);
-  at::Tensor grad_query = at::empty_like(query);
+  TORCH_CHECK(query.stride(3) == 1 && grad_out.stride(3) == 1, "query's and grad_out's head dims must be contiguous");
+  at::Tensor grad_query = heads_merged_like(query);
   at::Tensor grad_key = at::empty_like(key);
   at::Tensor grad_value = at::empty_like(value);
   at::Tensor grad_positions = at::empty({s.batch, s.heads, s.keys, 2}, query.options());
@@ -713,10 +735,10 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
     const T scale = T(1) / std::sqrt(T(s.dims));
     const int64_t heads_per_group = s.heads / s.groups;
     const int64_t d = s.dims, wp = s.wp, dp = round_up(d, L), W = s.cols;
-    const T* q_all = query.data_ptr<T>();
+    const QueryRows<const T> q_rows(query), do_rows(grad_out);
+    const QueryRows<T> dq_rows(grad_query);
     const T* k_all = key.data_ptr<T>();
     const T* v_all = value.data_ptr<T>();
-    const T* do_all = grad_out.data_ptr<T>();
     const T* lse_all = lse.data_ptr<T>();
     const T* delta_all = delta.data_ptr<T>();
     const T* tab_all = table.data_ptr<T>();
@@ -778,11 +800,12 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
           std::fill(g.dk, g.dk + sums_size, T(0));
           for (int64_t row = run - bh * s.rows; row < run_end - bh * s.rows; ++row) {
             const int64_t first = bh * s.queries() + row * W;
-            transpose_row<T>(s, q_all + first * d, scale, qt);
-            transpose_row<T>(s, do_all + first * d, T(1), dot);
+            const T *q = q_rows.row(s, bh, row), *go = do_rows.row(s, bh, row);
+            transpose_row<T>(s, q, q_rows.stride, scale, qt);
+            transpose_row<T>(s, go, do_rows.stride, T(1), dot);
             for (int64_t j = 0; j < W; ++j) {
-              std::copy(q_all + (first + j) * d, q_all + (first + j + 1) * d, qpad + j * dp);
-              std::copy(do_all + (first + j) * d, do_all + (first + j + 1) * d, dopad + j * dp);
+              std::copy(q + j * q_rows.stride, q + j * q_rows.stride + d, qpad + j * dp);
+              std::copy(go + j * do_rows.stride, go + j * do_rows.stride + d, dopad + j * dp);
             }
             std::copy(lse_all + first, lse_all + first + W, lse_row);
             std::copy(delta_all + first, delta_all + first + W, delta_row);
@@ -804,9 +827,9 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
               bias_backward_x<T>(s, co, kx + n0, ty, dscores, count, sorted, dty, g.dpos + 2 * n0);
               bias_backward_y<T>(s, tab, y0.data(), wy, count, dty, g.dtab, g.dpos + 2 * n0);
             }
-            T* dq = grad_query.data_ptr<T>() + first * d;
+            T* dq = dq_rows.row(s, bh, row);
             for (int64_t j = 0; j < W; ++j)
-              for (int64_t c = 0; c < d; ++c) dq[j * d + c] = dqt[c * wp + j] * scale;
+              for (int64_t c = 0; c < d; ++c) dq[j * dq_rows.stride + c] = dqt[c * wp + j] * scale;
           }
           if (run == bh * s.rows && run_end == (bh + 1) * s.rows) {
             write_key_gradients(bh, g);  // all its rows are here
