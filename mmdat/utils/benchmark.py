@@ -31,7 +31,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mmdat.models import DAT
-from mmdat.models.layers import DeformableAttention, deformable_attention_op, pixel_centre_grid
+from mmdat.models.layers import (DeformableAttention, DeformableAttentionPP, datpp_query_grid, datpp_reference_grid,
+                                 deformable_attention_op, pixel_centre_grid)
 from mmdat.models.layers.policy import CPU_DWCONV_GELU, DEFORMABLE, layer_impls
 
 AMP_DTYPES = {'none': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
@@ -125,7 +126,9 @@ def deformable_stages(arch: str) -> List[int]:
 
 def op_shapes(arch: str, size: Tuple[int, int], batch: int, stage: int = OP_STAGE) -> dict:
     """The shapes of the first deformable block of ``stage`` (default: stage 3) of a DAT built
-    at ``arch``, read from the module and from its input in a forward on the meta device."""
+    at ``arch``, read from the module and from its input in a forward on the meta device: the
+    query map ``height x width`` and the grid of sampled keys ``key_height x key_width`` (the
+    query map in DAT v1; DAT++'s strided grid, ``datpp`` True)."""
     return dict(_op_shapes(arch, tuple(size), batch, stage))  # a copy: the cached dict stays as it is
 
 
@@ -139,26 +142,40 @@ def _op_shapes(arch: str, size: Tuple[int, int], batch: int, stage: int) -> dict
         raise ValueError(f'stage {stage + 1} of {arch} has no deformable blocks')
     x = capture_inputs(model, [attn], torch.empty(batch, 3, *size, device='meta'))[attn]
     _, height, width, channels = x.shape
+    with torch.no_grad():
+        _, positions = attn.sampling_positions(torch.empty(1, height, width, channels, device='meta'))
     return dict(batch=batch, heads=attn.num_heads, groups=attn.num_groups, height=height, width=width,
-                head_dims=channels // attn.num_heads, table=tuple(attn.rpe_table.shape))
+                key_height=positions.shape[1], key_width=positions.shape[2], head_dims=channels // attn.num_heads,
+                table=tuple(attn.rpe_table.shape), datpp=isinstance(attn, DeformableAttentionPP))
 
 
 def op_inputs(arch: str, size: Tuple[int, int], batch: int, dtype: torch.dtype,
               device: str, stage: int = OP_STAGE) -> List[torch.Tensor]:
-    """Random q, k, v, query points (the ``(H, W, 2)`` grid of reference points), key
-    positions and table at the shapes of :func:`op_shapes`; key positions are the reference
-    points moved by up to one pixel, as DAT's offsets (range factor 2) move them."""
+    """Random q, k, v, query points (the ``(H, W, 2)`` grid of the layer's queries), key
+    positions and table at the shapes of :func:`op_shapes`; key positions are the layer's
+    reference points moved by up to one cell of their grid (DAT v1's offsets, range factor 2,
+    move them by up to one pixel), clamped to the map in DAT++ as the layer clamps them."""
     shapes = op_shapes(arch, size, batch, stage)
-    height, width = shapes['height'], shapes['width']
-    tokens = height * width
+    height, width, key_height, key_width = (shapes[k] for k in ('height', 'width', 'key_height', 'key_width'))
+    keys = key_height * key_width
     gen = torch.Generator(device=device).manual_seed(0)
-    qkv = [torch.randn(batch, shapes['heads'], tokens, shapes['head_dims'], device=device, dtype=dtype,
-                       generator=gen) for _ in range(3)]
-    reference = pixel_centre_grid(height, width, torch.device(device), torch.float32).view(tokens, 2)
-    shift = torch.rand(batch * shapes['groups'], tokens, 2, device=device, generator=gen) * 2 - 1
-    positions = reference + shift * reference.new_tensor([2 / height, 2 / width])
+
+    def tokens(count: int) -> torch.Tensor:
+        return torch.randn(batch, shapes['heads'], count, shapes['head_dims'], device=device, dtype=dtype,
+                           generator=gen)
+
+    q, k, v = tokens(height * width), tokens(keys), tokens(keys)
+    on = dict(device=torch.device(device), dtype=torch.float32)
+    if shapes['datpp']:
+        queries, reference = datpp_query_grid(height, width, **on), datpp_reference_grid(key_height, key_width, **on)
+    else:
+        queries = reference = pixel_centre_grid(height, width, **on)
+    shift = torch.rand(batch * shapes['groups'], keys, 2, device=device, generator=gen) * 2 - 1
+    positions = reference.view(keys, 2) + shift * reference.new_tensor([2 / key_height, 2 / key_width])
+    if shapes['datpp']:
+        positions = positions.clamp(-1, 1)
     table = torch.randn(shapes['table'], device=device, generator=gen) * 0.02
-    return qkv + [reference.view(height, width, 2), positions, table]
+    return [q, k, v, queries, positions, table]
 
 
 def op_function(path: str) -> Callable[..., torch.Tensor]:
@@ -373,9 +390,10 @@ KERNEL_PRODUCTS = dict(infer=2, train=2 + 5)
 def deformable_op_flops(shapes: dict, mode: str) -> float:
     """Floating-point operations (a multiply-add is 2) of the products of the CPU kernel's
     deformable attention op at ``shapes`` (:func:`op_shapes`) in ``mode`` (``'infer'``:
-    forward; ``'train'``: forward + backward); queries and keys both the ``H x W`` map."""
-    tokens = shapes['height'] * shapes['width']
-    return 2.0 * KERNEL_PRODUCTS[mode] * shapes['batch'] * shapes['heads'] * tokens * tokens * shapes['head_dims']
+    forward; ``'train'``: forward + backward): ``height x width`` queries against
+    ``key_height x key_width`` keys."""
+    pairs = shapes['height'] * shapes['width'] * shapes['key_height'] * shapes['key_width']
+    return 2.0 * KERNEL_PRODUCTS[mode] * shapes['batch'] * shapes['heads'] * pairs * shapes['head_dims']
 
 
 def matmul_side(flops: float, multiple: int = 64, low: int = 64, high: int = 4096) -> int:

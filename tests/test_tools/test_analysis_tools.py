@@ -74,7 +74,20 @@ def test_op_benchmark_on_cpu():
     rows, table = benchmark.main(['--op', '--archs', 'tiny', '--sizes', '64', '--batch', '1', '--warmup', '0',
                                   '--repeats', '1', '--no-isolate', '--modes', 'train'])
     assert {r['path'] for r in rows if 'seconds' in r} == {'reference', 'sdpa', 'fused', 'sdpa-no-bias'}
-    assert '| tiny | 64x64 | 16 | fwd+bwd | sdpa-no-bias |' in table
+    assert '| tiny | 64x64 | 16 | 16 | fwd+bwd | sdpa-no-bias |' in table
+
+
+@pytest.mark.skipif(not cpu_kernel_available(), reason='the CPU kernel does not build here')
+def test_op_and_scaling_tables_of_a_datpp_arch(threads):
+    """DAT++'s op at its own shapes: the stage's queries against the strided grid of keys."""
+    _, table = benchmark.main(['--op', '--archs', 'tiny++', '--sizes', '64', '--batch', '1', '--warmup', '0',
+                               '--repeats', '1', '--no-isolate', '--modes', 'infer', '--paths', 'fused'])
+    assert '| tiny++ | 64x64 | 16 | 4 | fwd | fused |' in table
+    rows, table = benchmark.main(['--op', '--scaling', '--device', 'cpu', '--archs', 'tiny++', '--sizes', '64',
+                                  '--batch', '1', '--warmup', '0', '--repeats', '1', '--no-isolate',
+                                  '--modes', 'infer', '--threads', '2'])
+    assert [r['stage'] for r in rows] == [1, 2, 3, 4]
+    assert '| tiny++ | 64x64 | 1 (2, 16x16, keys 2x2) | fwd | 32 |' in table
 
 
 @pytest.mark.skipif(not cpu_kernel_available(), reason='the CPU kernel does not build here')
@@ -276,8 +289,6 @@ def test_out_writes_the_file_it_names(tmp_path, capsys, threads):
     (['--device', 'cpu', '--memory-limit', '8', '--no-isolate'], '--memory-limit'),
     (['--device', 'cpu', '--malloc', 'kept', '--no-isolate'], '--malloc kept'),
     (['--device', 'cpu', '--malloc', 'jemalloc'], 'invalid choice'),
-    (['--op', '--archs', 'tiny', 'tiny++'], "DAT v1's deformable op"),
-    (['--op', '--scaling', '--device', 'cpu', '--archs', 'small++'], "DAT v1's deformable op"),
 ])
 def test_bad_benchmark_arguments(argv, match, capsys):
     with pytest.raises(SystemExit):

@@ -9,13 +9,14 @@ import pytest
 import torch
 
 from mmdat.models import DAT
-from mmdat.models.layers import cpu_kernel_available
+from mmdat.models.layers import cpu_kernel_available, datpp_query_grid, datpp_reference_grid
 from mmdat.utils import benchmark
 
 
 def test_op_inputs_have_the_stage3_shapes_of_the_built_model():
     assert benchmark.op_shapes('tiny', (800, 1333), 2) == dict(
-        batch=2, heads=12, groups=3, height=50, width=84, head_dims=32, table=(12, 27, 27))
+        batch=2, heads=12, groups=3, height=50, width=84, key_height=50, key_width=84, head_dims=32,
+        table=(12, 27, 27), datpp=False)
     q, k, v, queries, positions, table = benchmark.op_inputs('tiny', (800, 1333), 2, torch.float32, 'cpu')
     assert q.shape == k.shape == v.shape == (2, 12, 50 * 84, 32)
     assert queries.shape == (50, 84, 2) and positions.shape == (2 * 3, 4200, 2)
@@ -140,19 +141,42 @@ def test_markdown_table():
 def test_deformable_stages_and_their_shapes():
     assert benchmark.deformable_stages('tiny') == [2, 3]
     assert benchmark.op_shapes('tiny', (800, 1333), 1, stage=3) == dict(
-        batch=1, heads=24, groups=6, height=25, width=42, head_dims=32, table=(24, 13, 13))
+        batch=1, heads=24, groups=6, height=25, width=42, key_height=25, key_width=42, head_dims=32,
+        table=(24, 13, 13), datpp=False)
     q, *_, positions, table = benchmark.op_inputs('tiny', (64, 64), 1, torch.float32, 'cpu', stage=3)
     assert q.shape == (1, 24, 4, 32) and positions.shape == (6, 4, 2) and table.shape == (24, 13, 13)
     with pytest.raises(ValueError, match='no deformable blocks'):
         benchmark.op_shapes('tiny', (64, 64), 1, stage=0)
 
 
+def test_datpp_op_shapes_and_inputs_have_the_strided_key_grid():
+    """DAT++ samples its keys on the offset network's strided grid: 25 x 42 at every stage of
+    DAT-T++ at 800x1333, with the query map of the stage and the tables made for 224 images."""
+    assert benchmark.deformable_stages('tiny++') == [0, 1, 2, 3]
+    assert benchmark.op_shapes('tiny++', (800, 1333), 2, stage=0) == dict(
+        batch=2, heads=2, groups=1, height=200, width=334, key_height=25, key_width=42, head_dims=32,
+        table=(2, 111, 111), datpp=True)
+    q, k, v, queries, positions, table = benchmark.op_inputs('tiny++', (256, 320), 1, torch.float32, 'cpu', stage=1)
+    shapes = benchmark.op_shapes('tiny++', (256, 320), 1, stage=1)
+    assert (shapes['height'], shapes['width'], shapes['key_height'], shapes['key_width']) == (32, 40, 8, 10)
+    assert q.shape == (1, 4, 32 * 40, 32) and k.shape == v.shape == (1, 4, 80, 32)
+    assert torch.equal(queries, datpp_query_grid(32, 40, torch.device('cpu'), torch.float32))
+    reference = datpp_reference_grid(8, 10, torch.device('cpu'), torch.float32).view(80, 2)
+    assert positions.shape == (2, 80, 2) and positions.abs().amax() <= 1
+    moved = (positions - reference).abs().flatten(0, 1).amax(0)  # (y, x): up to one cell of the key grid
+    assert torch.all(moved <= torch.tensor([2 / 8, 2 / 10]) + 1e-6)
+    assert table.shape == (4, 55, 55)
+
+
 def test_deformable_op_flops_count_the_kernels_products():
-    shapes = dict(batch=2, heads=3, height=4, width=5, head_dims=8)
+    shapes = dict(batch=2, heads=3, height=4, width=5, key_height=4, key_width=5, head_dims=8)
     products = 2 * 3 * 20 * 20 * 8  # multiply-adds of one (B, heads, N x N x d) product
     assert benchmark.deformable_op_flops(shapes, 'infer') == 2 * 2 * products  # K Q^T and V^T P^T
     # backward recomputes the scores, then V dO^T, P dO, dS Q and K^T dS^T
     assert benchmark.deformable_op_flops(shapes, 'train') == 2 * 7 * products
+    # DAT++: queries against the strided key grid
+    shapes.update(key_height=2, key_width=3)
+    assert benchmark.deformable_op_flops(shapes, 'infer') == 2 * 2 * (2 * 3 * 20 * 6 * 8)
 
 
 def test_matmul_side_matches_the_flops():

@@ -12,14 +12,14 @@ mmengine and mmdat, so they run where mmcv/mmdet are absent:
           --sizes 224 512 800x1333 --paths reference sdpa fused --batch 2 --amp bf16
 
 * ``--op``: the attention op alone at the shapes of stage 3 (the largest deformable maps) for one
-  DAT v1 arch (as many keys as queries; DAT++ archs are refused) and input size, forward and
+  arch (DAT v1: as many keys as queries; DAT++: its strided grid of keys) and input size, forward and
   forward + backward: the fused kernel against the materialised paths and against plain SDPA
   *without* bias on the same q/k/v (the flash attention floor)::
 
       python tools/analysis_tools/benchmark.py --op --archs tiny --sizes 800x1333 --batch 2 --amp bf16
 
-  With ``--scaling`` (CPU): the C++ kernel at the shapes of every deformable stage (3 and 4),
-  forward and forward + backward, at 1 thread and at ``--threads`` (default: the machine's
+  With ``--scaling`` (CPU): the C++ kernel at the shapes of every deformable stage (DAT v1: 3
+  and 4; DAT++: all four), forward and forward + backward, at 1 thread and at ``--threads`` (default: the machine's
   cores) in turns in one process: the parallel tasks of the kernel's work split, the wall-time
   ratio, a load-independent proxy (the 1-thread run's CPU time over the busiest thread's in the
   N-thread run) and the achieved GFLOP/s of the op's products against a square ``torch.mm``
@@ -234,15 +234,15 @@ def benchmark_op(args: argparse.Namespace) -> Tuple[List[dict], List[str]]:
                                                  **_common(args))))
                     rows.append(row)
                     _progress(row)
-    lines = ['| arch (stage-3 shapes) | input | tokens | mode | path | ms | peak MiB | time / sdpa-no-bias |',
-             '|---|---|---:|---|---|---:|---:|---:|']
+    lines = ['| arch (stage-3 shapes) | input | queries | keys | mode | path | ms | peak MiB | time / sdpa-no-bias |',
+             '|---|---|---:|---:|---|---|---:|---:|---:|']
     for row in rows:
         shapes = lib.op_shapes(row['arch'], row['size'], args.batch)
-        tokens = shapes['height'] * shapes['width']
         base = next((r for r in rows if r['path'] == 'sdpa-no-bias' and 'seconds' in r
                      and (r['arch'], r['size'], r['mode']) == (row['arch'], row['size'], row['mode'])), None)
-        cells = [row['arch'], _format_size(row['size']), str(tokens),
-                 'fwd' if row['mode'] == 'infer' else 'fwd+bwd', row['path']]
+        cells = [row['arch'], _format_size(row['size']), str(shapes['height'] * shapes['width']),
+                 str(shapes['key_height'] * shapes['key_width']), 'fwd' if row['mode'] == 'infer' else 'fwd+bwd',
+                 row['path']]
         if 'error' in row:
             cells += [row['error'], '', '']
         else:
@@ -286,7 +286,8 @@ def _scaling_table(rows: List[dict], modes: Sequence[str], threads: int) -> List
             table.append(cells + ['', '', row['error']] + [''] * 7)
             continue
         shapes, times = row['shapes'], row['times']
-        stage = f"{row['stage']} ({shapes['heads']}, {shapes['height']}x{shapes['width']})"
+        keys = (f", keys {shapes['key_height']}x{shapes['key_width']}" if shapes['datpp'] else '')
+        stage = f"{row['stage']} ({shapes['heads']}, {shapes['height']}x{shapes['width']}{keys})"
         rate = {name: t['flops'] / t['seconds'] / 1e9 for name, t in times.items()}
         matmul = [times[f'matmul {n}'] for n in (1, threads)]
         for mode in modes:
@@ -591,12 +592,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             args.threads = os.cpu_count() or 1
         if args.threads < 2:
             parser.error('--scaling compares 1 thread with --threads N: N must be >= 2')
-    if args.op:
-        v2 = [arch for arch in args.archs if arch.endswith('++')]
-        if v2:
-            # its cells model DAT v1's deformable blocks, whose keys are sampled on the query map
-            parser.error(f"--op times DAT v1's deformable op (as many keys as queries); {v2} are DAT++ "
-                         'archs, whose keys are a strided grid: time them whole (default mode, --peers)')
     if args.mlps:
         if args.device != 'cpu' or args.paths is not None:
             parser.error('--mlps times the CPU kernel of the MLPs: it needs --device cpu and no --paths')

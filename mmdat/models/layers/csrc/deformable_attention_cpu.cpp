@@ -594,7 +594,10 @@ struct QueryRows {
   T* data;
   int64_t batch_stride, head_stride, stride;  // stride: from one query to the next
   QueryRows(const at::Tensor& t)
-      : data(t.data_ptr<std::remove_const_t<T>>()), batch_stride(t.stride(0)), head_stride(t.stride(1)), stride(t.stride(2)) {}
+      : data(t.data_ptr<std::remove_const_t<T>>()),
+        batch_stride(t.stride(0)),
+        head_stride(t.stride(1)),
+        stride(t.stride(2)) {}
   T* row(const Shapes& s, int64_t bh, int64_t row) const {
     return data + bh / s.heads * batch_stride + bh % s.heads * head_stride + row * s.cols * stride;
   }
