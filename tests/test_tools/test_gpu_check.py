@@ -31,7 +31,7 @@ def test_dry_run_writes_one_report_with_every_step(tmp_path):
     # 'fused' in bfloat16 on CPU: the Triton kernels in Triton's interpreter (DAT++ too)
     assert '| tiny | 64x64 | infer | fused |' in report and '| tiny++ | 64x64 | train | fused |' in report
     assert '| fused | skipped' not in report
-    assert '| tiny | 64x64 | 16 | fwd+bwd | sdpa-no-bias |' in report
+    assert '| tiny | 64x64 | 16 | 16 | fwd+bwd | sdpa-no-bias |' in report
     assert f'Report written to {tmp_path / "report.md"}' in result.stdout
 
 
