@@ -442,7 +442,8 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
       const int64_t slots = s.kernel * s.side;
       std::vector<T> probs(slots * s.width, T(0)), grad_scores(slots * s.width, T(0));
       std::vector<Vec<T>> S(slots), dP(slots), bias_sums(slots);
-      std::vector<const T*> key_rows(s.kernel), shifted(s.side), weights(slots), rows(slots);
+      std::vector<const T*> key_rows(s.kernel), shifted(s.side), weights(slots), rows(slots), p_terms(s.side),
+          do_terms(s.side);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t bh = runs.map(task);
         for (int64_t i = runs.first(task); i < runs.end(task, s); ++i) {
@@ -517,15 +518,11 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
                 const int64_t slot = (a * s.side + dx + s.kernel - 1) * s.width, column = s.pad + x0 - dx;
                 weights[count] = grad_scores.data() + slot + column;
                 rows[count] = qt.data() + column;
+                p_terms[count] = probs.data() + slot + column;
+                do_terms[count] = dot.data() + column;
               }
               weighted_sum<T>(dk + x0, s.wp, s.dims, count, weights.data(), rows.data(), s.width, true);
-              count = 0;
-              for (int64_t dx = key_low[vec]; dx <= key_high[vec]; ++dx, ++count) {
-                const int64_t slot = (a * s.side + dx + s.kernel - 1) * s.width, column = s.pad + x0 - dx;
-                weights[count] = probs.data() + slot + column;
-                rows[count] = dot.data() + column;
-              }
-              weighted_sum<T>(dv + x0, s.wp, s.dims, count, weights.data(), rows.data(), s.width, true);
+              weighted_sum<T>(dv + x0, s.wp, s.dims, count, p_terms.data(), do_terms.data(), s.width, true);
             }
           }
         }
