@@ -65,9 +65,12 @@ namespace {
 constexpr int PAD = 2;
 constexpr int64_t L = 16;   // queries per vector (one AVX-512 register of floats)
 constexpr int64_t KB = 32;  // keys per block: a 32 x W block of scores stays in L1
-// Micro-kernel tiles: MR rows x NV vectors of L lanes, sized to the register file.
+// Micro-kernel tiles: MR rows x NV vectors of L lanes, sized to the register file. With AVX-512,
+// 8 x 3: 24 accumulators, 3 row vectors of B and a broadcast fit the 32 registers, and each step
+// loads 3 vectors and 8 scalars for 24 FMAs (a 4 x 6 tile loads 6 vectors for 24 FMAs, which
+// holds the FMAs back where 512-bit loads take two cycles' load bandwidth, as on Zen 4).
 #ifdef __AVX512F__
-constexpr int MR = 4, NV = 6;  // 24 accumulators of the 32 AVX-512 registers
+constexpr int MR = 8, NV = 3;
 #else
 constexpr int MR = 6, NV = 1;  // 12 accumulators of 16 AVX registers (floats: 2 per vector)
 #endif
@@ -186,12 +189,21 @@ void tile(int64_t depth, const T* A, int64_t ars, int64_t acs, const T* B, int64
 #if MMDAT_DA_AVX512
   if constexpr (std::is_same_v<T, float>) {
     __m512 acc[R][V];
-    for (int r = 0; r < R; ++r)
-      for (int v = 0; v < V; ++v)
-        acc[r][v] = add ? _mm512_loadu_ps(C + r * ldc + v * L) : _mm512_setzero_ps();
+    if (add) {
+      for (int r = 0; r < R; ++r)
+        for (int v = 0; v < V; ++v) acc[r][v] = _mm512_loadu_ps(C + r * ldc + v * L);
+    } else {
+      for (int r = 0; r < R; ++r)
+        for (int v = 0; v < V; ++v) acc[r][v] = _mm512_setzero_ps();
+    }
     for (int64_t t = 0; t < depth; ++t) {
       __m512 b[V];
-      for (int v = 0; v < V; ++v) b[v] = _mm512_loadu_ps(B + t * ldb + v * L);
+      for (int v = 0; v < V; ++v) {
+        b[v] = _mm512_loadu_ps(B + t * ldb + v * L);
+        // keep b in a register: otherwise GCC folds the load into every row's FMA, R loads per
+        // vector instead of one
+        __asm__("" : "+v"(b[v]));
+      }
       for (int r = 0; r < R; ++r) {
         const __m512 a = _mm512_set1_ps(A[r * ars + t * acs]);
         for (int v = 0; v < V; ++v) acc[r][v] = _mm512_fmadd_ps(a, b[v], acc[r][v]);
@@ -232,9 +244,6 @@ TileFn<T> tile_of_width(int64_t v) {
   switch (v) {
     case 1: return &tile<T, R, 1>;
     case 2: return &tile<T, R, 2>;
-    case 3: return &tile<T, R, 3>;
-    case 4: return &tile<T, R, 4>;
-    case 5: return &tile<T, R, 5>;
     default: return &tile<T, R, NV>;
   }
 }
@@ -247,6 +256,8 @@ TileFn<T> tile_of(int64_t r, int64_t v) {
     case 3: return tile_of_width<T, 3>(v);
     case 4: return tile_of_width<T, 4>(v);
     case 5: return tile_of_width<T, 5>(v);
+    case 6: return tile_of_width<T, 6>(v);
+    case 7: return tile_of_width<T, 7>(v);
     default: return tile_of_width<T, MR>(v);
   }
 }
@@ -255,21 +266,14 @@ TileFn<T> tile_of(int64_t r, int64_t v) {
 template <typename T>
 void gemm(int64_t M, int64_t depth, int64_t vectors, const T* A, int64_t ars, int64_t acs,
           const T* B, int64_t ldb, T* C, int64_t ldc, bool add) {
-  // split the vectors into equal chunks of at most NV, e.g. 8 -> 4 + 4
+  // split the vectors into near-equal chunks of at most NV, e.g. 7 -> 2 + 2 + 3 with NV = 3
   const int64_t chunks = (vectors + NV - 1) / NV;
   for (int64_t c = 0, v0 = 0; c < chunks; ++c) {
     const int64_t v = (vectors - v0) / (chunks - c);
     for (int64_t r0 = 0; r0 < M;) {
-      const T* a = A + r0 * ars;
-      T* out = C + r0 * ldc + v0 * L;
-      if (MR == 4 && v <= 2 && M - r0 >= 8) {  // narrow (the key and value gradients): 8 rows
-        (v == 1 ? &tile<T, 8, 1> : &tile<T, 8, 2>)(depth, a, ars, acs, B + v0 * L, ldb, out, ldc, add);
-        r0 += 8;
-      } else {
-        const int64_t r = std::min<int64_t>(MR, M - r0);
-        tile_of<T>(r, v)(depth, a, ars, acs, B + v0 * L, ldb, out, ldc, add);
-        r0 += r;
-      }
+      const int64_t r = std::min<int64_t>(MR, M - r0);
+      tile_of<T>(r, v)(depth, A + r0 * ars, ars, acs, B + v0 * L, ldb, C + r0 * ldc + v0 * L, ldc, add);
+      r0 += r;
     }
     v0 += v;
   }
