@@ -194,6 +194,19 @@ def run_without_compiler(code: str, folder: Path) -> None:
     subprocess.run([sys.executable, '-c', code], check=True, env=env)
 
 
+def kernel_without_avx512(kernel_module):
+    """The operators of a C++ CPU kernel (``kernel_module``: its Python module, with ``SOURCE``
+    and ``BUILD_PREFIX``) built as on a CPU with AVX2 but no AVX-512, under their own
+    namespace, for a test to swap in; skips the test where the machine has no AVX-512 (its main
+    build is that code already)."""
+    from mmdat.models.layers import cpu_build
+    if not cpu_build.has_avx512():
+        pytest.skip('no AVX-512 here: the main build is the code without it')
+    library = f'{kernel_module.BUILD_PREFIX}_without_avx512'
+    cpu_build.load_without_avx512(kernel_module.SOURCE, kernel_module.BUILD_PREFIX, library)
+    return getattr(torch.ops, library)
+
+
 @pytest.fixture
 def threads():
     """``torch.set_num_threads`` for one test: the count is restored after it."""

@@ -27,6 +27,26 @@ SOURCES = osp.join(osp.dirname(osp.abspath(__file__)), 'csrc')
 CFLAGS = ['-O3', '-march=native', '-fno-trapping-math', '-fopenmp']
 
 
+def has_avx512() -> bool:
+    """Whether this machine's CPU has AVX-512 (``avx512f`` among its flags), so that
+    :data:`CFLAGS` compile the kernels' AVX-512 code."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            return 'avx512f' in next((line for line in f if line.startswith('flags')), '').split()
+    except OSError:
+        return False
+
+
+def load_without_avx512(source: str, prefix: str, library: str) -> None:
+    """Build and load ``source`` as on a CPU with AVX2 but no AVX-512 (:data:`CFLAGS` with
+    ``-mno-avx512f``), its operators under the namespace ``library`` instead of its own, beside
+    the main build: how the tests check that code on machines with AVX-512. Only for x86
+    machines with AVX-512 (elsewhere the main build is that code already)."""
+    if not has_avx512():
+        raise RuntimeError('load_without_avx512 needs an x86 machine with AVX-512')
+    load(source, prefix, CFLAGS + ['-mno-avx512f', f'-DMMDAT_LIBRARY={library}'])
+
+
 def source_path(source: str) -> str:
     """Path of the kernel source ``source`` (a file name of ``csrc``)."""
     return osp.join(SOURCES, source)

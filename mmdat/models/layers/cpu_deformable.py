@@ -18,7 +18,7 @@ The kernel interface of :mod:`mmdat.models.layers.policy`: :func:`installed`, :f
 and :func:`op`.
 """
 import functools
-from typing import Sequence, Tuple
+from typing import Tuple
 
 import torch
 
@@ -29,18 +29,6 @@ from .attention_math import check_deformable_inputs
 SOURCE, BUILD_PREFIX = 'deformable_attention_cpu.cpp', 'mmdat_deformable_cpu'
 #: Input dtypes the kernel takes (it computes in the input's dtype).
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
-
-
-def load_kernel(cflags: Sequence[str] = tuple(cpu_build.CFLAGS)) -> None:
-    """Build (once per machine, source version and flags) and load the kernel compiled with
-    ``cflags``; raises when it cannot be built.
-
-    The model uses :data:`~mmdat.models.layers.cpu_build.CFLAGS` (through
-    :func:`cpu_kernel_available`); the tests also build the portable variant
-    (``-DMMDAT_DA_PORTABLE``, under another operator namespace given by
-    ``-DMMDAT_DA_LIBRARY=...``) to check it on machines with AVX-512.
-    """
-    cpu_build.load(SOURCE, BUILD_PREFIX, cflags)
 
 
 @functools.lru_cache(maxsize=1)

@@ -9,10 +9,8 @@ from mmdat.models.layers import (DeformableAttention, DeformableAttentionPP, cpu
                                  sampled_position_bias)
 from mmdat.models.layers import cpu_deformable
 from mmdat.models.layers.attention_math import reference_deformable_attention
-from mmdat.models.layers.cpu_build import CFLAGS
-from mmdat.models.layers.cpu_deformable import load_kernel
 
-from tests.conftest import run_without_compiler
+from tests.conftest import kernel_without_avx512, run_without_compiler
 
 needs_kernel = pytest.mark.skipif(not cpu_kernel_available(), reason='the CPU kernel does not build here')
 GRAD_NAMES = ('query', 'key', 'value', 'positions', 'table')
@@ -110,18 +108,17 @@ def test_float32_branches_match_float64_reference(shape, grid):
 
 
 @pytest.fixture(scope='module')
-def portable_kernel():
-    """The kernel built with MMDAT_DA_PORTABLE (no AVX-512 code) under its own operator
-    namespace; on machines without AVX-512 it is the same code as the main build."""
+def kernel_avx2():
+    """The kernel as CPUs with AVX2 but no AVX-512 run it: the portable code and the narrower
+    register tiles."""
     if not cpu_kernel_available():
         pytest.skip('the CPU kernel does not build here')
-    load_kernel(CFLAGS + ['-DMMDAT_DA_PORTABLE', '-DMMDAT_DA_LIBRARY=mmdat_deformable_cpu_portable'])
-    return torch.ops.mmdat_deformable_cpu_portable
+    return kernel_without_avx512(cpu_deformable)
 
 
 @pytest.mark.parametrize('shape,grid', [(shape, pixel_centre_grid) for shape in SHAPES[1:]] + BRANCH_CASES[1:])
-def test_portable_variant_matches_float64_reference(portable_kernel, monkeypatch, shape, grid):
-    monkeypatch.setattr(torch.ops, 'mmdat_deformable_cpu', portable_kernel)
+def test_build_without_avx512_matches_float64_reference(kernel_avx2, monkeypatch, shape, grid):
+    monkeypatch.setattr(torch.ops, 'mmdat_deformable_cpu', kernel_avx2)
     assert_float32_matches_reference(shape, grid)
 
 

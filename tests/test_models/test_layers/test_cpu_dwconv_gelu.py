@@ -10,7 +10,7 @@ from mmdat.models.layers import mlp as mlp_module
 from mmdat.models.layers.attention_math import reference_dwconv_gelu
 from mmdat.models.layers.cpu_dwconv_gelu import activation, activation_backward, kernel_available, op
 
-from tests.conftest import run_without_compiler
+from tests.conftest import kernel_without_avx512, run_without_compiler
 
 pytestmark = pytest.mark.skipif(not kernel_available(), reason='the CPU kernel does not build here')
 
@@ -60,6 +60,21 @@ def test_float32_matches_the_float64_plain_operators(channels, kernel_size):
     for g, w in zip(got, want):
         assert g.dtype == torch.float32
         assert ((g.double() - w).norm() / w.norm()).item() < 1e-6
+
+
+@pytest.mark.parametrize('shape,kernel_size,dtype', [((2, 5, 7, 6), 3, torch.float64), ((1, 6, 5, 4), 5, torch.float64),
+                                                      ((2, 9, 11, 256), 3, torch.float32)])
+def test_build_without_avx512_matches_the_plain_operators(monkeypatch, shape, kernel_size, dtype):
+    """The code CPUs with AVX2 only run (the portable loops, also for DAT-T++'s 3x3 float32
+    case, which the main build runs with AVX-512)."""
+    monkeypatch.setattr(torch.ops, 'mmdat_dwconv_gelu_cpu', kernel_without_avx512(cpu_dwconv_gelu))
+    inputs = make_inputs(*shape, kernel_size=kernel_size, dtype=dtype)
+    grad_out = torch.randn(shape, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    got = outputs_and_grads(op, inputs, grad_out)
+    want = outputs_and_grads(reference_dwconv_gelu, [t.double() for t in inputs], grad_out.double())
+    for g, w in zip(got, want):
+        assert g.dtype == dtype
+        assert ((g.double() - w).norm() / w.norm()).item() < (1e-12 if dtype == torch.float64 else 1e-6)
 
 
 def test_gelu_in_float32_is_as_accurate_as_torchs():

@@ -5,13 +5,13 @@ import warnings
 import pytest
 import torch
 
-from mmdat.models.layers import neighborhood_attention, policy
+from mmdat.models.layers import cpu_neighborhood, neighborhood_attention, policy
 from mmdat.models.layers.attention_math import build_neighborhood_indices, reference_neighborhood_attention
 from mmdat.models.layers.cpu_neighborhood import (cpu_neighborhood_attention, kernel_available,
                                                   CPUNeighborhoodAttentionFunction)
 from mmdat.models.layers.policy import NEIGHBORHOOD, resolve_attn_impl
 
-from tests.conftest import SMALL_ARCHS, run_without_compiler, small_backbone
+from tests.conftest import SMALL_ARCHS, kernel_without_avx512, run_without_compiler, small_backbone
 
 pytestmark = pytest.mark.skipif(not kernel_available(), reason='the CPU kernel does not build here')
 
@@ -59,6 +59,16 @@ def test_float64_forward_and_gradients_match_reference(shape):
 def test_float32_matches_float64_reference(shape):
     *sizes, kernel_size = shape
     assert_matches_reference(make_inputs(*sizes, kernel_size, dtype=torch.float32), kernel_size, tol=2e-5)
+
+
+@pytest.mark.parametrize('shape,dtype,tol', [(SHAPES[2], torch.float64, 1e-10), (SHAPES[6], torch.float64, 1e-10),
+                                             (SHAPES[9], torch.float32, 2e-5), (SHAPES[10], torch.float32, 2e-5)])
+def test_build_without_avx512_matches_reference(monkeypatch, shape, dtype, tol):
+    """The code CPUs with AVX2 only run: its 16-lane vectors in two registers each, the
+    portable exp."""
+    monkeypatch.setattr(torch.ops, 'mmdat_neighborhood_cpu', kernel_without_avx512(cpu_neighborhood))
+    *sizes, kernel_size = shape
+    assert_matches_reference(make_inputs(*sizes, kernel_size, dtype=dtype), kernel_size, tol=tol)
 
 
 def test_views_as_the_module_passes_them():

@@ -26,9 +26,10 @@
 // The block products are one register-tiled micro-kernel (`tile`). With AVX-512 (float) it is
 // written with intrinsics, as are the bias lerp, the exp and the x-lerp gradient (prefix sums
 // over runs of queries in one table cell, for queries sorted by x); otherwise (double, machines
-// without AVX-512, or MMDAT_DA_PORTABLE defined) portable code: GCC/Clang vector types for the
-// tile, and loops over the queries written for the compiler's vectoriser (a polynomial exp for
-// float). Tests build the portable variant too, so both are checked on machines with AVX-512.
+// without AVX-512) portable code: GCC/Clang vector types for the tile, and loops over the
+// queries written for the compiler's vectoriser (a polynomial exp for float). Tests also build it
+// with AVX-512 off (the code of CPUs with AVX2 only), so both are checked on machines with
+// AVX-512.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -45,16 +46,16 @@
 
 #include "vector_math.h"
 
-#if defined(__AVX512F__) && !defined(MMDAT_DA_PORTABLE)
+#if defined(__AVX512F__)
 #define MMDAT_DA_AVX512 1
 #include <immintrin.h>
 #else
 #define MMDAT_DA_AVX512 0
 #endif
 
-// The operator namespace; a test builds the portable variant under another one.
-#ifndef MMDAT_DA_LIBRARY
-#define MMDAT_DA_LIBRARY mmdat_deformable_cpu
+// The operator namespace; tests build a variant without AVX-512 under another one.
+#ifndef MMDAT_LIBRARY
+#define MMDAT_LIBRARY mmdat_deformable_cpu
 #endif
 
 namespace {
@@ -872,7 +873,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
 
 }  // namespace
 
-TORCH_LIBRARY(MMDAT_DA_LIBRARY, m) {
+TORCH_LIBRARY(MMDAT_LIBRARY, m) {
   m.def("forward(Tensor query, Tensor key, Tensor value, Tensor ys, Tensor xs, Tensor positions, "
         "Tensor table) -> Tensor[]");
   m.def("backward(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor out, Tensor lse, "
@@ -880,7 +881,7 @@ TORCH_LIBRARY(MMDAT_DA_LIBRARY, m) {
   m.def("work_split(int batch, int heads, int rows, int threads) -> int[]", &work_split);
 }
 
-TORCH_LIBRARY_IMPL(MMDAT_DA_LIBRARY, CPU, m) {
+TORCH_LIBRARY_IMPL(MMDAT_LIBRARY, CPU, m) {
   m.impl("forward", &forward);
   m.impl("backward", &backward);
 }

@@ -30,6 +30,11 @@
 
 #include "vector_math.h"
 
+// The operator namespace; tests build a variant without AVX-512 under another one.
+#ifndef MMDAT_LIBRARY
+#define MMDAT_LIBRARY mmdat_dwconv_gelu_cpu
+#endif
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #define MMDAT_DG_AVX512 1
@@ -307,12 +312,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(at::Tensor grad, const a
 
 }  // namespace
 
-TORCH_LIBRARY(mmdat_dwconv_gelu_cpu, m) {
+TORCH_LIBRARY(MMDAT_LIBRARY, m) {
   m.def("forward(Tensor h, Tensor weight, Tensor bias) -> Tensor");
   m.def("backward(Tensor(a!) grad, Tensor h, Tensor weight, Tensor bias) -> (Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(mmdat_dwconv_gelu_cpu, CPU, m) {
+TORCH_LIBRARY_IMPL(MMDAT_LIBRARY, CPU, m) {
   m.impl("forward", &forward);
   m.impl("backward", &backward);
 }

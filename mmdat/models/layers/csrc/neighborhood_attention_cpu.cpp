@@ -38,6 +38,11 @@
 
 #include "vector_math.h"
 
+// The operator namespace; tests build a variant without AVX-512 under another one.
+#ifndef MMDAT_LIBRARY
+#define MMDAT_LIBRARY mmdat_neighborhood_cpu
+#endif
+
 namespace {
 
 constexpr int64_t MAX_K = 13;
@@ -568,14 +573,14 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
 
 }  // namespace
 
-TORCH_LIBRARY(mmdat_neighborhood_cpu, m) {
+TORCH_LIBRARY(MMDAT_LIBRARY, m) {
   m.def("forward(Tensor query, Tensor key, Tensor value, Tensor rpb, int kernel_size, bool with_lse) "
         "-> Tensor[]");
   m.def("backward(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor rpb, Tensor lse, "
         "int kernel_size) -> Tensor[]");
 }
 
-TORCH_LIBRARY_IMPL(mmdat_neighborhood_cpu, CPU, m) {
+TORCH_LIBRARY_IMPL(MMDAT_LIBRARY, CPU, m) {
   m.impl("forward", &forward);
   m.impl("backward", &backward);
 }
