@@ -26,6 +26,17 @@ def test_op_inputs_have_the_stage3_shapes_of_the_built_model():
     assert benchmark.op_shapes('tiny++', (224, 224), 1)['groups'] == 4
 
 
+def test_cpu_description_names_the_family_and_vector_width():
+    zen4 = ('processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n'
+            'model name\t: AMD EPYC\nflags\t\t: fpu avx2 avx512f avx512bw\n\nprocessor\t: 1\n'
+            'cpu family\t: 99\nmodel name\t: other\n')
+    assert benchmark.cpu_description(zen4) == 'AMD EPYC (family 25, model 17, AVX-512)'
+    avx2 = 'cpu family\t: 6\nmodel\t\t: 85\nmodel name\t: Intel Xeon\nflags\t\t: sse avx avx2\n'
+    assert benchmark.cpu_description(avx2) == 'Intel Xeon (family 6, model 85, AVX2)'
+    arm = 'processor\t: 0\nFeatures\t: fp asimd\nCPU implementer\t: 0x41\n'
+    assert benchmark.cpu_description(arm) == (platform.processor() or 'CPU')
+
+
 def test_capture_inputs_reads_each_module_input_once():
     model = DAT('tiny').to('meta')
     attns = benchmark.attention_modules(model)
