@@ -62,12 +62,17 @@ def test_float32_matches_the_float64_plain_operators(channels, kernel_size):
         assert ((g.double() - w).norm() / w.norm()).item() < 1e-6
 
 
+@pytest.fixture(scope='module')
+def kernel_avx2():
+    """The kernel as CPUs with AVX2 but no AVX-512 run it: the portable loops, also for DAT-T++'s
+    3x3 float32 case, which the main build runs with AVX-512."""
+    return kernel_without_avx512(cpu_dwconv_gelu)
+
+
 @pytest.mark.parametrize('shape,kernel_size,dtype', [((2, 5, 7, 6), 3, torch.float64), ((1, 6, 5, 4), 5, torch.float64),
                                                       ((2, 9, 11, 256), 3, torch.float32)])
-def test_build_without_avx512_matches_the_plain_operators(monkeypatch, shape, kernel_size, dtype):
-    """The code CPUs with AVX2 only run (the portable loops, also for DAT-T++'s 3x3 float32
-    case, which the main build runs with AVX-512)."""
-    monkeypatch.setattr(torch.ops, 'mmdat_dwconv_gelu_cpu', kernel_without_avx512(cpu_dwconv_gelu))
+def test_build_without_avx512_matches_the_plain_operators(kernel_avx2, monkeypatch, shape, kernel_size, dtype):
+    monkeypatch.setattr(torch.ops, 'mmdat_dwconv_gelu_cpu', kernel_avx2)
     inputs = make_inputs(*shape, kernel_size=kernel_size, dtype=dtype)
     grad_out = torch.randn(shape, dtype=dtype, generator=torch.Generator().manual_seed(1))
     got = outputs_and_grads(op, inputs, grad_out)
