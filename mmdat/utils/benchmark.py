@@ -201,7 +201,7 @@ def cpu_description(cpuinfo: str) -> str:
         fields.setdefault(key.strip(), value.strip())  # the first processor's
     name = fields.get('model name') or platform.processor() or 'CPU'
     flags = fields.get('flags', '').split()
-    details = [f"family {fields['cpu family']}, model {fields['model']}"] if 'cpu family' in fields else []
+    details = [f"family {fields['cpu family']}, model {fields.get('model', '?')}"] if 'cpu family' in fields else []
     if flags:
         details.append('AVX-512' if 'avx512f' in flags else 'AVX2' if 'avx2' in flags else 'no AVX2')
     return f"{name} ({', '.join(details)})" if details else name

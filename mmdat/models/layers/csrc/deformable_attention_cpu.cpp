@@ -67,9 +67,8 @@ constexpr int PAD = 2;
 constexpr int64_t L = 16;   // queries per vector (one AVX-512 register of floats)
 constexpr int64_t KB = 32;  // keys per block: a 32 x W block of scores stays in L1
 // Micro-kernel tiles: MR rows x NV vectors of L lanes, sized to the register file. With AVX-512,
-// 8 x 3: 24 accumulators, 3 row vectors of B and a broadcast fit the 32 registers, and each step
-// loads 3 vectors and 8 scalars for 24 FMAs (a 4 x 6 tile loads 6 vectors for 24 FMAs, which
-// holds the FMAs back where 512-bit loads take two cycles' load bandwidth, as on Zen 4).
+// 8 x 3: 24 accumulators, 3 row vectors of B and a broadcast take 28 of the 32 registers, and
+// each step loads 3 vectors and broadcasts 8 scalars for 24 FMAs.
 #ifdef __AVX512F__
 constexpr int MR = 8, NV = 3;
 #else
