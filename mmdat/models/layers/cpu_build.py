@@ -27,14 +27,20 @@ SOURCES = osp.join(osp.dirname(osp.abspath(__file__)), 'csrc')
 CFLAGS = ['-O3', '-march=native', '-fno-trapping-math', '-fopenmp']
 
 
+def cpu_flags() -> str:
+    """The CPU's instruction sets: the first ``flags`` (x86) or ``Features`` (Arm) line of
+    ``/proc/cpuinfo``, empty where there is none."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            return next((line for line in f if line.startswith(('flags', 'Features'))), '')
+    except OSError:
+        return ''
+
+
 def has_avx512() -> bool:
     """Whether this machine's CPU has AVX-512 (``avx512f`` among its flags), so that
     :data:`CFLAGS` compile the kernels' AVX-512 code."""
-    try:
-        with open('/proc/cpuinfo') as f:
-            return 'avx512f' in next((line for line in f if line.startswith('flags')), '').split()
-    except OSError:
-        return False
+    return 'avx512f' in cpu_flags().split()
 
 
 def load_without_avx512(source: str, prefix: str, library: str) -> None:
@@ -61,11 +67,7 @@ def build_name(source: str, prefix: str, cflags: Sequence[str]) -> str:
         with open(path, 'rb') as f:
             digest.update(f.read())
     digest.update(' '.join(list(cflags) + [torch.__version__, platform.machine()]).encode())
-    try:
-        with open('/proc/cpuinfo') as f:
-            digest.update(next((line for line in f if line.startswith(('flags', 'Features'))), '').encode())
-    except OSError:
-        pass
+    digest.update(cpu_flags().encode())
     return f'{prefix}_{digest.hexdigest()[:12]}'
 
 
