@@ -19,7 +19,7 @@ reads the thresholds from the model's ``test_cfg``; only the per-image loops of 
 replaced by batched tensor operations of the same meaning.
 """
 import math
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -520,10 +520,18 @@ def mask_iou(masks1: np.ndarray, masks2: np.ndarray) -> np.ndarray:
 MASK_COMPARE_THRESHOLD = 0.5
 #: The smallest IoU of two binarised mask grids that :func:`unmatched_detections` calls a match.
 MASK_MIN_IOU = 0.9
+#: Expected mask probabilities this close to :data:`MASK_COMPARE_THRESHOLD` are undecided: float
+#: rounding alone binarises them either way, so the mask IoU leaves them out.
+MASK_UNDECIDED = 1e-4
+#: An expected detection that scores this close to the lowest-scored actual one lies at the cut of
+#: the top-k (``max_per_img``): a rounding difference decides which of two boxes of nearly equal
+#: score is kept, so it is not counted as missed when unmatched.
+SCORE_AT_CUT = 1e-4
 
 
 def unmatched_detections(expected: Sequence[np.ndarray], actual: Sequence[np.ndarray],
-                         min_score: float = 0.0, min_iou: float = 0.99) -> Tuple[int, int]:
+                         min_score: float = 0.0, min_iou: float = 0.99,
+                         top_k: Optional[int] = None) -> Tuple[int, int]:
     """How many detections of one image are not found in another set of detections.
 
     Args:
@@ -534,35 +542,46 @@ def unmatched_detections(expected: Sequence[np.ndarray], actual: Sequence[np.nda
         min_score (float): Only expected detections scoring above this count.
         min_iou (float): A match is an actual box of the same class with at least this IoU
             (with masks: whose mask, binarised at :data:`MASK_COMPARE_THRESHOLD`, also has an
-            IoU of at least :data:`MASK_MIN_IOU` with the expected one).
+            IoU of at least :data:`MASK_MIN_IOU` with the expected one, over the pixels that are
+            not undecided, :data:`MASK_UNDECIDED`).
+        top_k (int, optional): How many detections the model keeps of an image
+            (``max_per_img``). When ``actual`` holds that many, an unmatched expected detection
+            within :data:`SCORE_AT_CUT` of its lowest score lies at the cut and is not counted as
+            missed.
 
     Returns:
         tuple[int, int]: Expected detections (above ``min_score``) without a match, and
         expected detections counted.
     """
     boxes, scores, labels = (np.asarray(a) for a in expected[:3])
-    found_boxes, found_labels = np.asarray(actual[0]), np.asarray(actual[2])
+    found_boxes, found_scores, found_labels = (np.asarray(a) for a in actual[:3])
     counted = (scores > min_score) & (labels >= 0)
-    boxes, labels = boxes[counted], labels[counted]
+    boxes, scores, labels = boxes[counted], scores[counted], labels[counted]
     if len(boxes) == 0:
         return 0, 0
-    if len(found_boxes) == 0:
+    if not (found_labels >= 0).any():
         return len(boxes), len(boxes)
     matched = (box_iou(boxes, found_boxes) >= min_iou) & (labels[:, None] == found_labels[None])
     if len(expected) > 3:  # only the pairs of matching boxes: masks may be of the whole image
-        masks, found_masks = np.asarray(expected[3])[counted], np.asarray(actual[3])
+        masks, found_masks = np.asarray(expected[3], np.float32)[counted], np.asarray(actual[3], np.float32)
         for i, j in zip(*np.nonzero(matched)):
-            matched[i, j] = mask_iou(masks[i:i + 1] >= MASK_COMPARE_THRESHOLD,
-                                     found_masks[j:j + 1] >= MASK_COMPARE_THRESHOLD)[0, 0] >= MASK_MIN_IOU
-    return int((~matched.any(1)).sum()), len(boxes)
+            decided = np.abs(masks[i] - MASK_COMPARE_THRESHOLD) > MASK_UNDECIDED
+            matched[i, j] = mask_iou((masks[i] >= MASK_COMPARE_THRESHOLD)[None] & decided,
+                                     (found_masks[j] >= MASK_COMPARE_THRESHOLD)[None] & decided)[0, 0] >= MASK_MIN_IOU
+    unmatched = ~matched.any(1)
+    found_scores = found_scores[found_labels >= 0]
+    if top_k is not None and len(found_scores) >= top_k:
+        unmatched &= np.abs(scores - found_scores.min()) > SCORE_AT_CUT
+    return int(unmatched.sum()), len(boxes)
 
 
 def match_predictions(expected: Sequence[np.ndarray], actual: Sequence[np.ndarray]) -> float:
     """The fraction of a batch's predictions that ``actual`` misses.
 
     Detections (``boxes``, ``scores``, ``labels`` of :data:`DETECTION_OUTPUTS`, and ``masks``
-    of :data:`INSTANCE_OUTPUTS`): expected detections (label >= 0) without an actual one of
-    the same class at IoU >= 0.99 (and mask IoU >= :data:`MASK_MIN_IOU`). Class maps
+    of :data:`INSTANCE_OUTPUTS`, rows padded to ``max_per_img``): expected detections (label
+    >= 0) without an actual one of the same class at IoU >= 0.99 (and mask IoU >=
+    :data:`MASK_MIN_IOU`), other than those at the top-k cut (:func:`unmatched_detections`). Class maps
     (``seg_map``): pixels whose class differs.
     """
     if len(expected) == len(SEGMENTATION_OUTPUTS):
@@ -570,6 +589,6 @@ def match_predictions(expected: Sequence[np.ndarray], actual: Sequence[np.ndarra
     missed = total = 0
     for image in range(len(expected[0])):
         image_missed, image_total = unmatched_detections([e[image] for e in expected],
-                                                         [a[image] for a in actual])
+                                                         [a[image] for a in actual], top_k=len(actual[0][image]))
         missed, total = missed + image_missed, total + image_total
     return missed / max(total, 1)

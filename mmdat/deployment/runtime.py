@@ -187,23 +187,25 @@ class OnnxModel(BaseModel):
         if mode != 'predict':
             raise ValueError(f"an ONNX model only predicts, got mode {mode!r}")
         unpacked = copy.deepcopy(data_samples) if self.reference is not None else None
-        predictions = pack_predictions(self.kind, run_session(self.session, inputs, data_samples), data_samples,
-                                       self.mask_thr_binary)
+        outputs = run_session(self.session, inputs, data_samples)
+        predictions = pack_predictions(self.kind, outputs, data_samples, self.mask_thr_binary)
         if self.reference is not None:
             with torch.no_grad():
                 expected = self.reference.predict(inputs, unpacked)
-            self._count_agreement(expected, predictions)
+            self._count_agreement(expected, predictions, top_k=np.asarray(outputs[0]).shape[1])
             if self.reference_evaluator is not None:
                 self.reference_evaluator.process(data_samples=expected)
         return predictions
 
-    def _count_agreement(self, expected: list, actual: list) -> None:
+    def _count_agreement(self, expected: list, actual: list, top_k: int) -> None:
+        """``top_k``: detections: the rows of the ONNX outputs, ``max_per_img``."""
         for want, got in zip(expected, actual):
             if self.kind == 'mmdet':
                 w, g = want.pred_instances, got.pred_instances
                 keys = ('bboxes', 'scores', 'labels') + (('masks', ) if 'masks' in g else ())
                 missed, total = unmatched_detections([w[key].numpy() for key in keys],
-                                                     [g[key].numpy() for key in keys], min_score=COMPARE_SCORE)
+                                                     [g[key].numpy() for key in keys], min_score=COMPARE_SCORE,
+                                                     top_k=top_k)
             else:
                 w, g = want.pred_sem_seg.data, got.pred_sem_seg.data
                 missed, total = int((w != g).sum()), w.numel()

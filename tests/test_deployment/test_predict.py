@@ -207,6 +207,36 @@ def test_unmatched_detections_with_masks_also_need_the_masks_to_overlap():
     assert unmatched_detections((boxes, scores, labels, masks), (boxes, scores, labels, found)) == (1, 2)
 
 
+def test_unmatched_detections_leave_out_what_rounding_alone_decides():
+    boxes, scores, labels = np.array([[0, 0, 10, 10.], [20, 20, 30, 30.]]), np.array([0.9, 0.8]), np.array([0, 1])
+    masks = np.zeros((2, 28, 28), dtype=np.float32)
+    masks[0, 0, :4] = 0.9  # a mask of 4 pixels, one of them undecided (at the threshold)
+    masks[0, 0, 3] = 0.5 + 3e-6
+    found = masks.copy()
+    found[0, 0, 3] = 0.5 - 3e-6
+    assert unmatched_detections((boxes, scores, labels, masks), (boxes, scores, labels, found)) == (0, 2)
+    found[0, 0, 3] = 0.4  # ... is decided when the probabilities differ by more than rounding
+    masks[0, 0, 3] = 0.6
+    assert unmatched_detections((boxes, scores, labels, masks), (boxes, scores, labels, found)) == (1, 2)
+
+    # the last of the top-k: another box of nearly the same score took its place
+    other = np.array([[40, 40, 50, 50.], [20, 20, 30, 30.]])
+    for found_score, missed in ((0.8 + 1e-6, 0), (0.8 - 1e-6, 0), (0.8 - 1e-3, 1), (0.8 + 1e-3, 1)):
+        actual = (np.concatenate([boxes[:1], other[:1]]), np.array([0.9, found_score]), np.array([0, 1]))
+        assert unmatched_detections((boxes, scores, labels), actual, top_k=2) == (missed, 2), found_score
+        # a list the cut did not shorten has no cut
+        assert unmatched_detections((boxes, scores, labels), actual, top_k=3) == (1, 2)
+        assert unmatched_detections((boxes, scores, labels), actual) == (1, 2)
+    # whole-model outputs: rows padded to max_per_img (label -1) give the k
+    batch = [x[None] for x in actual]
+    assert match_predictions([x[None] for x in (boxes, scores, labels)], batch) == 0.5
+    batch = [x[None] for x in (actual[0], np.array([0.9, 0.8 + 1e-6]), actual[2])]
+    assert match_predictions([x[None] for x in (boxes, scores, labels)], batch) == 0.0
+    padded = [np.concatenate([x, x[:, :1]], 1) for x in batch]
+    padded[2][0, 2] = -1
+    assert match_predictions([x[None] for x in (boxes, scores, labels)], padded) == 0.5
+
+
 def test_match_predictions_of_class_maps_is_the_fraction_of_other_pixels():
     seg = np.zeros((1, 4, 5), dtype=np.int64)
     other = seg.copy()
