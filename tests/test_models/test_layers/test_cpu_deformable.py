@@ -74,7 +74,8 @@ def test_float32_matches_float64_reference(shape):
 
 # More float32 cases for the kernel's branches: rows of several vectors (37 queries: 3 vectors of
 # 16; 120: 8 vectors, split into two register tiles), key blocks with a partial last one (70, 45
-# keys against blocks of 32), columns in decreasing order (the x-lerp gradient without runs), and
+# keys against backward's blocks of 32; 300 against forward's blocks of 128, so that its online
+# softmax rescales), columns in decreasing order (the x-lerp gradient without runs), and
 # table rows wider than two AVX-512 registers: read through a 32-entry window where a vector's
 # queries span few table cells (31 columns for 120 queries; 61 for 37, in decreasing order), and
 # gathered where they do not (111 columns for 20 queries: the first vector spans 44 cells, the
@@ -83,7 +84,9 @@ def flipped_grid(rows, cols, device, dtype):
     return pixel_centre_grid(rows, cols, device, dtype).flip(1)
 
 
+MANY_KEYS = (1, 2, 1, 2, 20, 300, 8, (9, 9))
 BRANCH_CASES = [((1, 4, 2, 3, 37, 70, 16, (27, 27)), pixel_centre_grid),
+                (MANY_KEYS, pixel_centre_grid),
                 ((1, 2, 1, 2, 120, 45, 8, (9, 31)), pixel_centre_grid),
                 ((1, 2, 1, 3, 20, 45, 8, (9, 111)), pixel_centre_grid),
                 ((1, 2, 1, 3, 37, 45, 8, (9, 61)), flipped_grid),
@@ -132,7 +135,7 @@ def assert_float64_matches_reference(inputs, grad_out):
 
 
 @needs_kernel
-@pytest.mark.parametrize('shape', SHAPES[1:3])
+@pytest.mark.parametrize('shape', SHAPES[1:3] + [MANY_KEYS])
 def test_float64_matches_reference_exactly(shape):
     inputs = make_inputs(*shape, grid=datpp_query_grid)
     grad_out = torch.randn(shape[0], shape[1], shape[3] * shape[4], shape[6], dtype=torch.float64)

@@ -15,8 +15,8 @@
 // contiguous vector operation: with AVX-512 the two corners come from register permutes, not
 // memory gathers, of the whole row when it has <= 32 entries, else of a 32-entry window of it.
 //
-// Forward is a flash-attention loop over blocks of KB keys: scores^T = K_blk (Q * scale)^T
-// (KB x W, small enough for L1), the bias added in place, an online softmax down the columns
+// Forward is a flash-attention loop over blocks of FORWARD_KEYS keys: scores^T =
+// K_blk (Q * scale)^T, the bias added in place, an online softmax down the columns
 // (running max and sum per query, rescaling the accumulated output), and out^T += V_blk^T P^T.
 // It also returns the log-sum-exp per query, so backward recomputes each block's probabilities
 // with one exp and no second pass. Forward runs one task per query row of a (batch, head);
@@ -65,7 +65,11 @@ namespace {
 // beyond -1 and size both corners are outside the table.
 constexpr int PAD = 2;
 constexpr int64_t L = 16;   // queries per vector (one AVX-512 register of floats)
-constexpr int64_t KB = 32;  // keys per block: a 32 x W block of scores stays in L1
+// Keys per block. Forward: each block rescales and adds to the running output (dims x W), so
+// larger blocks read it less often. Backward: a 32 x W block of each of its scratch matrices stays
+// in L1.
+constexpr int64_t FORWARD_KEYS = 128;
+constexpr int64_t BACKWARD_KEYS = 32;
 // Micro-kernel tiles: MR rows x NV vectors of L lanes, sized to the register file. With AVX-512,
 // 8 x 3: 24 accumulators, 3 row vectors of B and a broadcast take 28 of the 32 registers, and
 // each step loads 3 vectors and broadcasts 8 scalars for 24 FMAs.
@@ -337,9 +341,9 @@ inline void row_corners(const Shapes& s, const Coords<float>& co, int64_t vec, c
 }
 #endif
 
-// Entries of the `ty` scratch (KB rows): a window read from a row's last corner may run 2 * L
+// Entries of the `ty` scratch (`keys` rows): a window read from a row's last corner may run 2 * L
 // entries past it.
-inline int64_t ty_size(const Shapes& s) { return KB * s.stride + 2 * L; }
+inline int64_t ty_size(const Shapes& s, int64_t keys) { return keys * s.stride + 2 * L; }
 
 // scores (count x wp) += bias of keys n < count (x coordinates kx, rows ty) for the row's queries.
 template <typename T>
@@ -476,8 +480,8 @@ inline __m512 prefix_sum(__m512 x) {
 
 // Backward of the x lerp for keys n < count of a block: dS (count x wp) into the padded rows
 // of dty and into dpos[2 * n + 1] (-= dS * slope). The gradient of padded entry i of key n's row
-// is dty[n * stride + i] + dty[(KB + n) * stride + i - 1]: the second half takes the right
-// corners' shares where that makes the updates of one row independent. `sorted`: qx is
+// is dty[n * stride + i] + dty[(BACKWARD_KEYS + n) * stride + i - 1]: the second half takes the
+// right corners' shares where that makes the updates of one row independent. `sorted`: qx is
 // nondecreasing.
 template <typename T>
 void bias_backward_x(const Shapes& s, const Coords<T>& co, const T* kx, const T* ty, const T* dscores,
@@ -498,7 +502,7 @@ void bias_backward_x(const Shapes& s, const Coords<T>& co, const T* kx, const T*
         const __m512 lo = _mm512_loadu_ps(row), hi = _mm512_loadu_ps(row + L);
         const __m512 k = _mm512_set1_ps(kx[n]);
         float* dt = dty + n * s.stride;
-        float* dt_right = dty + (KB + n) * s.stride;
+        float* dt_right = dty + (BACKWARD_KEYS + n) * s.stride;
         __m512 dx = _mm512_setzero_ps();
         for (int64_t x = 0; x < s.wp; x += L) {
           const __mmask16 valid = s.cols - x >= L ? __mmask16(0xFFFF) : __mmask16((1u << (s.cols - x)) - 1);
@@ -559,7 +563,7 @@ void bias_backward_y(const Shapes& s, const T* __restrict tab, const int64_t* y0
   std::vector<T> grad(s.tw);
   for (int64_t n = 0; n < count; ++n) {
     T* __restrict left = dty + n * s.stride;
-    T* __restrict right = dty + (KB + n) * s.stride;
+    T* __restrict right = dty + (BACKWARD_KEYS + n) * s.stride;
     for (int64_t j = 0; j < s.tw; ++j) grad[j] = left[j + PAD] + right[j + PAD - 1];
     std::fill(left, left + s.stride, T(0));
     std::fill(right, right + s.stride, T(0));
@@ -662,13 +666,13 @@ std::vector<at::Tensor> forward(const at::Tensor& query, const at::Tensor& key, 
       std::vector<at::Tensor> keep;
       T* qt = scratch<T>(keep, d * wp);
       T* acc = scratch<T>(keep, d * wp);
-      T* scores = scratch<T>(keep, KB * wp);
-      T* ty = scratch<T>(keep, ty_size(s));
-      T* wy = scratch<T>(keep, KB);
+      T* scores = scratch<T>(keep, FORWARD_KEYS * wp);
+      T* ty = scratch<T>(keep, ty_size(s, FORWARD_KEYS));
+      T* wy = scratch<T>(keep, FORWARD_KEYS);
       T* m = scratch<T>(keep, wp);
       T* l = scratch<T>(keep, wp);
       T* work = scratch<T>(keep, 3 * wp);
-      std::vector<int64_t> y0(KB);
+      std::vector<int64_t> y0(FORWARD_KEYS);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t bh = task / s.rows, row = task % s.rows;
         const int64_t b = bh / s.heads, h = bh % s.heads;
@@ -681,8 +685,8 @@ std::vector<at::Tensor> forward(const at::Tensor& query, const at::Tensor& key, 
         // a finite start, so that the first rescaling is exp(very negative) = 0, not NaN
         std::fill(m, m + wp, -std::numeric_limits<T>::max() / 2);
         std::fill(l, l + wp, T(0));
-        for (int64_t n0 = 0; n0 < s.keys; n0 += KB) {
-          const int64_t count = std::min(KB, s.keys - n0);
+        for (int64_t n0 = 0; n0 < s.keys; n0 += FORWARD_KEYS) {
+          const int64_t count = std::min(FORWARD_KEYS, s.keys - n0);
           block_scores<T>(s, co, tab_all + h * s.th * s.tw, row, group, k, qt, n0, count, ty, y0.data(),
                           wy, scores);
           softmax_block<T>(s, count, scores, m, l, acc, work);
@@ -782,14 +786,14 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
       T* dqt = scratch<T>(keep, d * wp);      // dQ^T / scale
       T* qpad = scratch<T>(keep, W * dp);     // Q, rows padded to whole vectors
       T* dopad = scratch<T>(keep, W * dp);    // dO, alike
-      T* probs = scratch<T>(keep, KB * wp);   // P^T of a block
-      T* dscores = scratch<T>(keep, KB * wp); // dP^T, then dS^T
-      T* ty = scratch<T>(keep, ty_size(s));
-      T* dty = scratch<T>(keep, 2 * KB * s.stride);  // two halves: see bias_backward_x
-      T* wy = scratch<T>(keep, KB);
+      T* probs = scratch<T>(keep, BACKWARD_KEYS * wp);   // P^T of a block
+      T* dscores = scratch<T>(keep, BACKWARD_KEYS * wp); // dP^T, then dS^T
+      T* ty = scratch<T>(keep, ty_size(s, BACKWARD_KEYS));
+      T* dty = scratch<T>(keep, 2 * BACKWARD_KEYS * s.stride);  // two halves: see bias_backward_x
+      T* wy = scratch<T>(keep, BACKWARD_KEYS);
       T* lse_row = scratch<T>(keep, wp);
       T* delta_row = scratch<T>(keep, wp);
-      std::vector<int64_t> y0(KB);
+      std::vector<int64_t> y0(BACKWARD_KEYS);
       // padded queries: probability exp(-max) = 0, so they add nothing anywhere
       std::fill(lse_row, lse_row + wp, std::numeric_limits<T>::max());
       for (int64_t task = task_begin; task < task_end; ++task) {
@@ -817,8 +821,8 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
             std::copy(lse_all + first, lse_all + first + W, lse_row);
             std::copy(delta_all + first, delta_all + first + W, delta_row);
             std::fill(dqt, dqt + d * wp, T(0));
-            for (int64_t n0 = 0; n0 < s.keys; n0 += KB) {
-              const int64_t count = std::min(KB, s.keys - n0);
+            for (int64_t n0 = 0; n0 < s.keys; n0 += BACKWARD_KEYS) {
+              const int64_t count = std::min(BACKWARD_KEYS, s.keys - n0);
               block_scores<T>(s, co, tab, row, group, k, qt, n0, count, ty, y0.data(), wy, probs);
               probabilities<T>(s, count, lse_row, probs);
               gemm<T>(count, d, wp / L, v + n0 * d, d, 1, dot, wp, dscores, wp, false);  // dP^T = V dO^T
