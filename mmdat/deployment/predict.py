@@ -563,8 +563,8 @@ def unmatched_detections(expected: Sequence[np.ndarray], actual: Sequence[np.nda
         return len(boxes), len(boxes)
     matched = (box_iou(boxes, found_boxes) >= min_iou) & (labels[:, None] == found_labels[None])
     if len(expected) > 3:  # only the pairs of matching boxes: masks may be of the whole image
-        masks, found_masks = np.asarray(expected[3], np.float32)[counted], np.asarray(actual[3], np.float32)
-        for i, j in zip(*np.nonzero(matched)):
+        masks, found_masks = np.asarray(expected[3])[counted], np.asarray(actual[3])
+        for i, j in zip(*np.nonzero(matched)):  # (boolean masks: none undecided)
             decided = np.abs(masks[i] - MASK_COMPARE_THRESHOLD) > MASK_UNDECIDED
             matched[i, j] = mask_iou((masks[i] >= MASK_COMPARE_THRESHOLD)[None] & decided,
                                      (found_masks[j] >= MASK_COMPARE_THRESHOLD)[None] & decided)[0, 0] >= MASK_MIN_IOU

@@ -218,6 +218,9 @@ def test_unmatched_detections_leave_out_what_rounding_alone_decides():
     found[0, 0, 3] = 0.4  # ... is decided when the probabilities differ by more than rounding
     masks[0, 0, 3] = 0.6
     assert unmatched_detections((boxes, scores, labels, masks), (boxes, scores, labels, found)) == (1, 2)
+    # binarised masks (onnx_test's, pasted into the image) have no undecided pixels
+    assert unmatched_detections((boxes, scores, labels, masks >= 0.5), (boxes, scores, labels, found >= 0.5)) == (1, 2)
+    assert unmatched_detections((boxes, scores, labels, masks >= 0.5), (boxes, scores, labels, masks >= 0.5)) == (0, 2)
 
     # the last of the top-k: another box of nearly the same score took its place
     other = np.array([[40, 40, 50, 50.], [20, 20, 30, 30.]])

@@ -168,10 +168,12 @@ def is_predict(model: nn.Module) -> bool:
     return hasattr(model, 'output_names')
 
 
-def model_inputs(model: nn.Module, images: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-    """The inputs of ``model`` for a batch of images: the images, and for a detector's predict
-    module their ``image_sizes``, the last image of a batch of several as if it were padded by
-    a tenth (so that the check also sees boxes clipped to a smaller image)."""
+def model_inputs(model: nn.Module, batch: int, channels: int, shape: Sequence[int]) -> Tuple[torch.Tensor, ...]:
+    """The inputs of ``model`` for a batch of random images (seeded: :data:`CHECK_SEED`): the
+    images, and for a detector's predict module their ``image_sizes``, the last image of a batch
+    of several as if it were padded by a tenth (so that the check also sees boxes clipped to a
+    smaller image)."""
+    images = torch.randn(batch, channels, *shape, generator=torch.Generator().manual_seed(CHECK_SEED))
     if len(getattr(model, 'input_names', ('inputs', ))) == 1:
         return (images, )
     sizes = full_image_sizes(images)
@@ -188,8 +190,7 @@ def export_onnx(model: nn.Module, path: str, shape: Sequence[int], dynamo: bool 
         ExportError: When the exporter fails.
     """
     backbone = find_backbone(model)
-    inputs = model_inputs(model, torch.randn(EXPORT_BATCH, backbone.in_channels if backbone is not None else 3,
-                                             *shape, generator=torch.Generator().manual_seed(CHECK_SEED)))
+    inputs = model_inputs(model, EXPORT_BATCH, backbone.in_channels if backbone is not None else 3, shape)
     min_opset = getattr(model, 'min_opset', None)
     if min_opset is not None and opset < min_opset:
         raise ExportError(f'--opset {opset}: this model needs opset {min_opset} or later '
@@ -245,8 +246,7 @@ def run_both(model: nn.Module, path: str, shape: Sequence[int],
     import onnxruntime as ort
     session = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
     feed = session.get_inputs()
-    inputs = model_inputs(model, torch.randn(batch, feed[0].shape[1] if isinstance(feed[0].shape[1], int) else 3,
-                                             *shape, generator=torch.Generator().manual_seed(CHECK_SEED)))
+    inputs = model_inputs(model, batch, feed[0].shape[1] if isinstance(feed[0].shape[1], int) else 3, shape)
     with torch.no_grad():
         expected = model(*inputs)
     expected = [expected] if isinstance(expected, torch.Tensor) else list(expected)
