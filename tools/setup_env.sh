@@ -135,4 +135,4 @@ print(f"    CUDA available: {torch.cuda.is_available()}")
 ')
 
 step "Done. Activate the environment with:  source .venv/bin/activate"
-note "Run the tests with:  .venv/bin/python -m pytest tests"
+note "Run the tests with:  .venv/bin/python -m pytest tests -n 2 --dist worksteal"

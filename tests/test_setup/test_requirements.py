@@ -6,7 +6,7 @@ against stub wheels that carry only metadata: a "torch 2.13.0" that requires wha
 ``setuptools>=77.0.3``), an older torch 1.13.1 without Triton (what pip fell back to when
 ``tests.txt`` pinned triton 3.9.0), both Tritons, and one stub for every other requirement. The
 other stubs have no dependencies: the real mmcv, mmengine, mmdet, mmseg, numpy, matplotlib,
-ftfy, regex, pytest, pytest-timeout, onnx, onnxruntime and onnxscript do not depend on torch
+ftfy, regex, pytest, pytest-timeout, pytest-xdist, onnx, onnxruntime and onnxscript do not depend on torch
 or Triton.
 """
 import base64
@@ -41,6 +41,7 @@ STUBS = {
     'regex': {'2024.11.6': ()},
     'pytest': {'8.3.4': ()},
     'pytest-timeout': {'2.4.0': ()},
+    'pytest-xdist': {'3.8.0': ()},
     'onnx': {'1.23.2': ()},
     'onnxruntime': {'1.32.0': ()},
     'onnxscript': {'0.7.2': ()},
